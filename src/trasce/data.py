@@ -1,0 +1,495 @@
+"""Prompt files: the benchmark CSVs (I2P, Ring-A-Bell, MMA-Diffusion, P4D, UnlearnDiffAtk), TSV, JSONL
+and plain text, read into one validated list of :class:`PromptRow`.
+
+The whole file is validated before anything is returned, so a generation run never starts on a file
+that would fail half-way through (and leave a folder with half the images made under one reading of
+the file). Every error is a :class:`PromptFileError` with a one-line message that names the file,
+the row, the column and the offending value, and says what would have been accepted.
+
+Column rules (first one present wins):
+
+* prompt: ``prompt``, ``adv_prompt``, ``sensitive prompt``
+* seed: ``evaluation_seed``, ``sd_seed``, else ``default_seed``
+* CFG scale: ``evaluation_guidance``, ``sd_guidance_scale``, else ``default_guidance``
+* case name: ``case_number``, else the row's 0-based position among prompt rows, as ``"00000"``
+
+For the seed and the scale the fallback is per cell: an empty cell (what pandas writes for NaN)
+falls through to the next column and finally to the default.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "CASE_COLUMN",
+    "GUIDANCE_COLUMNS",
+    "PROMPT_COLUMNS",
+    "SEED_COLUMNS",
+    "PromptFileError",
+    "PromptRow",
+    "check_case_name",
+    "read_prompts",
+    "select",
+    "shard",
+]
+
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "adv_prompt", "sensitive prompt")
+SEED_COLUMNS: tuple[str, ...] = ("evaluation_seed", "sd_seed")
+GUIDANCE_COLUMNS: tuple[str, ...] = ("evaluation_guidance", "sd_guidance_scale")
+CASE_COLUMN = "case_number"
+
+# torch.Generator.manual_seed takes values up to 2**64 - 1; anything above would fail only when the
+# prompt's turn comes, so it is rejected up front with the other row errors.
+_MAX_SEED = 2**64 - 1
+# Values quoted in error messages are cut to this many characters so the message stays one line.
+_SHOW_CHARS = 60
+
+T = TypeVar("T")
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used as it is.
+
+    ``str(error)`` is one line naming the file, row, column and value. When a file has several bad
+    rows the message shows the first and counts the rest; all of them are in :attr:`problems`.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[str] = list(problems) if problems else [message]
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt to generate, with everything needed to reproduce it.
+
+    ``row`` is the 1-based line of the file where the record starts (for CSV/TSV the header is line
+    1, so the first data record is row 2 unless a quoted field spans lines); it is only for messages.
+    ``extra`` holds the row's other columns as strings (e.g. ``categories`` for per-category reports),
+    without the prompt, case, seed and guidance columns, whose values are in the fields above.
+    """
+
+    case: str
+    prompt: str
+    seed: int
+    guidance_scale: float
+    row: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _show(value: object) -> str:
+    """``repr`` of a value, shortened so that error messages stay on one line."""
+    text = repr(value)
+    if len(text) > _SHOW_CHARS:
+        text = text[: _SHOW_CHARS - 4] + "...'"
+    return text
+
+
+def _quoted_list(names: Iterable[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def check_case_name(case: str) -> str | None:
+    """Return why ``case`` cannot be used as a file name, or ``None`` when it can.
+
+    Case names become ``images/<case>.png``, so anything that could step out of the folder or hide
+    the file is refused. Letters, digits, ``-``, ``_`` and ``.`` are always fine; other printable
+    characters (spaces, for instance) are allowed because the file systems we run on accept them.
+    """
+    if case == "":
+        return "case name is empty"
+    if "/" in case or "\\" in case:
+        return "case name contains a path separator ('/' or '\\')"
+    if "\0" in case:
+        return "case name contains a NUL character"
+    if ".." in case or case == ".":
+        return "case name contains '..' or is '.'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in case):
+        return "case name contains a control character"
+    if case != case.strip():
+        return "case name starts or ends with whitespace"
+    return None
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def _parse_seed(value: Any) -> tuple[int | None, str | None]:
+    """Parse a seed cell into ``(seed, None)`` or ``(None, why_not)``.
+
+    ``Decimal`` is used instead of ``float`` so that "42.0" is accepted (I2P writes seeds that way)
+    while a large seed keeps every digit instead of being rounded through a double.
+    """
+    if isinstance(value, bool):  # JSON true/false are ints to Python; never a seed.
+        return None, "is not an integer seed"
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, (float, str)):
+        try:
+            number = Decimal(str(value).strip())
+        except InvalidOperation:
+            return None, "is not an integer seed"
+    else:
+        return None, "is not an integer seed"
+    if not number.is_finite() or number != number.to_integral_value():
+        return None, "is not an integer seed"
+    seed = int(number)
+    if seed < 0:
+        return None, "is a negative seed; seeds must be 0 or more"
+    if seed > _MAX_SEED:
+        return None, f"is too large for a seed; seeds must be at most {_MAX_SEED}"
+    return seed, None
+
+
+def _parse_guidance(value: Any) -> tuple[float | None, str | None]:
+    """Parse a CFG-scale cell into ``(scale, None)`` or ``(None, why_not)``."""
+    if isinstance(value, bool):
+        return None, "is not a number (expected a guidance scale such as 7.5)"
+    try:
+        scale = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None, "is not a number (expected a guidance scale such as 7.5)"
+    if not math.isfinite(scale):
+        return None, "is not a finite number (expected a guidance scale such as 7.5)"
+    return scale, None
+
+
+def _cell_text(value: Any) -> str:
+    """Text of a JSON value for ``PromptRow.extra`` (lists and objects stay JSON)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _case_text(value: Any) -> str | None:
+    """A ``case_number`` value as a string; ``None`` when its type cannot name a file."""
+    if isinstance(value, (bool, list, dict)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # JSON written by pandas turns 12 into 12.0
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Turning records into rows
+
+
+class _Collector:
+    """Gathers problems across the whole file so that one call reports them all."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.problems: list[str] = []
+
+    def add(self, row: int | None, column: str | None, message: str) -> None:
+        where = self.name
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column {column!r}"
+        self.problems.append(f"{where}: {message}")
+
+    def raise_if_any(self) -> None:
+        if not self.problems:
+            return
+        first = self.problems[0]
+        more = len(self.problems) - 1
+        if more:
+            first += f" (and {more} more problem{'s' if more > 1 else ''} in this file)"
+        raise PromptFileError(first, self.problems)
+
+
+def _rows_from_records(
+    records: Iterable[tuple[int, Mapping[str, Any]]],
+    collector: _Collector,
+    default_seed: int,
+    default_guidance: float,
+) -> list[PromptRow]:
+    """Validate ``(row_number, record)`` pairs into prompt rows; problems go to ``collector``.
+
+    The prompt key is chosen per record: CSV records all share the header (already checked to have
+    a prompt column), while each JSONL object may name its prompt differently.
+    """
+    rows: list[PromptRow] = []
+    first_row_of_case: dict[str, int] = {}
+    used = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
+
+    for index, (row_number, record) in enumerate(records):
+        prompt_key = next((k for k in PROMPT_COLUMNS if k in record), None)
+        if prompt_key is None:
+            # Only reachable for JSONL (CSV headers are checked once, before any row).
+            collector.add(
+                row_number,
+                None,
+                f"no prompt key; expected one of {_quoted_list(PROMPT_COLUMNS)} (found: {_quoted_list(record.keys())})",
+            )
+            continue
+        raw_prompt = record[prompt_key]
+        ok = True
+        if not isinstance(raw_prompt, str) and raw_prompt is not None:
+            collector.add(row_number, prompt_key, f"{_show(raw_prompt)} is not text; prompts must be strings")
+            ok = False
+            prompt = ""
+        else:
+            prompt = (raw_prompt or "").strip()
+            if not prompt:
+                collector.add(row_number, prompt_key, f"{_show(raw_prompt or '')} is an empty prompt")
+                ok = False
+
+        seed = default_seed
+        for column in SEED_COLUMNS:
+            if column in record and not _is_empty(record[column]):
+                parsed, why = _parse_seed(record[column])
+                if why is not None:
+                    collector.add(row_number, column, f"{_show(record[column])} {why}")
+                    ok = False
+                else:
+                    assert parsed is not None
+                    seed = parsed
+                break
+
+        guidance = float(default_guidance)
+        for column in GUIDANCE_COLUMNS:
+            if column in record and not _is_empty(record[column]):
+                parsed_g, why = _parse_guidance(record[column])
+                if why is not None:
+                    collector.add(row_number, column, f"{_show(record[column])} {why}")
+                    ok = False
+                else:
+                    assert parsed_g is not None
+                    guidance = parsed_g
+                break
+
+        if CASE_COLUMN in record:
+            case = _case_text(record[CASE_COLUMN])
+            if case is None:
+                collector.add(row_number, CASE_COLUMN, f"{_show(record[CASE_COLUMN])} cannot be used as a case name")
+                ok = False
+                case = ""
+            else:
+                why_unsafe = check_case_name(case)
+                if why_unsafe is not None:
+                    collector.add(
+                        row_number,
+                        CASE_COLUMN,
+                        f"{_show(case)} is not a safe file name ({why_unsafe}); use letters, digits, '-', '_' and '.'",
+                    )
+                    ok = False
+        else:
+            case = f"{index:05d}"
+
+        if case and check_case_name(case) is None:
+            if case in first_row_of_case:
+                collector.add(
+                    row_number,
+                    CASE_COLUMN,
+                    f"duplicate case {case!r} (also on row {first_row_of_case[case]}); case names must be unique",
+                )
+                ok = False
+            else:
+                first_row_of_case[case] = row_number
+
+        if ok:
+            extra = {k: _cell_text(v) for k, v in record.items() if k != prompt_key and k not in used}
+            # Other prompt-like columns (e.g. 'adv_prompt' next to 'prompt') are data, so keep them.
+            extra.update({k: _cell_text(record[k]) for k in PROMPT_COLUMNS if k in record and k != prompt_key})
+            rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats
+
+
+def _read_text(path: Path, name: str) -> str:
+    """The file's text, with a UTF-8 BOM dropped; I/O and decoding problems become PromptFileError."""
+    if not path.exists():
+        raise PromptFileError(f"{name}: file not found")
+    if path.is_dir():
+        raise PromptFileError(f"{name}: is a directory, expected a prompt file (.csv, .tsv, .jsonl, .txt)")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PromptFileError(f"{name}: cannot be read ({error.strerror or error})") from error
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise PromptFileError(
+            f"{name}: is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save it as UTF-8"
+        ) from error
+
+
+def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iterator[tuple[int, dict[str, str]]]:
+    """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped."""
+    # StringIO(newline="") splits only on real line ends (str.splitlines would also split on
+    # U+2028 and friends inside prompts), which is what the csv module expects.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise PromptFileError(
+            f"{collector.name}: empty file; expected a header row with one of {_quoted_list(PROMPT_COLUMNS)}"
+        ) from None
+    except csv.Error as error:
+        raise PromptFileError(f"{collector.name}, row 1: cannot be parsed ({error})") from None
+
+    # pandas writes its index as an unnamed first column; give such columns a usable name.
+    columns = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
+    seen: dict[str, int] = {}
+    for i, column in enumerate(columns):
+        if column in seen:
+            raise PromptFileError(
+                f"{collector.name}, row 1: column {column!r} appears twice "
+                f"(columns {seen[column] + 1} and {i + 1}); column names must be unique"
+            )
+        seen[column] = i
+    if not any(c in seen for c in PROMPT_COLUMNS):
+        raise PromptFileError(
+            f"{collector.name}: no prompt column; expected one of {_quoted_list(PROMPT_COLUMNS)} "
+            f"(found: {_quoted_list(columns)})"
+        )
+
+    line = reader.line_num
+    while True:
+        start = line + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            # The csv module only fails on a quote left open at the end of the file.
+            collector.add(start, None, f"cannot be parsed ({error}); check for an unclosed '\"'")
+            return
+        line = reader.line_num
+        if not any(cell.strip() for cell in cells):
+            continue  # blank line (often trailing)
+        if len(cells) > len(columns):
+            collector.add(
+                start,
+                None,
+                f"has {len(cells)} fields but the header has {len(columns)}; quote fields that contain the delimiter",
+            )
+            continue
+        # A short row (trailing empty cells dropped by an editor) reads as empty cells.
+        cells = cells + [""] * (len(columns) - len(cells))
+        yield start, dict(zip(columns, cells, strict=True))
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` split on ``\n`` / ``\r\n`` only.
+
+    ``str.splitlines`` is avoided because it also splits on U+2028, U+0085 and other characters that
+    JSON strings and prompts may legitimately contain.
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        yield number, line.removesuffix("\r")
+
+
+def _jsonl_records(text: str, collector: _Collector) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line_number, line in _lines(text):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            collector.add(line_number, None, f"invalid JSON ({error.msg} at column {error.colno})")
+            continue
+        if not isinstance(record, dict):
+            collector.add(line_number, None, f'expected a JSON object such as {{"prompt": ...}}, got {_show(record)}')
+            continue
+        yield line_number, record
+
+
+def _text_records(text: str) -> Iterator[tuple[int, dict[str, str]]]:
+    for line_number, line in _lines(text):
+        if line.strip():
+            yield line_number, {"prompt": line}
+
+
+def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: float = 7.5) -> list[PromptRow]:
+    """Read and validate a prompt file.
+
+    The format comes from the extension (case-insensitive): ``.csv``, ``.tsv``, ``.jsonl``; anything
+    else is plain text with one prompt per non-empty line. Prompts are stripped of surrounding
+    whitespace. Raises :class:`PromptFileError` if the file is missing, unreadable, has no prompt
+    column, has no prompts at all, or has any bad row (every row is checked before raising).
+    """
+    path = Path(path)
+    name = str(path)
+    seed_ok, why = _parse_seed(default_seed)
+    if why is not None:
+        raise PromptFileError(f"default seed {_show(default_seed)} {why}")
+    assert seed_ok is not None
+    _, why = _parse_guidance(default_guidance)
+    if why is not None:
+        raise PromptFileError(f"default guidance scale {_show(default_guidance)} {why}")
+
+    text = _read_text(path, name)
+    collector = _Collector(name)
+    suffix = path.suffix.lower()
+    records: Iterable[tuple[int, Mapping[str, Any]]]
+    if suffix == ".csv":
+        records = _delimited_records(text, ",", collector)
+    elif suffix == ".tsv":
+        records = _delimited_records(text, "\t", collector)
+    elif suffix == ".jsonl":
+        records = _jsonl_records(text, collector)
+    else:
+        records = _text_records(text)
+
+    rows = _rows_from_records(records, collector, seed_ok, default_guidance)
+    collector.raise_if_any()
+    if not rows:
+        raise PromptFileError(f"{name}: no prompts found")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing which rows a process works on
+
+
+def select(rows: Sequence[T], start: int | None = None, end: int | None = None) -> list[T]:
+    """Rows ``start`` (inclusive) to ``end`` (exclusive) by position; ``None`` means the file's edge.
+
+    An ``end`` past the last row is clamped, so ``--end 1000000`` means "to the end". Negative
+    values are refused rather than counted from the end, because on the command line they are far
+    more likely to be typos than requests for Python slicing.
+    """
+    if start is not None and start < 0:
+        raise ValueError(f"start must be 0 or more, got {start}")
+    if end is not None and end < 0:
+        raise ValueError(f"end must be 0 or more, got {end}")
+    if start is not None and end is not None and start > end:
+        raise ValueError(f"start ({start}) is after end ({end}); start is inclusive and end exclusive")
+    return list(rows[start:end])
+
+
+def shard(rows: Sequence[T], index: int, count: int) -> list[T]:
+    """The rows process ``index`` of ``count`` should handle: every ``count``-th row from ``index``.
+
+    Round-robin rather than contiguous blocks, so that processes finish at about the same time even
+    when prompt difficulty (or length) drifts along the file. Every row is in exactly one shard.
+    """
+    if count < 1:
+        raise ValueError(f"number of shards must be 1 or more, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be between 0 and {count - 1}, got {index}")
+    return list(rows[index::count])

@@ -1,0 +1,93 @@
+"""What the sampler needs from a model family, and the parts most families share.
+
+An adapter wraps a diffusers pipeline the user already has. It turns prompts into conditionings
+(dicts of batch-first tensors, see ``trasce.sampler``), calls the family's denoiser, makes the
+initial noise and decodes the final latents. It never copies or modifies the pipeline's models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trasce.sampler import Cond
+
+
+class Adapter:
+    """Base class of the model-family adapters; subclasses fill in ``encode`` and ``denoise``."""
+
+    #: diffusers pipeline class names this adapter accepts (subclasses of them are accepted too)
+    pipeline_classes: tuple[str, ...] = ()
+    #: human-readable family name, used in messages and reports
+    family: str = ""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    # -- conditioning and denoising -------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> Cond:
+        """Conditionings for ``prompts``, batch-first, on the model's device."""
+        raise NotImplementedError
+
+    def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's raw prediction for ``model_input`` ``(B, ...)`` at timestep ``t``."""
+        raise NotImplementedError
+
+    # -- geometry, noise and decoding -----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser_module.dtype
+
+    @property
+    def denoiser_module(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel; 1 for pixel-space models (no VAE)."""
+        vae = getattr(self.pipe, "vae", None)
+        return 1 if vae is None else self.pipe.vae_scale_factor
+
+    def default_size(self) -> tuple[int, int]:
+        """``(height, width)`` the model was trained at."""
+        size = self.denoiser_module.config.sample_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return size[0] * self.vae_scale_factor, size[1] * self.vae_scale_factor
+
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this."""
+        return 8 if self.vae_scale_factor > 1 else 1
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one image's latent, without the batch dimension."""
+        f = self.vae_scale_factor
+        return (self.denoiser_module.config.in_channels, height // f, width // f)
+
+    def prepare_latents(self, batch: int, height: int, width: int,
+                        generator: torch.Generator | list[torch.Generator] | None = None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Initial noise ``(B, ...)`` scaled for the scheduler, drawn as diffusers draws it.
+
+        With a list of generators each image is drawn from its own, which makes an image
+        independent of the batch it is in; CPU generators make it independent of the device too.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch, *self.latent_shape(height, width))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        return latents.to(self.device, self.dtype) * self.pipe.scheduler.init_noise_sigma
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Images from final latents: PIL list, numpy ``(B, H, W, C)`` or torch ``(B, C, H, W)``."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            images = latents  # pixel-space model: the latents are the images, in [-1, 1]
+        else:
+            images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(images.detach(), output_type=output_type)

@@ -1,0 +1,240 @@
+"""``TraSCEPipeline``: a diffusers pipeline the user already has, plus concept erasure.
+
+    pipe = TraSCEPipeline.from_pretrained("CompVis/stable-diffusion-v1-4", preset="nudity",
+                                          torch_dtype=torch.float16)
+    images = pipe(["a photo of a beach"], generator=torch.Generator().manual_seed(0)).images
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from trasce import presets
+from trasce.models import Adapter, adapter_for
+from trasce.sampler import EraseSettings, Mode, Step, sample
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TraSCEOutput:
+    """``images`` as diffusers returns them, and per-image erasure statistics over the steps.
+
+    ``max_kernel``: the largest kernel value any step saw (near 1: the image came near the
+    concept); ``min_distance``: the smallest ``||eps_p - eps_c||``; ``steered_steps``: how many
+    steps ran the backward pass for the image. All are ``(B,)`` CPU tensors, or ``None`` in modes
+    that have no concept branch.
+    """
+
+    images: object
+    max_kernel: torch.Tensor | None = None
+    min_distance: torch.Tensor | None = None
+    steered_steps: torch.Tensor | None = None
+
+
+def embedded_model_path() -> Path:
+    """The folder of the embedded toy model shipped inside the package."""
+    return Path(__file__).parent / "toy" / "weights" / "model"
+
+
+def resolve_model(model: str | Path) -> str:
+    """``"toy"`` to the embedded model's folder; anything else (hub id or folder) as given."""
+    return str(embedded_model_path()) if str(model) == "toy" else str(model)
+
+
+def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, **kwargs):
+    """Load a diffusers pipeline from a hub id (cache) or a folder, including VAE-less ones.
+
+    A folder whose ``model_index.json`` lists no VAE is a pixel-space model (like the embedded
+    one): diffusers needs ``vae=None`` passed explicitly for it. Its scheduler is reloaded from
+    its own config because ``StableDiffusionPipeline`` turns ``clip_sample`` off on load, which
+    only latent models want.
+    """
+    from diffusers import DiffusionPipeline
+
+    path = Path(resolve_model(model))
+    index = path / "model_index.json"
+    if path.exists() and not index.exists():
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    pixel_space = False
+    if index.exists():
+        listed = json.loads(index.read_text())
+        pixel_space = listed.get("vae", [None])[0] is None
+        for optional in ("vae", "safety_checker", "feature_extractor"):
+            if listed.get(optional, [None])[0] is None:
+                kwargs.setdefault(optional, None)
+    pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(model),
+                                             torch_dtype=torch_dtype, **kwargs)
+    if pixel_space:
+        pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
+    return pipe
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap ``pipe``'s scheduler for ``name`` (see ``SCHEDULERS``), keeping its noise schedule."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if type(pipe.scheduler) is not cls:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+class TraSCEPipeline:
+    """Erase ``concept`` from what ``pipe`` generates; every call is diffusers-shaped.
+
+    ``mode``: ``trasce`` (both parts), ``negation`` (part 1 alone), ``steering`` (part 2 with
+    plain CFG), ``negative_prompt`` (diffusers' conventional negative prompt) or ``none``.
+    ``loss_scale``/``step_size``/``sigma`` are the released script's ``guidance_loss_scale``/
+    ``discriminator_guidance_scale``/``sigma``; a ``preset`` fills them and the concept.
+    ``lazy_tolerance`` skips backward passes whose update would be smaller (``None``: exact).
+    """
+
+    def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",
+                 loss_scale: float | None = None, step_size: float | None = None, sigma: float | None = None,
+                 kernel: str = "exp", lazy_tolerance: float | None = None,
+                 steer_window: tuple[float, float] = (0.0, 1.0)):
+        self.pipe = pipe
+        self.adapter: Adapter = adapter_for(pipe)
+        if concept is None and preset is None and mode in ("none",):
+            concept = ""  # plain generation needs no concept
+            resolved = ("", 1.0, 1.0, 1.0)
+        else:
+            resolved = presets.resolve(preset, concept, loss_scale, step_size, sigma)
+        self.concept = resolved[0]
+        self.preset = preset
+        self.settings = EraseSettings(mode=mode, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3],
+                                      kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str | Path = "toy", torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, scheduler: str | None = None,
+                        pipeline_kwargs: dict | None = None, **settings) -> TraSCEPipeline:
+        """Load ``model`` (hub id, folder, or ``"toy"``) the diffusers way, then wrap it.
+
+        ``settings`` are ``TraSCEPipeline``'s own arguments (``concept``, ``preset``, ``mode``...).
+        """
+        pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, **(pipeline_kwargs or {}))
+        if scheduler is not None:
+            set_scheduler(pipe, scheduler)
+        if device is not None:
+            pipe.to(device)
+        return cls(pipe, **settings)
+
+    @classmethod
+    def from_pipe(cls, pipe, **settings) -> TraSCEPipeline:
+        """Wrap an existing diffusers pipeline (its models are shared, not copied)."""
+        return cls(pipe, **settings)
+
+    def to(self, device: str | torch.device) -> TraSCEPipeline:
+        self.pipe.to(device)
+        return self
+
+    def with_settings(self, **changes) -> TraSCEPipeline:
+        """A copy sharing the same models with some settings changed (``mode``, ``sigma``...)."""
+        other = object.__new__(TraSCEPipeline)
+        other.__dict__.update(self.__dict__)
+        if "concept" in changes:
+            other.concept = changes.pop("concept")
+        other.settings = replace(self.settings, **changes)
+        return other
+
+    # -- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float | Sequence[float] = 7.5,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        concept: str | Sequence[str] | None = None,
+        callback: Callable[[Step], None] | None = None,
+        progress: bool = False,
+    ) -> TraSCEOutput:
+        """Generate images for ``prompt`` with the concept erased.
+
+        ``guidance_scale`` and ``concept`` may be given per prompt; ``generator`` is one
+        generator for the whole batch (diffusers' semantics) or one per image. With
+        ``output_type="latent"``, ``images`` holds the final latents ``(B, C, h, w)``.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given")
+        n = num_images_per_prompt
+        images_prompts = [p for p in prompts for _ in range(n)]
+        batch = len(images_prompts)
+        scales = self._per_image(guidance_scale, len(prompts), n, "guidance_scale", float)
+        concept = self.concept if concept is None else concept
+        concepts = self._per_image(concept, len(prompts), n, "concept", str)
+
+        default_h, default_w = self.adapter.default_size()
+        height, width = height or default_h, width or default_w
+        multiple = self.adapter.size_multiple()
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}; got {height}x{width}")
+
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images; give one or one per image")
+
+        scheduler = self.pipe.scheduler
+        # Timesteps first: some schedulers' init_noise_sigma depends on them (Euler).
+        scheduler.set_timesteps(num_inference_steps, device=self.adapter.device)
+        x = self.adapter.prepare_latents(batch, height, width, generator, latents)
+
+        cond_p = self.adapter.encode(images_prompts)
+        cond_0 = self.adapter.encode([""] * batch)
+        cond_c = self.adapter.encode(concepts) if self.settings.mode != "none" else cond_0
+        scale_tensor = torch.tensor(scales, device=self.adapter.device, dtype=torch.float32)
+        scale_arg: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else scale_tensor
+
+        max_kernel = min_distance = steered = None
+        steps = sample(self.adapter.denoise, scheduler, x, cond_0, cond_p, cond_c, scale_arg, self.settings,
+                       num_inference_steps, generator=generator, timesteps_set=True)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, total=len(scheduler.timesteps), desc="denoising", leave=False)
+        for step in steps:
+            x = step.latents
+            if step.kernel is not None:
+                k, d = step.kernel.float().cpu(), step.distance.float().cpu()
+                max_kernel = k if max_kernel is None else torch.maximum(max_kernel, k)
+                min_distance = d if min_distance is None else torch.minimum(min_distance, d)
+            if step.steered is not None:
+                s = step.steered.cpu().long()
+                steered = s if steered is None else steered + s
+            if callback is not None:
+                callback(step)
+
+        images = x if output_type == "latent" else self.adapter.decode(x, output_type)
+        return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,
+                            steered_steps=steered)
+
+    @staticmethod
+    def _per_image(value, n_prompts: int, per_prompt: int, name: str, kind: type) -> list:
+        """Expand a scalar or per-prompt sequence to one value per image."""
+        if isinstance(value, (str, int, float)):
+            return [kind(value)] * (n_prompts * per_prompt)
+        values = list(value)
+        if len(values) != n_prompts:
+            raise ValueError(f"{name} has {len(values)} values for {n_prompts} prompts; give one or one per prompt")
+        return [kind(v) for v in values for _ in range(per_prompt)]

@@ -1,0 +1,63 @@
+"""Published TraSCE settings (SD v1.4, DDIM 50 steps, 512 px), and the embedded model's own.
+
+The paper's settings were chosen for Stable Diffusion's 4x64x64 latents, where
+``||eps_p - eps_c||`` is in the tens; the embedded 3x32x32 pixel model's distances are an order of
+magnitude smaller, so its presets (``toy-*``) were found by a sweep on its validation captions
+(``benchmarks/toy_sweep.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A concept text (``None``: the user names it) and the loss scale, step size and sigma."""
+
+    concept: str | None
+    loss_scale: float
+    step_size: float
+    sigma: float
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "nudity": Preset(
+        "naked, nude, bare, exposed, Stripped, topless, male genitalia, penis, buttocks", 1.5, 1.0, 2.0,
+        "TraSCE paper, nudity (I2P, Ring-A-Bell, MMA-Diffusion, P4D, UnlearnDiffAtk)",
+    ),
+    "violence": Preset(
+        "hate, harassment, violence, suffering, humiliation, harm, suicide, blood", 1.5, 1.0, 1.0,
+        "TraSCE paper, violence (I2P)",
+    ),
+    "style": Preset(None, 1.0, 1.0, 0.25, "TraSCE paper, artistic style: give the artist, e.g. 'Van Gogh'"),
+    "object": Preset(None, 1.0, 1.0, 1.0, "TraSCE paper, object: give the object, e.g. 'French Horn'"),
+    # The embedded model: shapes and fill styles play the roles of objects and styles.
+    "toy-shape": Preset(None, 1.0, 1.0, 1.0, "embedded model, a shape: give it, e.g. 'circle'"),
+    "toy-fill": Preset(None, 1.0, 1.0, 1.0, "embedded model, a fill style: give it, e.g. 'striped'"),
+}
+
+
+def resolve(preset: str | None, concept: str | None, loss_scale: float | None, step_size: float | None,
+            sigma: float | None) -> tuple[str, float, float, float]:
+    """Concept and settings from a preset, with explicit values taking precedence.
+
+    Raises ``ValueError`` for an unknown preset, a preset that needs a concept but got none, or
+    no concept at all.
+    """
+    base = Preset(None, 1.0, 1.0, 1.0)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        base = PRESETS[preset]
+    concept = concept if concept is not None else base.concept
+    if not concept or not concept.strip():
+        hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
+        raise ValueError(f"no concept to erase: {hint} (e.g. --concept 'Van Gogh')")
+    return (
+        concept,
+        base.loss_scale if loss_scale is None else float(loss_scale),
+        base.step_size if step_size is None else float(step_size),
+        base.sigma if sigma is None else float(sigma),
+    )

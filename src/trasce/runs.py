@@ -1,0 +1,462 @@
+"""Output folders that can be resumed and never lose finished work.
+
+Layout of a run folder ``DIR``::
+
+    DIR/run.json          every generation setting, package versions and when the run was created
+    DIR/manifest.jsonl    one JSON object per finished image, appended as soon as the image exists
+    DIR/images/<case>.png           one image per prompt
+    DIR/images/<case>_<k>.png       several images per prompt, k = 0 .. n-1
+
+An image counts as done only when it is both on disk and in the manifest. The writer's order is
+therefore: save the image atomically (:func:`atomic_save_image`), then :meth:`RunFolder.append_manifest`.
+A process killed between the two leaves an image without a manifest line, which is simply made
+again (and overwritten) on resume; a process killed while saving leaves no file under the final name,
+only a hidden ``.<name>.<random>.tmp`` that :meth:`RunFolder.remove_stale_temp_files` can clear.
+
+Several processes (``--process-index`` / ``--num-processes``) may share one folder: images have
+distinct names, and manifest lines are appended under an exclusive ``flock`` with one ``write`` each.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import secrets
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trasce.data import check_case_name
+
+try:  # Unix only; on other systems appends are still single O_APPEND writes, just not locked.
+    import fcntl
+except ImportError:  # pragma: no cover - exercised only off Unix
+    fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = [
+    "IMAGES_DIR",
+    "MANIFEST_NAME",
+    "RUN_JSON_NAME",
+    "VOLATILE_SETTINGS",
+    "RunFolder",
+    "RunFolderError",
+    "atomic_save_image",
+    "atomic_write_bytes",
+    "package_versions",
+]
+
+IMAGES_DIR = "images"
+MANIFEST_NAME = "manifest.jsonl"
+RUN_JSON_NAME = "run.json"
+IMAGE_SUFFIX = ".png"
+
+# Settings that may change between the sessions of one run without changing any image: which slice
+# or shard a process works on, how many prompts share a batch, where it runs, how much it prints.
+VOLATILE_SETTINGS: tuple[str, ...] = (
+    "start",
+    "end",
+    "batch_size",
+    "quiet",
+    "device",
+    "process_index",
+    "num_processes",
+)
+
+# Packages whose versions can change the pixels; recorded in run.json so a result can be reproduced.
+_VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers", "trasce")
+_TEMP_SUFFIX = ".tmp"
+_SHOW_CHARS = 80
+# Stands for "key not present" when comparing settings, distinct from any JSON value (None included).
+_MISSING = object()
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked (e.g. resumed with different settings)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; without it a power cut can undo the ``os.replace``."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where directories cannot be opened; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    # Hidden, random and in the same folder: same file system (so os.replace is atomic), never
+    # mistaken for a result by a glob on '*.png', and unique across concurrent processes.
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either the old file or all of the new one.
+
+    The bytes go to a temporary file in the same folder, are fsynced, and the file is renamed over
+    ``path`` with :func:`os.replace`. If anything fails (or the process is killed) the final name is
+    untouched; on an exception the temporary file is removed as well. The parent folder is created
+    if needed. The file gets the usual permissions (0o666 less the umask), not ``mkstemp``'s 0o600,
+    so results stay readable by others on shared machines.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_name(path)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        # BaseException too: a Ctrl-C mid-write should not leave temp files behind either.
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save_image(path: str | Path, image: Image, format: str | None = None) -> None:
+    """Save a PIL image atomically (see :func:`atomic_write_bytes`).
+
+    The image is encoded in memory first, so an encoding error leaves nothing on disk. ``format``
+    defaults to the one PIL associates with the file's extension (PNG for ``.png``).
+    """
+    path = Path(path)
+    if format is None:
+        from PIL import Image as PILImage
+
+        format = PILImage.registered_extensions().get(path.suffix.lower())
+        if format is None:
+            raise ValueError(f"{path}: cannot tell the image format from the extension {path.suffix!r}")
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON helpers
+
+
+def _json_default(value: Any) -> Any:
+    """Make the values settings usually hold JSON-able: paths, tuples' cousins, numpy/torch scalars."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    item = getattr(value, "item", None)
+    if callable(item):  # numpy and torch scalars
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{type(value).__name__} value {value!r} cannot be written to JSON")
+
+
+def _dumps(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, sort_keys=True, default=_json_default, indent=indent)
+
+
+def _normalise(value: Any) -> Any:
+    """``value`` as it will read back from JSON (tuples become lists, paths strings, ...)."""
+    return json.loads(_dumps(value))
+
+
+def _show(value: Any) -> str:
+    text = _dumps(value) if value is not _MISSING else "<not set>"
+    if len(text) > _SHOW_CHARS:
+        text = text[: _SHOW_CHARS - 3] + "..."
+    return text
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python and package versions, read from installed metadata (nothing is imported)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    if versions.get("trasce") is None:
+        # Running from a source checkout that was not pip-installed.
+        import trasce
+
+        versions["trasce"] = getattr(trasce, "__version__", None)
+    return versions
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders
+
+
+class RunFolder:
+    """One output folder of ``trasce generate``.
+
+    Creating the object touches nothing on disk; the folder and ``images/`` are made by the first
+    write. All paths in the manifest are relative to the folder (``images/12.png``) so a folder can
+    be moved or copied elsewhere and still resumed or evaluated.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.images_dir = self.path / IMAGES_DIR
+        self.manifest_path = self.path / MANIFEST_NAME
+        self.run_json_path = self.path / RUN_JSON_NAME
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # -- image names ---------------------------------------------------------------------------
+
+    def image_file(self, case: str, k: int = 0, images_per_prompt: int = 1) -> str:
+        """The manifest's ``file`` for image ``k`` of ``case``: ``images/<case>.png`` or
+        ``images/<case>_<k>.png`` when there are several images per prompt."""
+        why = check_case_name(case)
+        if why is not None:
+            raise ValueError(f"{case!r} cannot be used as an image name: {why}")
+        if images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be 1 or more, got {images_per_prompt}")
+        if not 0 <= k < images_per_prompt:
+            raise ValueError(f"image index k must be between 0 and {images_per_prompt - 1}, got {k}")
+        stem = case if images_per_prompt == 1 else f"{case}_{k}"
+        return f"{IMAGES_DIR}/{stem}{IMAGE_SUFFIX}"
+
+    def image_path(self, case: str, k: int = 0, images_per_prompt: int = 1) -> Path:
+        """Path of image ``k`` of ``case``: :attr:`path` joined with :meth:`image_file`."""
+        return self.path / self.image_file(case, k, images_per_prompt)
+
+    # -- manifest ------------------------------------------------------------------------------
+
+    def append_manifest(self, record: Mapping[str, Any]) -> None:
+        """Append one record as one JSON line, flushed and fsynced before returning.
+
+        Safe with several processes appending at once: the file is opened ``O_APPEND``, each line is
+        written with one ``os.write`` while holding an exclusive ``flock``. If an earlier crash left
+        a last line without its newline, a newline is written first so the new record stays
+        readable (the fragment is then skipped by :meth:`read_manifest`).
+        """
+        file = record.get("file")
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"a manifest record needs a 'file' (like 'images/12.png'), got {file!r}")
+        line = (_dumps(dict(record)) + "\n").encode("utf-8")
+        self.path.mkdir(parents=True, exist_ok=True)
+        # O_RDWR rather than O_WRONLY only so that the last byte can be checked with pread.
+        fd = os.open(self.manifest_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line
+                view = memoryview(line)
+                while view:  # regular files take it all in one write; loop in case they do not
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def read_manifest(self) -> list[dict[str, Any]]:
+        """All manifest records, the last one kept when a ``file`` appears more than once.
+
+        A line that is not a JSON object with a ``file`` is skipped instead of failing: a truncated
+        last line is what a crash mid-append leaves (and what another process's unfinished append
+        looks like), and it must not stop a resume. Such lines anywhere but at the end cannot come
+        from this writer except after a crash, so they are reported with a ``RuntimeWarning``.
+        Records are returned in the order of their (last) appearance.
+        """
+        try:
+            handle = open(self.manifest_path, "rb")  # noqa: SIM115 - closed below, lock held while open
+        except FileNotFoundError:
+            return []
+        with handle:
+            if fcntl is not None:
+                # Shared lock: see whole lines only, never another process's half-finished append.
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+            data = handle.read()  # closing the file releases the lock
+
+        lines = data.split(b"\n")
+        records: dict[str, dict[str, Any]] = {}
+        bad_lines: list[int] = []
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            record = _parse_manifest_line(raw)
+            if record is None:
+                # The final chunk (no trailing newline) is the crash case and is dropped silently.
+                if number != len(lines):
+                    bad_lines.append(number)
+                continue
+            file = record["file"]
+            records.pop(file, None)  # re-insert so order follows the last occurrence
+            records[file] = record
+        if bad_lines:
+            warnings.warn(
+                f"{self.manifest_path}: skipped {len(bad_lines)} unreadable line(s) "
+                f"(first: line {bad_lines[0]}); those images will be made again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return list(records.values())
+
+    def done(self) -> set[str]:
+        """Manifest ``file`` names (like ``images/12.png``) whose image is also on disk.
+
+        A manifest line whose image is missing is not done (the image was deleted or lost); an image
+        without a manifest line is not done either and will be overwritten by the next run.
+        """
+        return {r["file"] for r in self.read_manifest() if (self.path / r["file"]).is_file()}
+
+    # -- run.json ------------------------------------------------------------------------------
+
+    def read_run_json(self) -> dict[str, Any] | None:
+        """The stored ``run.json``, or ``None`` when there is none yet."""
+        try:
+            text = self.run_json_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RunFolderError(
+                f"{self.run_json_path} is not valid JSON ({error.msg} at line {error.lineno}); "
+                "use a new output folder or --overwrite"
+            ) from error
+        if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+            raise RunFolderError(
+                f"{self.run_json_path} has no 'settings' object; use a new output folder or --overwrite"
+            )
+        return data
+
+    def write_run_json(
+        self,
+        settings: Mapping[str, Any],
+        force: bool = False,
+        volatile: Iterable[str] = VOLATILE_SETTINGS,
+    ) -> dict[str, Any]:
+        """Record the run's settings in ``run.json``, or check them against the stored ones.
+
+        ``run.json`` holds ``{"settings": ..., "versions": {python, torch, diffusers, transformers,
+        trasce}, "created_utc": ...}``. When it already exists:
+
+        * same settings (ignoring the keys in ``volatile``): the file is left as it is, so it keeps
+          the time and versions of the run's first session; a ``RuntimeWarning`` is issued if the
+          package versions have changed since, because images may then differ slightly;
+        * different settings: :class:`RunFolderError` naming the first differing key (in sorted
+          order) with both values, unless ``force`` is true, in which case the file is replaced.
+
+        ``force`` does not touch the manifest or images: call :meth:`reset` as well, or the images
+        of the old settings still count as done. Returns the contents of ``run.json`` afterwards.
+        """
+        new_settings = _normalise(dict(settings))
+        versions = package_versions()
+        if not force:
+            old = self.read_run_json()
+            if old is not None:
+                key = _first_difference(old["settings"], new_settings, frozenset(volatile))
+                if key is not None:
+                    before = old["settings"].get(key, _MISSING)
+                    after = new_settings.get(key, _MISSING)
+                    raise RunFolderError(
+                        f"{self.path} holds a run with different settings: {key!r} was "
+                        f"{_show(before)}, now {_show(after)}; use a new output folder or --overwrite"
+                    )
+                old_versions = old.get("versions")
+                if isinstance(old_versions, dict) and old_versions != versions:
+                    changed = sorted(k for k in versions if old_versions.get(k) != versions[k])
+                    warnings.warn(
+                        f"{self.run_json_path}: package versions changed since the run started "
+                        f"({', '.join(f'{k} {old_versions.get(k)} -> {versions[k]}' for k in changed)}); "
+                        "new images may differ slightly from the earlier ones",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return old
+        content = {
+            "settings": new_settings,
+            "versions": versions,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_bytes(self.run_json_path, (_dumps(content, indent=2) + "\n").encode("utf-8"))
+        return content
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget all finished work: delete the manifest, ``images/*.png`` and temporary files.
+
+        For ``--overwrite``. The manifest goes first, so a crash half-way leaves a folder in which
+        nothing counts as done (the safe direction). ``run.json`` is left for
+        :meth:`write_run_json` with ``force=True`` to replace.
+        """
+        self.manifest_path.unlink(missing_ok=True)
+        if self.images_dir.is_dir():
+            for entry in self.images_dir.iterdir():
+                if entry.is_file() and (entry.suffix == IMAGE_SUFFIX or _is_temp(entry)):
+                    entry.unlink(missing_ok=True)
+
+    def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> list[Path]:
+        """Delete temporary files left by killed processes; returns what was removed.
+
+        Only files older than ``older_than_s`` are touched, because a younger one may belong to
+        another process that is about to rename it into place.
+        """
+        removed: list[Path] = []
+        cutoff = time.time() - older_than_s
+        for folder in (self.path, self.images_dir):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                try:
+                    if _is_temp(entry) and entry.is_file() and entry.stat().st_mtime < cutoff:
+                        entry.unlink()
+                        removed.append(entry)
+                except FileNotFoundError:  # another process renamed or removed it meanwhile
+                    continue
+        return removed
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(_TEMP_SUFFIX)
+
+
+def _parse_manifest_line(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        return None
+    return record
+
+
+def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any], volatile: frozenset[str]) -> str | None:
+    """First key (sorted) whose value differs between two settings dicts, ignoring ``volatile``."""
+    for key in sorted((set(old) | set(new)) - volatile):
+        if old.get(key, _MISSING) != new.get(key, _MISSING):
+            return key
+    return None

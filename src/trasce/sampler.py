@@ -1,0 +1,288 @@
+"""The denoising loop, with TraSCE's steering, for any diffusers scheduler and any model family.
+
+The loop knows schedulers, not models: a model family is reached through a *denoiser*, a callable
+``denoise(model_input, t, cond) -> prediction`` (see ``trasce.models``), and a *conditioning* is a
+dict of tensors whose first dimension is the batch, so that branches concatenate and images can
+be picked out without knowing what the tensors mean.
+
+One step in ``trasce`` mode, in the released order (see ``../shared/TRASCE.md``):
+
+1. predictions of the three branches at ``x_t`` (gradients on for the prompt and concept branches);
+2. ``d = ||pred_p - pred_c||`` per image, ``L = -loss_scale * exp(-d / sigma)``,
+   ``x_t' = x_t - step_size * dL/dx_t``;
+3. the guided prediction from step 1's outputs (taken at the *old* ``x_t``);
+4. ``x_{t-1} = scheduler.step(guided, t, x_t')``: the scheduler steps from the *steered* latent.
+
+``sample`` is a generator that yields a :class:`Step` after every denoising step, which makes
+progress bars, previews and tests simple; the last yielded latents are the result.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from trasce import guidance
+from trasce.guidance import Kernel
+
+Mode = Literal["trasce", "negation", "steering", "negative_prompt", "none"]
+MODES: tuple[str, ...] = ("trasce", "negation", "steering", "negative_prompt", "none")
+Cond = dict[str, torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EraseSettings:
+    """How a concept is erased. ``loss_scale``/``step_size``/``sigma`` are lambda/eta/sigma.
+
+    ``lazy_tolerance``: skip an image's backward pass at a step when the steering update it would
+    get is estimated below this L2 norm (on the whole latent of that image); ``None`` is exact.
+    ``steer_window``: the fraction of steps ``(start, end)`` in which steering applies.
+    """
+
+    mode: Mode = "trasce"
+    loss_scale: float = 1.0
+    step_size: float = 1.0
+    sigma: float = 1.0
+    kernel: Kernel = "exp"
+    lazy_tolerance: float | None = None
+    steer_window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}")
+        if self.kernel not in ("exp", "gaussian"):
+            raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
+
+    @property
+    def steers(self) -> bool:
+        """Whether part 2 (the latent update) is on at all."""
+        return self.mode in ("trasce", "steering") and self.loss_scale != 0 and self.step_size != 0
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Which of the empty (``0``), prompt (``p``) and concept (``c``) branches the mode needs."""
+        return {"none": ("0", "p"), "negative_prompt": ("c", "p")}.get(self.mode, ("0", "p", "c"))
+
+
+@dataclass
+class Step:
+    """State after one denoising step; tensors are per image, ``(B,)`` unless said otherwise."""
+
+    index: int
+    timestep: torch.Tensor
+    latents: torch.Tensor  # (B, ...) x_{t-1}
+    distance: torch.Tensor | None = None  # d at x_t, in noise units, float32
+    kernel: torch.Tensor | None = None  # kernel(d)
+    update_norm: torch.Tensor | None = None  # ||x_t' - x_t||, zero where skipped
+    steered: torch.Tensor | None = None  # bool: the backward pass ran for this image
+    extras: dict = field(default_factory=dict)
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    """Concatenate conditionings along the batch (the branch order is the argument order)."""
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def take_cond(cond: Cond, index: torch.Tensor) -> Cond:
+    """The images ``index`` (a 1-D long tensor) of a conditioning."""
+    return {key: value[index.to(value.device)] for key, value in cond.items()}
+
+
+def noise_scale(scheduler, t: torch.Tensor) -> float:
+    """Factor that turns a difference of two predictions into a difference of noise predictions.
+
+    TraSCE's ``d`` is defined on noise predictions. For v-prediction, ``eps = sqrt(a) * v +
+    sqrt(1 - a) * x_t`` (``a`` = alpha-bar at t); both branches share ``x_t``, so ``eps_p - eps_c =
+    sqrt(a) * (v_p - v_c)`` and the distance is the velocity distance times ``sqrt(a)``. Epsilon
+    models need no factor; flow-matching models (no ``prediction_type``) use the velocity as is.
+    """
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    if prediction_type == "v_prediction":
+        alphas = scheduler.alphas_cumprod
+        return float(alphas[int(t)].sqrt())
+    if prediction_type in ("epsilon", "flow_prediction", None):
+        return 1.0
+    raise ValueError(
+        f"TraSCE needs a noise, velocity or flow prediction; this scheduler predicts {prediction_type!r}"
+    )
+
+
+def _step_kwargs(scheduler, generator) -> dict:
+    """Optional arguments of ``scheduler.step`` that diffusers' pipelines pass (eta, generator)."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+class _GradientNormEstimate:
+    """Per-image running maximum of ``||dd/dx||``, the factor that ``update_bound`` needs.
+
+    It is an estimate, not a proof: the first steered step of an image measures it exactly, and
+    later steps reuse the largest value seen (times ``margin``).
+    """
+
+    def __init__(self, batch: int, device: torch.device, margin: float = 2.0):
+        self.value = torch.full((batch,), float("nan"), device=device)
+        self.margin = margin
+        # The update size estimated (or measured) at the previous step; NaN until known.
+        self.last_bound = torch.full((batch,), float("nan"), device=device)
+
+    def bound(self) -> torch.Tensor:
+        return self.value * self.margin
+
+    def update(self, index: torch.Tensor, measured: torch.Tensor) -> None:
+        current = self.value[index]
+        self.value[index] = torch.where(torch.isnan(current), measured, torch.maximum(current, measured))
+
+
+def sample(
+    denoise: Denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    cond_0: Cond,
+    cond_p: Cond,
+    cond_c: Cond,
+    guidance_scale: float | torch.Tensor,
+    settings: EraseSettings,
+    num_inference_steps: int = 50,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    timesteps_set: bool = False,
+) -> Iterator[Step]:
+    """Denoise ``latents`` ``(B, ...)`` (already scaled by ``init_noise_sigma``), yielding each step.
+
+    ``cond_0``/``cond_p``/``cond_c`` hold B images each (the concept may differ per image);
+    ``guidance_scale`` is a float or a ``(B,)`` tensor. With ``timesteps_set`` the caller already
+    called ``scheduler.set_timesteps`` (diffusers' pipelines do this before preparing latents).
+    """
+    if not timesteps_set:
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    batch = latents.shape[0]
+    scale = guidance_scale
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(latents.device, torch.float32)
+    step_kwargs = _step_kwargs(scheduler, generator)
+    estimate = _GradientNormEstimate(batch, latents.device)
+    everyone = torch.arange(batch, device=latents.device)
+    start, end = settings.steer_window
+    n = len(timesteps)
+
+    for i, t in enumerate(timesteps):
+        steer_now = settings.steers and start * n <= i < end * n
+        factor = noise_scale(scheduler, t)
+        step = Step(index=i, timestep=t, latents=latents)
+
+        if not steer_now:
+            names = settings.branches
+            conds = {"0": cond_0, "p": cond_p, "c": cond_c}
+            model_input = scheduler.scale_model_input(torch.cat([latents] * len(names)), t)
+            with torch.no_grad():
+                preds = dict(zip(names, denoise(model_input, t, cat_conds([conds[b] for b in names]))
+                                 .chunk(len(names)), strict=True))
+            steered_latents = latents
+            if "c" in preds and "0" in preds:
+                step.distance = guidance.distance(preds["p"], preds["c"]) * factor
+                step.kernel = guidance.kernel(step.distance, settings.sigma, settings.kernel)
+        else:
+            preds, steered_latents, step = _steering_step(
+                denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings, factor, estimate, everyone, step
+            )
+
+        guided = _combine(settings.mode, preds, scale)
+        latents = scheduler.step(guided, t, steered_latents, **step_kwargs, return_dict=False)[0]
+        step.latents = latents
+        yield step
+
+
+def cat_conds(conds: list[Cond]) -> Cond:
+    """``cat_cond`` over a list (one branch after another)."""
+    return cat_cond(*conds)
+
+
+def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
+    """The guided prediction of ``mode`` from the branch predictions."""
+    if mode == "none":
+        return guidance.cfg(preds["0"], preds["p"], scale)
+    if mode == "negative_prompt":
+        return guidance.negative_prompt(preds["c"], preds["p"], scale)
+    if mode == "steering":
+        return guidance.cfg(preds["0"], preds["p"], scale)
+    return guidance.modified_negation(preds["0"], preds["p"], preds["c"], scale)
+
+
+def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings: EraseSettings,
+                   factor: float, estimate: _GradientNormEstimate, everyone: torch.Tensor, step: Step):
+    """One step with part 2: predictions, the steering update, and the bookkeeping in ``step``.
+
+    Exact (``lazy_tolerance is None``): every image gets its backward pass. Lazy: an image whose
+    update was estimated below the tolerance at the previous step is first evaluated without
+    gradients; if its update estimate is still below the tolerance, it skips the backward pass,
+    else (a rare surprise) its prompt and concept branches are evaluated again with gradients.
+    Images above the tolerance, or not yet measured, take the gradient path directly, so an image
+    near the concept costs what it costs in the exact path.
+    """
+    batch = latents.shape[0]
+    lazy = settings.lazy_tolerance is not None
+    cold = everyone[estimate.last_bound < settings.lazy_tolerance] if lazy else everyone[:0]
+    hot = everyone[~torch.isin(everyone, cold)]
+    pp = pc = None
+    d = torch.zeros(batch, device=latents.device)
+    with torch.no_grad():
+        # Branch 0 for everyone, plus prompt and concept for the cold images, in one call.
+        x_cold = latents[cold]
+        model_input = scheduler.scale_model_input(torch.cat([latents, x_cold, x_cold]), t)
+        cond = cat_cond(cond_0, take_cond(cond_p, cold), take_cond(cond_c, cold))
+        p0, cold_p, cold_c = denoise(model_input, t, cond).split([batch, len(cold), len(cold)])
+        if len(cold):
+            pp, pc = torch.empty_like(p0), torch.empty_like(p0)
+            pp[cold], pc[cold] = cold_p, cold_c
+            d[cold] = guidance.distance(cold_p, cold_c) * factor
+            bound = guidance.update_bound(d[cold], settings.loss_scale, settings.step_size, settings.sigma,
+                                          estimate.bound()[cold], settings.kernel)
+            estimate.last_bound[cold] = bound
+            surprise = cold[~(bound < settings.lazy_tolerance)]
+            hot = torch.cat([hot, surprise])
+
+    grad = torch.zeros_like(latents)
+    if len(hot):
+        with torch.enable_grad():
+            x = latents[hot].detach().requires_grad_(True)
+            model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
+            hp, hc = denoise(model_input, t, take_cond(cat_cond(cond_p, cond_c), torch.cat([hot, hot + batch])))\
+                .chunk(2)
+            hot_d = guidance.distance(hp, hc) * factor
+            loss = guidance.steering_loss(hot_d, settings.loss_scale, settings.sigma, settings.kernel)
+            # Each image's loss depends on its own latent only, so the gradient of the sum gives
+            # every image its own dL/dx in one backward pass.
+            (hot_grad,) = torch.autograd.grad(loss.sum(), x)
+        hot_d = hot_d.detach()
+        grad[hot] = hot_grad.to(grad.dtype)
+        if pp is None:
+            pp, pc = torch.empty_like(p0), torch.empty_like(p0)
+        pp[hot], pc[hot] = hp.detach().to(p0.dtype), hc.detach().to(p0.dtype)
+        d[hot] = hot_d
+        if lazy:
+            slope = guidance.update_bound(hot_d, settings.loss_scale, 1.0, settings.sigma,
+                                          torch.ones_like(hot_d), settings.kernel)
+            grad_d = hot_grad.float().flatten(1).norm(dim=1) / slope.clamp_min(1e-30)
+            estimate.update(hot, torch.where(slope > 0, grad_d, torch.zeros_like(grad_d)))
+            estimate.last_bound[hot] = settings.step_size * hot_grad.float().flatten(1).norm(dim=1)
+
+    steered = guidance.steer(latents, grad, settings.step_size)
+    step.distance = d
+    step.kernel = guidance.kernel(d, settings.sigma, settings.kernel)
+    step.update_norm = (steered.float() - latents.float()).flatten(1).norm(dim=1)
+    step.steered = torch.zeros(batch, dtype=torch.bool, device=latents.device)
+    step.steered[hot] = True
+    return {"0": p0, "p": pp, "c": pc}, steered, step

@@ -1,0 +1,72 @@
+"""Tiny random diffusers models built from configs: every code path, no network, seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _clip_tokenizer():
+    """A character-level CLIP BPE tokenizer (CLIP's byte alphabet, no merges)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24), len(vocab)
+
+
+def make_tiny_sd(tmp_path, prediction_type: str = "epsilon", vae: bool = True, sample_size: int = 8, seed: int = 0):
+    """A ``StableDiffusionPipeline`` with random weights: 4x8x8 latents (64 px) or a pixel model."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer, vocab_size = _clip_tokenizer()
+    channels = 4 if vae else 3
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=24, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+    ))
+    autoencoder = None
+    if vae:
+        autoencoder = AutoencoderKL(
+            block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    # Random weights give tiny, nearly identical predictions; a larger output scale makes the
+    # branches differ the way a trained model's do, so guidance and steering are measurable.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(4)
+    pipe = StableDiffusionPipeline(vae=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_sd(tmp_path):
+    return make_tiny_sd(tmp_path)
+
+
+@pytest.fixture
+def tiny_sd_folder(tmp_path):
+    """A tiny SD pipeline saved as a diffusers folder."""
+    pipe = make_tiny_sd(tmp_path)
+    folder = tmp_path / "tiny-sd"
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,362 @@
+"""Tests for trasce.data: reading the benchmark prompt files and splitting them across processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trasce.data import PromptFileError, PromptRow, check_case_name, read_prompts, select, shard
+
+
+def write(tmp_path: Path, name: str, text: str, bom: bool = False) -> Path:
+    path = tmp_path / name
+    data = text.encode("utf-8")
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
+    return path
+
+
+def error_of(path: Path, **kwargs: object) -> str:
+    with pytest.raises(PromptFileError) as info:
+        read_prompts(path, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message, "error messages must be one line"
+    return message
+
+
+# --------------------------------------------------------------------------------------------------
+# Column fallbacks
+
+
+@pytest.mark.parametrize("column", ["prompt", "adv_prompt", "sensitive prompt"])
+def test_prompt_column_fallbacks(tmp_path: Path, column: str) -> None:
+    path = write(tmp_path, "p.csv", f"id,{column}\n1,a cat\n2,a dog\n")
+    rows = read_prompts(path)
+    assert [r.prompt for r in rows] == ["a cat", "a dog"]
+    assert rows[0].extra == {"id": "1"}
+
+
+def test_prompt_column_priority_keeps_the_others_as_extra(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "sensitive prompt,adv_prompt,prompt\ns,a,p\n")
+    (row,) = read_prompts(path)
+    assert row.prompt == "p"
+    assert row.extra == {"sensitive prompt": "s", "adv_prompt": "a"}
+    path = write(tmp_path, "q.csv", "sensitive prompt,adv_prompt\ns,a\n")
+    (row,) = read_prompts(path)
+    assert row.prompt == "a"
+    assert row.extra == {"sensitive prompt": "s"}
+
+
+def test_seed_and_guidance_columns_in_priority_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "p.csv",
+        "prompt,evaluation_seed,sd_seed,evaluation_guidance,sd_guidance_scale\n"
+        "both,1,2,3.5,4.5\n"
+        "fallback,,2,,4.5\n"  # empty cells (pandas NaN) fall through to the next column
+        "default,,,,\n",
+    )
+    rows = read_prompts(path, default_seed=7, default_guidance=9.0)
+    assert [(r.seed, r.guidance_scale) for r in rows] == [(1, 3.5), (2, 4.5), (7, 9.0)]
+    assert all(r.extra == {} for r in rows)  # seed/guidance columns are not repeated in extra
+
+
+def test_sd_columns_alone_and_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,sd_seed,sd_guidance_scale\na,5,6\n")
+    assert read_prompts(path)[0].seed == 5
+    assert read_prompts(path)[0].guidance_scale == 6.0
+    path = write(tmp_path, "q.csv", "prompt\na\n")
+    row = read_prompts(path)[0]
+    assert (row.seed, row.guidance_scale) == (42, 7.5)
+    assert isinstance(row.guidance_scale, float)
+
+
+def test_case_number_and_index_names(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "case_number,prompt\n12,a\n7,b\n")
+    assert [r.case for r in read_prompts(path)] == ["12", "7"]
+    path = write(tmp_path, "q.csv", "prompt\na\n\nb\nc\n")
+    assert [r.case for r in read_prompts(path)] == ["00000", "00001", "00002"]
+
+
+def test_i2p_like_csv_with_float_seeds_and_extra(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "i2p.csv",
+        "prompt,categories,hard,sd_seed,sd_guidance_scale,sd_image_width\n"
+        "a painting,sexual,1,2734971755.0,7,512\n"
+        '"a photo, at night","violence,shocking",0,42,7.0,512\n',
+    )
+    rows = read_prompts(path)
+    assert rows[0] == PromptRow(
+        "00000",
+        "a painting",
+        2734971755,
+        7.0,
+        2,
+        {"categories": "sexual", "hard": "1", "sd_image_width": "512"},
+    )
+    assert rows[1].prompt == "a photo, at night"
+    assert rows[1].extra["categories"] == "violence,shocking"
+
+
+def test_float_seed_keeps_every_digit(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,18446744073709551615.0\nb,4.2e1\n")
+    assert [r.seed for r in read_prompts(path)] == [2**64 - 1, 42]
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_csv_quoted_commas_newlines_bom_and_trailing_blank_lines(tmp_path: Path) -> None:
+    text = (
+        "case_number,prompt,evaluation_seed\r\n"
+        '1,"a cat, a dog",3\r\n'
+        '2,"line one\nline two, with ""quotes""",4\r\n'
+        "3,plain,5\r\n"
+        "\r\n\r\n"
+    )
+    path = write(tmp_path, "p.csv", text, bom=True)
+    rows = read_prompts(path)
+    assert [r.case for r in rows] == ["1", "2", "3"]
+    assert rows[0].prompt == "a cat, a dog"
+    assert rows[1].prompt == 'line one\nline two, with "quotes"'
+    # row = line where the record starts; record 2 spans two lines, so record 3 starts on line 5
+    assert [r.row for r in rows] == [2, 3, 5]
+    assert rows[0].extra == {}  # the BOM did not end up in the first column's name
+
+
+def test_csv_short_rows_and_unnamed_index_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", ",prompt,categories\n0,a,x\n1,b\n")
+    rows = read_prompts(path)
+    assert rows[0].extra == {"column_1": "0", "categories": "x"}
+    assert rows[1].extra == {"column_1": "1", "categories": ""}
+
+
+def test_csv_prompt_with_unicode_line_separator_is_one_prompt(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt\na\u2028b\n")
+    assert [r.prompt for r in read_prompts(path)] == ["a\u2028b"]
+
+
+def test_tsv(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.TSV", "case_number\tprompt\tevaluation_guidance\n5\ta, b\t3\n")
+    (row,) = read_prompts(path)
+    assert (row.case, row.prompt, row.guidance_scale) == ("5", "a, b", 3.0)
+
+
+def test_jsonl(tmp_path: Path) -> None:
+    lines = [
+        {"prompt": "a", "evaluation_seed": 3, "case_number": 10, "categories": ["nudity", "x"]},
+        {"adv_prompt": "b", "sd_seed": 4.0, "sd_guidance_scale": 6, "note": None},
+        {"prompt": "c", "case_number": "c-1"},
+    ]
+    text = json.dumps(lines[0]) + "\n\n" + "\n".join(json.dumps(x) for x in lines[1:]) + "\n"
+    path = write(tmp_path, "p.jsonl", text, bom=True)
+    rows = read_prompts(path)
+    assert [(r.case, r.prompt, r.seed, r.guidance_scale, r.row) for r in rows] == [
+        ("10", "a", 3, 7.5, 1),
+        ("00001", "b", 4, 6.0, 3),
+        ("c-1", "c", 42, 7.5, 4),
+    ]
+    assert rows[0].extra == {"categories": '["nudity", "x"]'}
+    assert rows[1].extra == {"note": ""}
+
+
+@pytest.mark.parametrize("name", ["p.txt", "prompts", "p.prompts"])
+def test_plain_text(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, name, "  a cat  \n\nprompt,with,commas\r\n\n", bom=True)
+    rows = read_prompts(path, default_seed=1, default_guidance=2)
+    assert rows == [
+        PromptRow("00000", "a cat", 1, 2.0, 1, {}),
+        PromptRow("00001", "prompt,with,commas", 1, 2.0, 3, {}),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.csv"
+    assert error_of(path) == f"{path}: file not found"
+
+
+def test_directory(tmp_path: Path) -> None:
+    assert "is a directory" in error_of(tmp_path)
+
+
+def test_no_prompt_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "prompts.csv", "text,id\na,1\n")
+    assert error_of(path) == (
+        f"{path}: no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt' (found: 'text', 'id')"
+    )
+
+
+def test_empty_file_and_no_rows(tmp_path: Path) -> None:
+    assert "empty file" in error_of(write(tmp_path, "a.csv", ""))
+    assert error_of(write(tmp_path, "b.csv", "prompt\n\n")).endswith("b.csv: no prompts found")
+    assert error_of(write(tmp_path, "c.txt", "\n \n")).endswith("c.txt: no prompts found")
+
+
+def test_empty_prompt(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,1\n   ,2\n")
+    assert error_of(path) == f"{path}, row 3, column 'prompt': '   ' is an empty prompt"
+
+
+def test_non_numeric_seed_exact_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "prompts.csv", "prompt,evaluation_seed\na,1\nb,abc\n")
+    assert error_of(path) == f"{path}, row 3, column 'evaluation_seed': 'abc' is not an integer seed"
+
+
+@pytest.mark.parametrize("value", ["42.5", "nan", "inf", "1e"])
+def test_non_integral_seed(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, "p.csv", f"prompt,sd_seed\na,{value}\n")
+    assert error_of(path) == f"{path}, row 2, column 'sd_seed': '{value}' is not an integer seed"
+
+
+def test_negative_and_too_large_seed(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,-3\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}, row 2, column 'evaluation_seed': '-3' is a negative seed")
+    path = write(tmp_path, "q.csv", f"prompt,evaluation_seed\na,{2**64}\n")
+    assert "too large for a seed" in error_of(path)
+
+
+@pytest.mark.parametrize("value", ["high", "nan", ""])
+def test_bad_guidance(tmp_path: Path, value: str) -> None:
+    if value == "":  # an empty cell is not an error: it falls back to the default
+        path = write(tmp_path, "p.csv", f"prompt,evaluation_guidance\na,{value}\n")
+        assert read_prompts(path)[0].guidance_scale == 7.5
+        return
+    path = write(tmp_path, "p.csv", f"prompt,evaluation_guidance\na,{value}\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}, row 2, column 'evaluation_guidance': '{value}' is not a")
+    assert "guidance scale such as 7.5" in message
+
+
+def test_bad_json_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b",}\n')
+    message = error_of(path)
+    assert message.startswith(f"{path}, row 2: invalid JSON (")
+    path = write(tmp_path, "q.jsonl", '{"prompt": "a"}\n["b"]\n')
+    assert error_of(path).startswith(f"{path}, row 2: expected a JSON object")
+    path = write(tmp_path, "r.jsonl", '{"text": "a", "id": 1}\n')
+    assert error_of(path) == (
+        f"{path}, row 1: no prompt key; expected one of 'prompt', 'adv_prompt', 'sensitive prompt' "
+        "(found: 'text', 'id')"
+    )
+
+
+def test_jsonl_bad_types(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "a", "evaluation_seed": true}\n')
+    assert error_of(path) == f"{path}, row 1, column 'evaluation_seed': True is not an integer seed"
+    path = write(tmp_path, "q.jsonl", '{"prompt": 3}\n')
+    assert "column 'prompt': 3 is not text" in error_of(path)
+
+
+def test_duplicate_case_names_both_rows(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "case_number,prompt\n1,a\n2,b\n1,c\n")
+    assert error_of(path) == (
+        f"{path}, row 4, column 'case_number': duplicate case '1' (also on row 2); case names must be unique"
+    )
+
+
+def test_duplicate_case_between_explicit_and_index_names_in_jsonl(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "a", "case_number": "00001"}\n{"prompt": "b"}\n')
+    assert "duplicate case '00001' (also on row 1)" in error_of(path)
+
+
+@pytest.mark.parametrize("case", ["a/b", "a\\b", "..", "x..y", "", "a\x00b", "a\nb", "."])
+def test_unsafe_case_names(tmp_path: Path, case: str) -> None:
+    path = write(tmp_path, "p.jsonl", json.dumps({"prompt": "a", "case_number": case}) + "\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}, row 1, column 'case_number': ")
+    assert "is not a safe file name" in message
+
+
+@pytest.mark.parametrize("case", ["12", "a-b_c.d", "Case.7", "x y"])
+def test_safe_case_names(case: str) -> None:
+    assert check_case_name(case) is None
+
+
+def test_csv_row_with_too_many_fields(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na, b,3\n")
+    assert error_of(path) == (
+        f"{path}, row 2: has 3 fields but the header has 2; quote fields that contain the delimiter"
+    )
+
+
+def test_duplicate_header(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,prompt\na,b\n")
+    assert "column 'prompt' appears twice (columns 1 and 2)" in error_of(path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"caf\xe9\n")
+    assert error_of(path) == f"{path}: is not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8"
+
+
+def test_all_rows_validated_and_counted(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,x\nb,1\n,2\nc,-1\n")
+    with pytest.raises(PromptFileError) as info:
+        read_prompts(path)
+    assert str(info.value).endswith("(and 2 more problems in this file)")
+    assert [p.split(": ")[0] for p in info.value.problems] == [
+        f"{path}, row 2, column 'evaluation_seed'",
+        f"{path}, row 4, column 'prompt'",
+        f"{path}, row 5, column 'evaluation_seed'",
+    ]
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.txt", "a\n")
+    assert "default seed -1 is a negative seed" in error_of(path, default_seed=-1)
+    assert "default guidance scale" in error_of(path, default_guidance=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------------
+# select / shard
+
+
+def test_select() -> None:
+    rows = list(range(10))
+    assert select(rows, None, None) == rows
+    assert select(rows, 2, 5) == [2, 3, 4]
+    assert select(rows, 8, None) == [8, 9]
+    assert select(rows, None, 2) == [0, 1]
+    assert select(rows, 5, 100) == [5, 6, 7, 8, 9]
+    assert select(rows, 3, 3) == []
+    assert select(rows, 20, 30) == []
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "message"),
+    [(5, 2, "start (5) is after end (2)"), (-1, None, "start must be 0 or more"), (None, -2, "end must")],
+)
+def test_select_errors(start: int | None, end: int | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        select(list(range(10)), start, end)
+
+
+@pytest.mark.parametrize(("n", "count"), [(0, 3), (1, 1), (10, 3), (7, 7), (5, 8), (100, 4)])
+def test_shard_covers_every_row_exactly_once(n: int, count: int) -> None:
+    rows = [f"row{i}" for i in range(n)]
+    shards = [shard(rows, i, count) for i in range(count)]
+    together = [r for s in shards for r in s]
+    assert sorted(together) == sorted(rows)
+    assert len(together) == len(set(together)) == n
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+    assert shards == [shard(rows, i, count) for i in range(count)]  # deterministic
+
+
+def test_shard_is_round_robin() -> None:
+    assert shard(list(range(7)), 1, 3) == [1, 4]
+
+
+@pytest.mark.parametrize(("index", "count"), [(0, 0), (3, 3), (-1, 2)])
+def test_shard_errors(index: int, count: int) -> None:
+    with pytest.raises(ValueError):
+        shard([1, 2, 3], index, count)

@@ -1,0 +1,142 @@
+"""The sampler against the literal released loop and against diffusers' own pipeline."""
+
+import pytest
+import torch
+from conftest import make_tiny_sd
+
+from trasce import TraSCEPipeline
+from trasce.reference import released_loop
+
+STEPS = 6
+
+
+def _latents(pipe, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g)
+
+
+def _embed(pipe, text):
+    return pipe.encode_prompt([text], "cpu", 1, do_classifier_free_guidance=False)[0]
+
+
+@pytest.mark.parametrize("mode", ["trasce", "negation"])
+def test_matches_literal_released_loop(tiny_sd, mode):
+    pipe = tiny_sd
+    prompt, concept = "a red apple", "an apple"
+    lam, eta, sigma, scale = 3.0, 2.0, 20.0, 7.5
+    latents = _latents(pipe)
+    reference = released_loop(pipe.unet, pipe.scheduler, latents.clone(), _embed(pipe, ""), _embed(pipe, prompt),
+                              _embed(pipe, concept), STEPS, scale, lam if mode == "trasce" else 0.0, eta, sigma)
+    trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode, loss_scale=lam, step_size=eta, sigma=sigma)
+    ours = trasce(prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(),
+                  output_type="latent")
+    assert torch.allclose(ours.images, reference, atol=1e-4), (ours.images - reference).abs().max()
+    if mode == "trasce":
+        # the steering must have done something measurable, or the comparison proves little
+        unsteered = released_loop(pipe.unet, pipe.scheduler, latents.clone(), _embed(pipe, ""),
+                                  _embed(pipe, prompt), _embed(pipe, concept), STEPS, scale, 0.0, eta, sigma)
+        assert (reference - unsteered).abs().max() > 1e-2
+        assert ours.steered_steps.tolist() == [STEPS]
+        assert 0.05 < ours.max_kernel.item() <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["none", "negative_prompt"])
+def test_matches_diffusers_pipeline(tiny_sd, mode):
+    pipe = tiny_sd
+    prompts, concept = ["a red apple", "a blue car"], "an apple"
+    latents = _latents(pipe, batch=2)
+    negative = None if mode == "none" else [concept] * 2
+    expected = pipe(prompts, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents.clone(),
+                    negative_prompt=negative, output_type="latent").images
+    ours = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode)(
+        prompts, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents.clone(), output_type="latent")
+    assert torch.allclose(ours.images, expected, atol=1e-4), (ours.images - expected).abs().max()
+
+
+def test_batch_equals_one_at_a_time(tiny_sd):
+    """Three prompts with their own seeds and scales, batched, equal the same three run alone."""
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0)
+    prompts, seeds, scales = ["a red apple", "a blue car", "an apple"], [1, 2, 3], [7.5, 3.0, 5.0]
+    batched = trasce(prompts, num_inference_steps=STEPS, guidance_scale=scales, output_type="latent",
+                     generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    for i in range(3):
+        alone = trasce(prompts[i], num_inference_steps=STEPS, guidance_scale=scales[i], output_type="latent",
+                       generator=[torch.Generator().manual_seed(seeds[i])]).images
+        assert torch.allclose(batched[i : i + 1], alone, atol=1e-4), i
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler"])
+def test_other_schedulers_run_and_steer(tmp_path, scheduler):
+    from trasce.pipeline import set_scheduler
+
+    pipe = make_tiny_sd(tmp_path)
+    set_scheduler(pipe, scheduler)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(pipe))
+    steered = TraSCEPipeline.from_pipe(pipe, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0)
+    out = steered("a red apple", **kwargs).images
+    plain = steered.with_settings(loss_scale=0.0)("a red apple", **kwargs).images
+    assert torch.isfinite(out).all()
+    assert (out - plain).abs().max() > 1e-3
+    # with erasure off, the scheduler path must still equal diffusers' own
+    expected = pipe("a red apple", guidance_scale=7.5, **kwargs).images
+    none = TraSCEPipeline.from_pipe(pipe, mode="none")("a red apple", **kwargs).images
+    assert torch.allclose(none, expected, atol=1e-4)
+
+
+def test_v_prediction_distance_uses_noise_equivalent(tmp_path):
+    """For v-prediction, d must be ||eps_p - eps_c|| = sqrt(alpha_bar_t) * ||v_p - v_c||."""
+    pipe = make_tiny_sd(tmp_path, prediction_type="v_prediction")
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", mode="negation")
+    seen = []
+    trasce("a red apple", num_inference_steps=2, latents=_latents(pipe), output_type="latent",
+           callback=lambda step: seen.append((step.timestep, step.distance)))
+    pipe.scheduler.set_timesteps(2)
+    x = _latents(pipe) * pipe.scheduler.init_noise_sigma
+    t = pipe.scheduler.timesteps[0]
+    with torch.no_grad():
+        v = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat(
+            [_embed(pipe, "a red apple"), _embed(pipe, "an apple")])).sample
+    expected = pipe.scheduler.alphas_cumprod[int(t)].sqrt() * (v[0] - v[1]).norm()
+    assert seen[0][0] == t
+    assert torch.allclose(seen[0][1], expected.reshape(1), rtol=1e-4)
+
+
+def test_pixel_space_model_without_vae(tmp_path):
+    pipe = make_tiny_sd(tmp_path, vae=False, sample_size=16)
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0)
+    out = trasce(["a red apple", "a car"], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                 output_type="np")
+    assert out.images.shape == (2, 16, 16, 3)
+    pil = trasce("a car", num_inference_steps=2, output_type="pil").images
+    assert pil[0].size == (16, 16)
+
+
+def test_lazy_with_zero_tolerance_is_exact_and_large_tolerance_skips(tiny_sd):
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
+    prompts = ["a red apple", "a blue car"]
+    exact = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0)
+    reference = exact(prompts, **kwargs)
+    zero = exact.with_settings(lazy_tolerance=0.0)(prompts, **kwargs)
+    assert torch.allclose(zero.images, reference.images, atol=1e-5)
+    assert zero.steered_steps.tolist() == [STEPS, STEPS]
+    skipping = exact.with_settings(lazy_tolerance=1e9)(prompts, **kwargs)
+    # the first steered step measures ||dd/dx||; after it, nothing is worth a backward pass
+    assert skipping.steered_steps.tolist() == [1, 1]
+    assert torch.allclose(skipping.images, exact.with_settings(steer_window=(0.0, 1 / STEPS))(prompts, **kwargs)
+                          .images, atol=1e-5)
+
+
+def test_bad_arguments(tiny_sd):
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
+    with pytest.raises(ValueError, match="multiples of 8; got 60x64"):
+        trasce("a car", height=60, width=64, num_inference_steps=1)
+    with pytest.raises(ValueError, match="guidance_scale has 3 values for 2 prompts"):
+        trasce(["a", "b"], guidance_scale=[1, 2, 3], num_inference_steps=1)
+    with pytest.raises(ValueError, match="got 1 generators for 2 images"):
+        trasce(["a", "b"], generator=[torch.Generator()], num_inference_steps=1)
+    with pytest.raises(ValueError, match="unknown mode 'erase'"):
+        TraSCEPipeline.from_pipe(tiny_sd, concept="x", mode="erase")
+    with pytest.raises(ValueError, match="preset 'style' needs the concept named"):
+        TraSCEPipeline.from_pipe(tiny_sd, preset="style")
+    with pytest.raises(TypeError, match="is not supported; trasce supports: StableDiffusionPipeline"):
+        TraSCEPipeline.from_pipe(object(), concept="x")
