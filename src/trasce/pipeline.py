@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,8 +76,12 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
         for optional in ("vae", "safety_checker", "feature_extractor"):
             if listed.get(optional, [None])[0] is None:
                 kwargs.setdefault(optional, None)
-    pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(model),
-                                             torch_dtype=torch_dtype, **kwargs)
+    with warnings.catch_warnings():
+        # StableDiffusionPipeline warns (and prints the whole config) about clip_sample, which
+        # the pixel model needs on and gets back below.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(model),
+                                                 torch_dtype=torch_dtype, **kwargs)
     if pixel_space:
         pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
     return pipe

@@ -154,3 +154,33 @@ def build_tokenizer():
         unk_token=UNK,
         model_max_length=MAX_WORDS,
     )
+
+
+def caption_set(n: int, split: str, seed: int = 0, require: tuple[str, ...] = ("shape",),
+                fixed: dict[str, int] | None = None, aliases: bool = True) -> list[str]:
+    """``n`` distinct captions of ``split`` that mention every attribute in ``require``.
+
+    Labels are drawn uniformly (``fixed`` pins some, e.g. ``{"shape": 0}``), so the set covers
+    the world evenly; used to build the validation and test prompt sets.
+    """
+    rng = random.Random(seed)
+    found: list[str] = []
+    seen: set[str] = set()
+    for _ in range(n * 400):
+        if len(found) == n:
+            break
+        labels = {a: rng.randrange(len(v)) for a, v in ATTRIBUTES.items()}
+        labels.update(fixed or {})
+        caption = caption_for(labels, rng, split, aliases=aliases and rng.random() < 0.5)
+        said = mentioned(caption)
+        if caption and caption not in seen and all(a in said for a in require):
+            seen.add(caption)
+            found.append(caption)
+    if len(found) < n:
+        raise ValueError(f"only {len(found)} distinct {split} captions mention {require}; asked for {n}")
+    return found
+
+
+def agreement(caption: str, verdict: dict[str, str]) -> dict[str, bool]:
+    """For each attribute the caption names, whether the judge's verdict has that value."""
+    return {attribute: verdict.get(attribute) == value for attribute, value in mentioned(caption).items()}

@@ -1,0 +1,114 @@
+"""``trasce`` command line: generate, evaluate, benchmark, bench, demo, train-toy.
+
+Every bad input ends in one line on stderr that names the file, row, column or value and what is
+accepted, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from trasce.pipeline import SCHEDULERS
+from trasce.presets import PRESETS
+from trasce.sampler import MODES
+
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+class _Fail(click.ClickException):
+    """A user error: one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run ``fn``, turning the errors a user can cause into one-line messages."""
+    from trasce.data import PromptFileError
+    from trasce.runs import RunFolderError
+
+    try:
+        return fn(*args, **kwargs)
+    except (PromptFileError, RunFolderError, ValueError, FileNotFoundError, TypeError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _Fail(message) from error
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="trasce")
+def main() -> None:
+    """Training-free concept erasure for diffusers text-to-image models (TraSCE)."""
+
+
+def _choice(values) -> click.Choice:
+    return click.Choice(list(values), case_sensitive=False)
+
+
+@main.command()
+@click.option("--model", default="toy", show_default=True,
+              help="hub id (from the local cache), a diffusers folder, or 'toy' (the embedded model)")
+@click.option("--concept", help="the concept to erase, as text")
+@click.option("--preset", type=_choice(PRESETS), help="published settings (and concept text) for a task")
+@click.option("--prompt", "prompt", multiple=True, help="a prompt (repeatable)")
+@click.option("--prompts", type=click.Path(path_type=Path), help="CSV, TSV, JSONL or text file of prompts")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="output folder (resumable)")
+@click.option("--mode", type=_choice(MODES), default="trasce", show_default=True)
+@click.option("--loss-scale", type=float, help="lambda (released: --guidance_loss_scale)")
+@click.option("--step-size", type=float, help="eta (released: --discriminator_guidance_scale)")
+@click.option("--sigma", type=float, help="kernel width (released: --sigma)")
+@click.option("--kernel", type=_choice(["exp", "gaussian"]), default="exp", show_default=True,
+              help="exp as released; gaussian as in the paper's Algorithm 1")
+@click.option("--lazy-tolerance", type=float, default=None,
+              help="skip backward passes whose latent update is estimated below this L2 norm")
+@click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
+@click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
+@click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")
+@click.option("--seed", type=int, default=42, show_default=True, help="seed where the file has none")
+@click.option("--images-per-prompt", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="images per denoiser batch")
+@click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True,
+              help="auto: fp16 on CUDA, fp32 elsewhere")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps")
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--start", type=int, help="first row (0-based, inclusive)")
+@click.option("--end", type=int, help="last row (exclusive)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--overwrite", is_flag=True, help="discard what the folder holds and start again")
+def generate(**kwargs) -> None:
+    """Generate images with a concept erased into a resumable folder (images/, manifest.jsonl, run.json)."""
+    from trasce.generate import GenerateOptions, run
+
+    kwargs["prompt"] = list(kwargs["prompt"])
+    options = GenerateOptions(**kwargs)
+    folder = _guard(run, options)
+    if not options.quiet:
+        click.echo(f"images in {folder.images_dir}, manifest {folder.manifest_path}")
+
+
+@main.command("train-toy")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--steps", type=int, default=None)
+@click.option("--minutes", type=float, default=None)
+@click.option("--resume", is_flag=True)
+def train_toy(out: Path, steps: int | None, minutes: float | None, resume: bool) -> None:
+    """Retrain the embedded model from scratch (see trasce/toy/train.py for the recipe)."""
+    from trasce.toy import train
+
+    argv = ["--out", str(out)]
+    if steps is not None:
+        argv += ["--steps", str(steps)]
+    if minutes is not None:
+        argv += ["--minutes", str(minutes)]
+    if resume:
+        argv.append("--resume")
+    train.main(argv)
+
+
+if __name__ == "__main__":  # python -m trasce.cli
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The generation job behind ``trasce generate``: prompt rows in, a resumable run folder out.
+
+Every image is written (atomically) and recorded in the manifest as soon as it exists; a second
+run into the same folder skips what is done. Each image's noise comes from a CPU generator
+seeded by its row, so an image is the same whatever batch or process made it, on any device
+for the same dtype. Under ``accelerate launch`` each process takes every N-th row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from trasce import data
+from trasce.data import PromptRow
+from trasce.pipeline import DTYPES, TraSCEPipeline
+from trasce.runs import RunFolder, atomic_save_image
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``trasce generate`` takes; field names are the CLI's options."""
+
+    out: Path
+    model: str = "toy"
+    concept: str | None = None
+    preset: str | None = None
+    prompt: list[str] = field(default_factory=list)
+    prompts: Path | None = None
+    mode: str = "trasce"
+    loss_scale: float | None = None
+    step_size: float | None = None
+    sigma: float | None = None
+    kernel: str = "exp"
+    lazy_tolerance: float | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int = 42
+    images_per_prompt: int = 1
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    height: int | None = None
+    width: int | None = None
+    start: int | None = None
+    end: int | None = None
+    quiet: bool = False
+    overwrite: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA, else Apple's MPS, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on CUDA, fp32 elsewhere (CPU half precision is slow and MPS bf16 partial)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_defaults(model: str) -> dict:
+    """Recommended settings a model folder ships in ``trasce_toy.json`` (the embedded model does)."""
+    import json
+
+    from trasce.pipeline import resolve_model
+
+    path = Path(resolve_model(model)) / "trasce_toy.json"
+    return json.loads(path.read_text()).get("defaults", {}) if path.exists() else {}
+
+
+def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptRow]:
+    """Prompt rows from ``--prompts`` or ``--prompt``, validated, before anything is generated."""
+    if options.prompts is not None and options.prompt:
+        raise ValueError("give --prompt or --prompts, not both")
+    if options.prompts is not None:
+        rows = data.read_prompts(options.prompts, options.seed, default_guidance)
+    elif options.prompt:
+        rows = []
+        for i, text in enumerate(options.prompt):
+            if not text.strip():
+                raise ValueError(f"--prompt number {i + 1} is empty")
+            rows.append(PromptRow(case=f"{i:05d}", prompt=text.strip(), seed=options.seed,
+                                  guidance_scale=default_guidance, row=i + 1, extra={}))
+    else:
+        raise ValueError("nothing to generate: give --prompt TEXT or --prompts FILE")
+    return data.select(rows, options.start, options.end)
+
+
+def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, width: int) -> torch.Tensor:
+    """``count`` noise tensors for one row, drawn on the CPU like diffusers' ``num_images_per_prompt``."""
+    shape = (count, *pipe.adapter.latent_shape(height, width))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=pipe.adapter.dtype)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFolder:
+    """Generate every image that is not done yet; return the run folder."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = state.device if state.num_processes > 1 else pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device)
+    defaults = model_defaults(options.model)
+    guidance_default = options.guidance_scale if options.guidance_scale is not None else defaults.get(
+        "guidance_scale", 7.5)
+    rows = read_rows(options, guidance_default)
+    if options.images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be at least 1, got {options.images_per_prompt}")
+    if options.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+    for name in ("height", "width"):
+        value = getattr(options, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+
+    if pipe is None:
+        pipe = TraSCEPipeline.from_pretrained(
+            options.model, torch_dtype=dtype, scheduler=options.scheduler, concept=options.concept,
+            preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
+            sigma=options.sigma, kernel=options.kernel, lazy_tolerance=options.lazy_tolerance,
+        ).to(device)
+    pipe.pipe.set_progress_bar_config(disable=True)
+    height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
+    steps = options.steps if options.steps is not None else defaults.get("steps", 50)
+
+    folder = RunFolder(options.out)
+    settings = {
+        "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
+        "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
+        "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance, "steps": steps,
+        "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
+        "images_per_prompt": options.images_per_prompt, "dtype": str(dtype).removeprefix("torch."),
+        "height": height, "width": width, "prompts": str(options.prompts) if options.prompts else None,
+        "prompt": list(options.prompt), "seed": options.seed,
+        "start": options.start, "end": options.end, "batch_size": options.batch_size, "device": str(device),
+        "num_processes": state.num_processes,
+    }
+    is_main = state.is_main_process
+    if is_main:
+        if options.overwrite:
+            folder.reset()
+        folder.write_run_json(settings, force=options.overwrite)
+    state.wait_for_everyone()
+    rows = data.shard(rows, state.process_index, state.num_processes)
+
+    n = options.images_per_prompt
+    done = folder.done()
+    todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=options.quiet or not is_main,
+               dynamic_ncols=True)
+    noise_cache: dict[str, torch.Tensor] = {}
+    with contextlib.closing(bar):
+        for batch in _batches(todo, options.batch_size):
+            latents = []
+            for row, k in batch:
+                if row.case not in noise_cache:
+                    noise_cache = {row.case: initial_noise(pipe, row.seed, n, height, width)}
+                latents.append(noise_cache[row.case][k])
+            out = pipe([row.prompt for row, _ in batch], num_inference_steps=steps,
+                       guidance_scale=[row.guidance_scale for row, _ in batch], latents=torch.stack(latents),
+                       height=height, width=width, output_type="pil")
+            for i, (row, k) in enumerate(batch):
+                atomic_save_image(folder.image_path(row.case, k, n), out.images[i])
+                record = {
+                    "file": folder.image_file(row.case, k, n), "case": row.case, "k": k, "prompt": row.prompt,
+                    "seed": row.seed, "guidance_scale": row.guidance_scale, "mode": pipe.settings.mode,
+                    "concept": pipe.concept, "row": row.row, "extra": row.extra,
+                    "settings": {key: settings[key] for key in ("loss_scale", "step_size", "sigma", "kernel",
+                                                                "steps", "scheduler", "dtype", "model")},
+                }
+                if out.max_kernel is not None:
+                    record["max_kernel"] = round(float(out.max_kernel[i]), 6)
+                    record["min_distance"] = round(float(out.min_distance[i]), 6)
+                if out.steered_steps is not None:
+                    record["steered_steps"] = int(out.steered_steps[i])
+                folder.append_manifest(record)
+                bar.update(1)
+    return folder
+
+
+def options_dict(options: GenerateOptions) -> dict:
+    """The options as plain JSON-able values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
