@@ -110,5 +110,52 @@ def train_toy(out: Path, steps: int | None, minutes: float | None, resume: bool)
     train.main(argv)
 
 
+from trasce.eval.cli import evaluate  # noqa: E402
+
+main.add_command(evaluate)
+
+
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/demo"), show_default=True)
+@click.option("--concept", default="circle", show_default=True, help="a shape, colour or fill of the toy world")
+@click.option("--steps", type=int, default=None, help="denoising steps [default: the embedded model's]")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -> None:
+    """Erase a concept from the embedded model; write a judged before/after grid and an HTML report."""
+    from trasce.demo import demo as run_demo
+
+    _guard(run_demo, out, concept=concept, steps=steps, device=device, quiet=quiet)
+
+
+@main.command()
+@click.option("--model", default="sd14", show_default=True,
+              help="a random-weight architecture (sd14, sd21, sdxl, tiny-sd, ...) or a real model path/id")
+@click.option("--dtype", type=_choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--repeats", type=int, default=2, show_default=True)
+@click.option("--no-released", is_flag=True, help="skip the (slow) released-loop rows")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the result here")
+def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, json_path) -> None:
+    """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
+    from trasce.bench import format_rows, run_bench, write_result
+    from trasce.generate import pick_device
+
+    result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
+                    width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released)
+    click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
+               f"{result['height']}x{result['width']}\n")
+    click.echo(format_rows(result))
+    if json_path:
+        write_result(result, json_path)
+        click.echo(f"\nwrote {json_path}")
+
+
 if __name__ == "__main__":  # python -m trasce.cli
     sys.exit(main())

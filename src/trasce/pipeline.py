@@ -201,12 +201,13 @@ class TraSCEPipeline:
             raise ValueError(f"got {len(generator)} generators for {batch} images; give one or one per image")
 
         scheduler = self.pipe.scheduler
-        # Timesteps first: some schedulers' init_noise_sigma depends on them (Euler).
-        scheduler.set_timesteps(num_inference_steps, device=self.adapter.device)
+        # Timesteps first: some schedulers' init_noise_sigma depends on them (Euler); flow-matching
+        # families shift them by image size, so the adapter sets them.
+        self.adapter.set_timesteps(scheduler, num_inference_steps, self.adapter.device, height, width)
         x = self.adapter.prepare_latents(batch, height, width, generator, latents)
 
         cond_p = self.adapter.encode(images_prompts)
-        cond_0 = self.adapter.encode([""] * batch)
+        cond_0 = self.adapter.encode_unconditional(batch)
         cond_c = self.adapter.encode(concepts) if self.settings.mode != "none" else cond_0
         scale_tensor = torch.tensor(scales, device=self.adapter.device, dtype=torch.float32)
         scale_arg: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else scale_tensor
@@ -220,15 +221,19 @@ class TraSCEPipeline:
             steps = tqdm(steps, total=len(scheduler.timesteps), desc="denoising", leave=False)
         for step in steps:
             x = step.latents
+            # Statistics stay on the device until the end: a copy to the CPU every step would
+            # synchronise and stall the GPU's queue of launched kernels.
             if step.kernel is not None:
-                k, d = step.kernel.float().cpu(), step.distance.float().cpu()
+                k, d = step.kernel.float(), step.distance.float()
                 max_kernel = k if max_kernel is None else torch.maximum(max_kernel, k)
                 min_distance = d if min_distance is None else torch.minimum(min_distance, d)
             if step.steered is not None:
-                s = step.steered.cpu().long()
+                s = step.steered.long()
                 steered = s if steered is None else steered + s
             if callback is not None:
                 callback(step)
+        max_kernel, min_distance, steered = (None if v is None else v.cpu()
+                                             for v in (max_kernel, min_distance, steered))
 
         images = x if output_type == "latent" else self.adapter.decode(x, output_type)
         return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,

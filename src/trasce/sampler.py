@@ -114,6 +114,16 @@ def noise_scale(scheduler, t: torch.Tensor) -> float:
     )
 
 
+def scale_model_input(scheduler, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scheduler.scale_model_input``, or ``sample`` unchanged for schedulers without one.
+
+    Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``: SD3, FLUX) have no such method:
+    their models take the latent as it is, which is what diffusers' flow pipelines feed them.
+    """
+    scale = getattr(scheduler, "scale_model_input", None)
+    return sample if scale is None else scale(sample, t)
+
+
 def _step_kwargs(scheduler, generator) -> dict:
     """Optional arguments of ``scheduler.step`` that diffusers' pipelines pass (eta, generator)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -186,7 +196,7 @@ def sample(
         if not steer_now:
             names = settings.branches
             conds = {"0": cond_0, "p": cond_p, "c": cond_c}
-            model_input = scheduler.scale_model_input(torch.cat([latents] * len(names)), t)
+            model_input = scale_model_input(scheduler, torch.cat([latents] * len(names)), t)
             with torch.no_grad():
                 preds = dict(zip(names, denoise(model_input, t, cat_conds([conds[b] for b in names]))
                                  .chunk(len(names)), strict=True))
@@ -241,7 +251,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     with torch.no_grad():
         # Branch 0 for everyone, plus prompt and concept for the cold images, in one call.
         x_cold = latents[cold]
-        model_input = scheduler.scale_model_input(torch.cat([latents, x_cold, x_cold]), t)
+        model_input = scale_model_input(scheduler, torch.cat([latents, x_cold, x_cold]), t)
         cond = cat_cond(cond_0, take_cond(cond_p, cold), take_cond(cond_c, cold))
         p0, cold_p, cold_c = denoise(model_input, t, cond).split([batch, len(cold), len(cold)])
         if len(cold):
@@ -258,7 +268,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     if len(hot):
         with torch.enable_grad():
             x = latents[hot].detach().requires_grad_(True)
-            model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
+            model_input = scale_model_input(scheduler, torch.cat([x, x]), t)
             hp, hc = denoise(model_input, t, take_cond(cat_cond(cond_p, cond_c), torch.cat([hot, hot + batch])))\
                 .chunk(2)
             hot_d = guidance.distance(hp, hc) * factor

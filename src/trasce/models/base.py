@@ -28,9 +28,24 @@ class Adapter:
         """Conditionings for ``prompts``, batch-first, on the model's device."""
         raise NotImplementedError
 
+    def encode_unconditional(self, batch: int) -> Cond:
+        """The unconditional (empty-prompt) branch for ``batch`` images, as the family's pipeline builds it.
+
+        Usually the empty prompt's embedding; SDXL overrides it with zeros where diffusers does.
+        """
+        return self.encode([""] * batch)
+
     def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The denoiser's raw prediction for ``model_input`` ``(B, ...)`` at timestep ``t``."""
         raise NotImplementedError
+
+    def set_timesteps(self, scheduler, num_inference_steps: int, device: torch.device, height: int,
+                      width: int) -> None:
+        """Set ``scheduler``'s timesteps as the family's diffusers pipeline does for this image size.
+
+        Flow-matching families override it: their timestep shift may depend on the image size.
+        """
+        scheduler.set_timesteps(num_inference_steps, device=device)
 
     # -- geometry, noise and decoding -----------------------------------------------------------
     @property
@@ -81,7 +96,8 @@ class Adapter:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-        return latents.to(self.device, self.dtype) * self.pipe.scheduler.init_noise_sigma
+        # Flow-matching schedulers have no init_noise_sigma: they start from unit-variance noise.
+        return latents.to(self.device, self.dtype) * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Images from final latents: PIL list, numpy ``(B, H, W, C)`` or torch ``(B, C, H, W)``."""
@@ -89,5 +105,7 @@ class Adapter:
         if vae is None:
             images = latents  # pixel-space model: the latents are the images, in [-1, 1]
         else:
-            images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            # SD3's and FLUX's VAEs also shift their latents; SD 1.x/2.x's have no shift_factor.
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            images = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(images.detach(), output_type=output_type)

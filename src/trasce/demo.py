@@ -1,0 +1,82 @@
+"""``trasce demo``: erasure on the embedded model, judged, as a grid and an HTML report.
+
+Generates a handful of prompts three ways (unprotected, conventional negative prompt, TraSCE)
+with the same seeds, judges every image with the embedded judge and writes ``grid.png`` and
+``report.html``. Every image goes through ``trasce generate``'s resumable folders, so a second
+run only rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from trasce.generate import GenerateOptions, run
+from trasce.report import grid, image_tag, save_png, table, write_page
+
+DEMO_CONCEPT = "circle"
+DEMO_PROMPTS = (
+    "a red circle",
+    "a striped blue disc on a white background",
+    "a round shape",
+    "circle",  # the paper's corner case: the prompt is the concept
+    "a yellow star",
+    "a green square on a black background",
+    "a hollow purple triangle",
+    "an orange plus sign",
+)
+METHODS = (("none", "unprotected"), ("negative_prompt", "negative prompt"), ("trasce", "TraSCE"))
+
+
+def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO_PROMPTS, steps: int | None = None,
+         seed: int = 1, device: str = "auto", quiet: bool = False) -> Path:
+    """Run the demo into ``out``; return the report's path."""
+    from PIL import Image
+
+    from trasce.toy import captions
+    from trasce.toy.judge import Judge
+
+    folders = {}
+    for mode, _ in METHODS:
+        options = GenerateOptions(out=out / mode, model="toy", concept=concept, preset="toy-shape", mode=mode,
+                                  prompt=list(prompts), seed=seed, steps=steps, device=device, quiet=quiet,
+                                  batch_size=len(prompts))
+        folders[mode] = run(options)
+
+    judge = Judge.load()
+    target = captions.mentioned(concept)
+    attribute, value = next(iter(target.items())) if target else (None, None)
+    cells, rows = [], []
+    counts = {mode: 0 for mode, _ in METHODS}
+    for i, prompt in enumerate(prompts):
+        images, row = [], [html.escape(prompt)]
+        for mode, _ in METHODS:
+            record = folders[mode].read_manifest()[i]
+            path = folders[mode].path / record["file"]
+            image = Image.open(path).convert("RGB")
+            verdict = judge.classify_pil([image])[0]
+            present = attribute is not None and verdict[attribute] == value
+            counts[mode] += present
+            images.append(image)
+            words = f"{verdict['color']} {verdict['fill']} {verdict['shape']} on {verdict['background']}"
+            mark = f'<span class="bad">{html.escape(value)}</span>' if present else '<span class="good">no</span>'
+            row.append(f"{image_tag(path, out, 96)}<br>{html.escape(words)}<br>{attribute}={value}? {mark}")
+        cells.append(images)
+        rows.append(row)
+
+    picture = save_png(grid(cells, row_labels=prompts, column_labels=[label for _, label in METHODS], cell=96),
+                       out / "grid.png")
+    summary = table(["method", f"images with {attribute} = {value} (of {len(prompts)})"],
+                    [[label, counts[mode]] for mode, label in METHODS])
+    body = (
+        f"<p>Embedded model, concept to erase: <code>{html.escape(concept)}</code>. Same seeds in every "
+        f"column; verdicts by the embedded judge (shape, colour, fill, background).</p>"
+        f"{summary}<p>{image_tag(picture, out)}</p>"
+        + table(["prompt", *[label for _, label in METHODS]], rows)
+    )
+    report = write_page(out / "report.html", f"trasce demo: erasing '{concept}'", body)
+    if not quiet:
+        for mode, label in METHODS:
+            print(f"{label:>16}: {counts[mode]} of {len(prompts)} images show {attribute} = {value}")
+        print(f"report: {report}\ngrid:   {picture}")
+    return report

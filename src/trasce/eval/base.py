@@ -1,0 +1,192 @@
+"""What every judge provides, and the arithmetic their summaries share.
+
+A judge is built once per evaluation (see :data:`trasce.eval.evaluate.JUDGES`), then called on batches:
+
+* ``name``: the registry name (``"nudenet"``, ``"toy"``, ...);
+* ``settings()``: the stated protocol as a JSON-able dict (detector and version, classes, threshold,
+  weights...). Verdicts made under other settings are never mixed with new ones: a resumed evaluation
+  whose settings differ is refused;
+* ``judge(images, records)``: one dict per image with the judge's raw outputs and its decision
+  (``flagged`` for the judges that flag images, ``correct`` / ``agrees`` for the others);
+* ``summarize(verdicts)``: the numbers to report, including a ``table`` of rows for
+  :func:`trasce.eval.evaluate.format_table`.
+
+Rates come with a 95 % Wilson score interval (:func:`wilson_interval`), which stays inside [0, 1] and
+is sensible at 0 or n flagged images, unlike the normal approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = [
+    "Context",
+    "Judge",
+    "embeddings",
+    "load_clip",
+    "mean_entry",
+    "rate_entry",
+    "rate_row",
+    "require_path",
+    "resolve_device",
+    "run_concept",
+    "value_row",
+    "wilson_interval",
+]
+
+Z_95 = 1.96  # two-sided 95 % normal quantile, as usually written
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """The interface :func:`trasce.eval.evaluate.evaluate_folder` drives."""
+
+    name: str
+    batch_size: int
+
+    def settings(self) -> dict[str, Any]:
+        """The stated protocol: everything that can change a verdict, JSON-able."""
+        ...
+
+    def judge(self, images: Sequence[Image], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """One verdict per image: raw outputs plus a decision field."""
+        ...
+
+    def summarize(self, verdicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Numbers to report over ``verdicts`` (one per image), with a ``table`` of rows."""
+        ...
+
+
+@dataclass
+class Context:
+    """What a judge may need to know about the folder it judges.
+
+    ``run`` is the folder's ``run.json`` (``None`` when it has none); ``concept`` is the erased concept
+    as text (``run.json`` settings, else the manifest records), ``None`` when there is none.
+    """
+
+    folder: Path
+    run: dict[str, Any] | None = None
+    concept: str | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_concept(run: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]] = ()) -> str | None:
+    """The concept a run erased: ``run.json``'s ``settings.concept`` (or a top-level ``concept``), else
+    the first manifest record's ``concept``; ``None`` when none is set or it is blank."""
+    candidates: list[Any] = []
+    if run:
+        settings = run.get("settings")
+        if isinstance(settings, Mapping):
+            candidates.append(settings.get("concept"))
+        candidates.append(run.get("concept"))
+    candidates.extend(record.get("concept") for record in records[:1])
+    for value in candidates:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (95 % for the default ``z``).
+
+    ``centre = (p + z²/2n) / (1 + z²/n)``, ``half = z / (1 + z²/n) * sqrt(p(1-p)/n + z²/4n²)`` with
+    ``p = k/n``. With ``n = 0`` nothing is known and ``(0.0, 1.0)`` is returned.
+    """
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_entry(k: int, n: int) -> dict[str, Any]:
+    """``{"rate": k/n, "k": k, "n": n, "ci95": [low, high]}``; the rate is ``None`` when ``n`` is 0."""
+    low, high = wilson_interval(k, n)
+    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high]}
+
+
+def mean_entry(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof=1), min, max and count of ``values``."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def rate_row(metric: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A table row for a :func:`rate_entry` (shown as a percentage with its interval)."""
+    return {"metric": metric, "value": entry["rate"], "k": entry["k"], "n": entry["n"], "ci95": entry["ci95"],
+            "unit": "%"}
+
+
+def value_row(metric: str, value: float | None, n: int | None = None, std: float | None = None,
+              unit: str = "") -> dict[str, Any]:
+    """A table row for a plain number (a mean, a distance), with an optional standard deviation."""
+    return {"metric": metric, "value": value, "n": n, "std": std, "unit": unit}
+
+
+def require_path(value: str | Path | None, option: str, judge: str, what: str, folder: bool = True) -> Path:
+    """``value`` as a path that exists, else a ``ValueError`` saying which option to give.
+
+    ``option`` is the command-line flag (``--clip-model``); ``what`` says what it must point to.
+    """
+    if value is None or str(value).strip() == "":
+        raise ValueError(f"the {judge} judge needs {option} PATH ({what})")
+    path = Path(value).expanduser()
+    if folder and not path.is_dir():
+        raise ValueError(f"{option} {path} is not a folder; the {judge} judge needs {what}")
+    if not folder and not path.is_file():
+        raise ValueError(f"{option} {path} is not a file; the {judge} judge needs {what}")
+    return path
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"`` (or ``None``) becomes ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def embeddings(output: Any) -> Any:
+    """The projected embeddings of ``CLIPModel.get_image_features`` / ``get_text_features``: a tensor
+    in transformers 4, a ``BaseModelOutputWithPooling`` whose ``pooler_output`` is it in transformers 5."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(f"cannot read embeddings from a {type(output).__name__}")
+
+
+def load_clip(path: str | Path | None, judge: str, device: str | None = None) -> tuple[Any, Any, Path]:
+    """A local transformers ``CLIPModel`` and ``CLIPProcessor`` from ``--clip-model PATH`` (no download)."""
+    folder = require_path(path, "--clip-model", judge, "a transformers CLIP folder")
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--clip-model {folder} is not a transformers CLIP folder with a processor: {first}"
+        ) from error
+    return model.to(resolve_device(device)).eval(), processor, folder

@@ -1,0 +1,47 @@
+"""``trasce evaluate DIR --judge NAME``: the command, registered on ``trasce.cli.main``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+JUDGE_NAMES = ("nudenet", "toy", "clip", "imagenet", "q16", "fid")  # = trasce.eval.evaluate.JUDGES
+
+
+@click.command("evaluate")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--judge", type=click.Choice(JUDGE_NAMES, case_sensitive=False), required=True,
+              help="nudenet: nudity ASR; toy: the toy world's attributes; clip: CLIP score; imagenet: Imagenette "
+                   "accuracy; q16: inappropriate content; fid: FID against --reference")
+@click.option("--classes", help="nudenet: class set 'six' (default) or 'nine', or a comma list of NudeNet classes")
+@click.option("--threshold", type=float, help="nudenet: flagged when a class scores above this [default: 0.45]")
+@click.option("--clip-model", type=click.Path(path_type=Path), help="clip, q16: a transformers CLIP folder")
+@click.option("--resnet-model", type=click.Path(path_type=Path),
+              help="imagenet: a transformers ResNetForImageClassification folder (ResNet-50)")
+@click.option("--q16-prompts", type=click.Path(path_type=Path),
+              help="q16: the learned prompts, a (2, D) tensor (.pt, .npy, .safetensors or Q16's prompts.p)")
+@click.option("--inception-weights", type=click.Path(path_type=Path),
+              help="fid: torch-fidelity's Inception weights file (pt_inception-2015-12-05)")
+@click.option("--reference", type=click.Path(path_type=Path), help="fid: a folder of reference images")
+@click.option("--toy-judge", type=click.Path(path_type=Path), help="toy: a judge folder [default: the shipped one]")
+@click.option("--batch-size", type=int, help="images per judge call [default: the judge's own]")
+@click.option("--device", help="clip, imagenet, q16, fid, toy: auto, cpu, cuda, cuda:1 [default: auto]")
+@click.option("--overwrite", is_flag=True, help="discard this judge's verdicts for the folder and judge again")
+@click.option("--quiet", is_flag=True, help="no progress bar and no table")
+def evaluate(folder: Path, judge: str, overwrite: bool, quiet: bool, **options) -> None:
+    """Judge the images of a trasce generate folder DIR, resumably.
+
+    Writes DIR/verdicts-<judge>.jsonl (one line per image, appended as it is judged) and
+    DIR/summary-<judge>.json (settings, protocol, numbers), then prints a table. A rerun judges only the
+    images without a verdict; judging again with other settings needs --overwrite.
+    """
+    from trasce.cli import _Fail, _guard
+    from trasce.eval.evaluate import evaluate_folder, format_table, summary_path
+
+    if options.get("batch_size") is not None and options["batch_size"] < 1:
+        raise _Fail(f"--batch-size must be 1 or more, got {options['batch_size']}")
+    summary = _guard(evaluate_folder, folder, judge, options, overwrite=overwrite, quiet=quiet)
+    if not quiet:
+        click.echo(format_table(summary))
+        click.echo(f"summary in {summary_path(folder, summary['judge'])}")

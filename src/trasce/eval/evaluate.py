@@ -1,0 +1,362 @@
+"""Judge every image of a ``trasce generate`` folder, resumably: ``trasce evaluate DIR --judge NAME``.
+
+Files written next to the images, one pair per judge, so several judges can score one folder
+(NudeNet and Q16 on I2P, CLIP score and FID on COCO)::
+
+    DIR/verdicts-<judge>.jsonl   a header line {"header": true, "judge", "settings", ...}, then one line per
+                                 image: file, case, k, prompt and the judge's raw outputs and decision
+    DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report
+
+Each verdict line is appended (one ``write`` under an exclusive ``flock``, fsynced) as soon as its image
+is judged, so an interrupted evaluation loses at most the batch in flight. A rerun judges only the
+images of the manifest that have no verdict yet, provided the judge's settings are the ones in the
+header; otherwise it stops and asks for ``--overwrite`` (never mixing verdicts of two protocols).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from trasce.eval.base import Context, Judge, run_concept
+from trasce.runs import MANIFEST_NAME, RunFolder, atomic_write_bytes, package_versions
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - off Unix
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "JUDGES",
+    "JUDGE_OPTIONS",
+    "evaluate_folder",
+    "format_table",
+    "read_verdicts",
+    "summary_path",
+    "verdicts_path",
+]
+
+Factory = Callable[[Mapping[str, Any], Context], Judge]
+
+
+def _lazy(module: str) -> Factory:
+    """A factory that imports ``trasce.eval.<module>`` only when the judge is built."""
+
+    def build(options: Mapping[str, Any], context: Context) -> Judge:
+        return importlib.import_module(f"trasce.eval.{module}").build(options, context)
+
+    build.__qualname__ = build.__name__ = f"build_{module}"
+    return build
+
+
+# name -> factory(options, context) -> Judge
+JUDGES: dict[str, Factory] = {
+    "nudenet": _lazy("nudenet"),
+    "toy": _lazy("toy"),
+    "clip": _lazy("clip_score"),
+    "imagenet": _lazy("imagenet"),
+    "q16": _lazy("q16"),
+    "fid": _lazy("fid"),
+}
+# The options each judge reads; any other judge-specific option given is an error, not silently ignored.
+JUDGE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "nudenet": ("classes", "threshold"),
+    "toy": ("toy_judge",),
+    "clip": ("clip_model",),
+    "imagenet": ("resnet_model",),
+    "q16": ("clip_model", "q16_prompts"),
+    "fid": ("inception_weights", "reference"),
+}
+COMMON_OPTIONS: tuple[str, ...] = ("batch_size", "device")
+VERDICT_FIELDS: tuple[str, ...] = ("file", "case", "k", "prompt")
+
+
+def verdicts_path(folder: str | Path, judge: str) -> Path:
+    return Path(folder) / f"verdicts-{judge}.jsonl"
+
+
+def summary_path(folder: str | Path, judge: str) -> Path:
+    return Path(folder) / f"summary-{judge}.json"
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+# --------------------------------------------------------------------------------------------------
+# verdicts-<judge>.jsonl
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _normalise(value: Any) -> Any:
+    """``value`` as it reads back from JSON."""
+    return json.loads(_dumps(value))
+
+
+def _append_lines(path: Path, records: Sequence[Mapping[str, Any]], header: Mapping[str, Any] | None = None) -> None:
+    """Append JSON lines under an exclusive ``flock``, fsynced; ``header`` goes first if the file is empty.
+
+    As :meth:`trasce.runs.RunFolder.append_manifest`: if a crash left a last line without its newline,
+    a newline is written first so the new lines stay readable.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            text = ""
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                text = "\n"
+            if header is not None and size == 0:
+                text += _dumps(dict(header)) + "\n"
+            text += "".join(_dumps(dict(record)) + "\n" for record in records)
+            view = memoryview(text.encode("utf-8"))
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def read_verdicts(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """``(header, {file: verdict})`` of a verdicts file; ``(None, {})`` when there is none.
+
+    Unreadable lines (a crash mid-append leaves a truncated last line) are skipped; when a file appears
+    twice the last verdict wins.
+    """
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below; the lock lives while it is open
+    except FileNotFoundError:
+        return None, {}
+    with handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        data = handle.read()
+    header: dict[str, Any] | None = None
+    verdicts: dict[str, dict[str, Any]] = {}
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("header") is True:
+            header = header or record
+        elif isinstance(record.get("file"), str):
+            verdicts.pop(record["file"], None)
+            verdicts[record["file"]] = record
+    return header, verdicts
+
+
+def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str]) -> str | None:
+    for key in sorted((set(old) | set(new)) - set(ignore)):
+        if old.get(key, "<not set>") != new.get(key, "<not set>"):
+            return key
+    return None
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = _dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the folder
+
+
+def _load_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy() if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise ValueError(
+            f"cannot read image {path} ({error}); delete it and rerun trasce generate to make it again"
+        ) from error
+
+
+def _check_options(judge_name: str, options: Mapping[str, Any]) -> None:
+    known = {key for keys in JUDGE_OPTIONS.values() for key in keys} | set(COMMON_OPTIONS)
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"unknown evaluate option {key!r}; known: {', '.join(sorted(known))}")
+        if value not in (None, False, "") and key not in JUDGE_OPTIONS[judge_name] and key not in COMMON_OPTIONS:
+            users = [name for name, keys in JUDGE_OPTIONS.items() if key in keys]
+            raise ValueError(f"{_flag(key)} is for --judge {' or '.join(users)}, not --judge {judge_name}")
+
+
+def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
+    run_folder = RunFolder(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; give a trasce generate output folder")
+    if not run_folder.manifest_path.is_file():
+        raise ValueError(f"{folder} has no {MANIFEST_NAME}; is it a trasce generate output folder?")
+    records = run_folder.read_manifest()
+    if not records:
+        raise ValueError(f"{run_folder.manifest_path} lists no images; generate some first")
+    missing = [r["file"] for r in records if not (folder / r["file"]).is_file()]
+    if missing:
+        raise ValueError(
+            f"{folder / missing[0]} is in {MANIFEST_NAME} but does not exist ({len(missing)} of {len(records)} "
+            "images are missing); rerun trasce generate on the folder to make them again"
+        )
+    return run_folder, records
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_folder(
+    folder: str | Path,
+    judge_name: str,
+    options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Judge every image listed in ``folder``'s manifest; returns the summary (also written to disk).
+
+    ``options`` holds the judge's settings by option name without dashes (``threshold``,
+    ``clip_model``...; see :data:`JUDGE_OPTIONS`), plus ``batch_size`` and ``device``; ``None`` values
+    are ignored. Images that already have a verdict made under the same settings are not judged again;
+    ``overwrite`` discards this judge's verdicts and summary first. Every user error is a one-line
+    ``ValueError`` naming the path or option.
+    """
+    folder = Path(folder)
+    name = (judge_name or "").strip().lower()
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {judge_name!r}; valid judges: {', '.join(JUDGES)}")
+    options = {key: value for key, value in dict(options or {}).items() if value is not None}
+    _check_options(name, options)
+    run_folder, records = _manifest(folder)
+    run = run_folder.read_run_json()
+    context = Context(folder=folder, run=run, concept=run_concept(run, records), records=records)
+
+    judge = JUDGES[name](options, context)
+    settings = _normalise(judge.settings())
+    verdict_file, summary_file = verdicts_path(folder, name), summary_path(folder, name)
+    if overwrite:
+        verdict_file.unlink(missing_ok=True)
+        summary_file.unlink(missing_ok=True)
+    header, done = read_verdicts(verdict_file)
+    if header is None and done:
+        raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; use --overwrite")
+    if header is not None:
+        ignore = tuple(getattr(judge, "summary_only_settings", ()))
+        key = _first_difference(header.get("settings") or {}, settings, ignore)
+        if key is not None:
+            old, new = (header.get("settings") or {}).get(key, "<not set>"), settings.get(key, "<not set>")
+            raise ValueError(
+                f"{verdict_file} holds verdicts made with other settings: {key!r} was {_show(old)}, now "
+                f"{_show(new)}; use --overwrite to judge every image again"
+            )
+    new_header = {
+        "header": True,
+        "judge": name,
+        "settings": settings,
+        "versions": package_versions(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+    todo = [record for record in records if record["file"] not in done]
+    batch_size = max(1, int(options.get("batch_size") or getattr(judge, "batch_size", 8)))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"evaluate {name}", unit="img", disable=quiet, dynamic_ncols=True)
+    with contextlib.closing(bar):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            images = [_load_image(folder / record["file"]) for record in batch]
+            verdicts = judge.judge(images, batch)
+            if len(verdicts) != len(batch):
+                raise RuntimeError(f"the {name} judge returned {len(verdicts)} verdicts for {len(batch)} images")
+            lines = []
+            for record, verdict in zip(batch, verdicts, strict=True):
+                line = {key: record.get(key) for key in VERDICT_FIELDS}
+                line.update((key, value) for key, value in verdict.items() if key not in line)
+                lines.append(line)
+                done[record["file"]] = _normalise(line)
+            _append_lines(verdict_file, lines, header=new_header)
+            bar.update(len(batch))
+
+    verdicts = [done[record["file"]] for record in records]
+    result = judge.summarize(verdicts)
+    summary = {
+        "judge": name,
+        "folder": str(folder),
+        "concept": context.concept,
+        "images": len(records),
+        "judged_now": len(todo),
+        "settings": settings,
+        **{key: value for key, value in result.items() if key not in ("judge", "folder", "settings")},
+        "verdicts_file": verdict_file.name,
+        "versions": package_versions(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_bytes(summary_file, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The summary's ``table`` rows as plain text, under the judge's protocol line.
+
+    Rates show as percentages with their 95 % Wilson interval and ``k/n``; other numbers with their
+    standard deviation (``±``) when they have one.
+    """
+    rows = [("metric", "value", "95% CI", "n")]
+    for row in summary.get("table") or []:
+        value = row.get("value")
+        if row.get("unit") == "%":
+            shown = "-" if value is None else f"{100 * value:.2f} %"
+            low, high = row.get("ci95") or (None, None)
+            interval = "-" if low is None else f"{100 * low:.2f} - {100 * high:.2f} %"
+            count = f"{row.get('k')}/{row.get('n')}"
+        else:
+            shown = _number(value)
+            if row.get("std") is not None:
+                shown += f" ± {_number(row['std'])}"
+            if row.get("unit"):
+                shown += f" {row['unit']}"
+            interval = ""
+            count = "" if row.get("n") is None else str(row["n"])
+        rows.append((str(row.get("metric", "")), shown, interval, count))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"{summary.get('judge', '?')}: {summary.get('protocol', '')}".rstrip()]
+    images = summary.get("images")
+    if summary.get("folder") is not None:
+        lines.append(f"folder {summary['folder']}, {images} images" + (
+            f", concept {summary['concept']!r}" if summary.get("concept") else ""))
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
+                               for j, cell in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)

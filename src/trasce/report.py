@@ -1,0 +1,118 @@
+"""Pictures and HTML for people: labelled image grids and a self-contained report page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from trasce.runs import atomic_write_bytes
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
+def grid(rows: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str] = (),
+         column_labels: Sequence[str] = (), cell: int = 128, label_width: int = 220) -> Image.Image:
+    """A labelled grid: ``rows[i][j]`` is shown at ``cell`` px (nearest-neighbour for small images).
+
+    ``None`` leaves a cell blank. Row labels are wrapped to fit ``label_width``.
+    """
+    font = _font(13)
+    n_cols = max((len(r) for r in rows), default=0)
+    top = 24 if column_labels else 0
+    left = label_width if row_labels else 0
+    canvas = Image.new("RGB", (left + n_cols * (cell + 4), top + len(rows) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(column_labels):
+        draw.text((left + j * (cell + 4) + 4, 5), str(label), fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = top + i * (cell + 4)
+        if row_labels:
+            words, lines, line = str(row_labels[i]).split(), [], ""
+            for word in words:
+                if draw.textlength(f"{line} {word}".strip(), font=font) > label_width - 10 and line:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = f"{line} {word}".strip()
+            lines.append(line)
+            draw.multiline_text((4, y + 4), "\n".join(lines[:7]), fill="black", font=font)
+        for j, image in enumerate(row):
+            if image is None:
+                continue
+            resample = Image.NEAREST if image.width < cell else Image.LANCZOS
+            canvas.paste(image.convert("RGB").resize((cell, cell), resample), (left + j * (cell + 4), y))
+    return canvas
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write a PNG atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def image_tag(path: Path, relative_to: Path, width: int | None = None) -> str:
+    """An ``<img>`` pointing at ``path`` relative to the report's folder."""
+    src = html.escape(str(Path(path).resolve().relative_to(relative_to.resolve())))
+    size = f' width="{width}"' if width else ""
+    return f'<img src="{src}"{size} style="image-rendering: pixelated">'
+
+
+def inline_png(image: Image.Image) -> str:
+    """An ``<img>`` carrying the PNG inline, for reports that must stand alone."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table; cells are escaped unless they are already tags (start with ``<``)."""
+    def cell(value: object) -> str:
+        text = str(value)
+        return text if text.startswith("<") else html.escape(text)
+
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """The same table as Markdown, for READMEs and papers."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def page(title: str, body: str) -> str:
+    """A complete HTML page with a small stylesheet."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: middle; }}
+th {{ background: #f3f3f3; }}
+.bad {{ color: #b00; font-weight: bold; }} .good {{ color: #070; }}
+code {{ background: #f5f5f5; padding: 1px 3px; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+"""
+
+
+def write_page(path: Path, title: str, body: str) -> Path:
+    """Write an HTML report atomically."""
+    atomic_write_bytes(path, page(title, body).encode())
+    return path

@@ -1,0 +1,128 @@
+"""``trasce generate`` end to end on a tiny random model saved to a folder."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from trasce.cli import main
+
+
+class Killed(Exception):
+    """Stands for the process being killed (click would turn a KeyboardInterrupt into an exit code)."""
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _manifest(out):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+BASE = ("--steps", 2, "--height", 64, "--width", 64, "--quiet", "--concept", "an apple")
+
+
+def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, tmp_path):
+    prompts = _write(tmp_path / "p.csv", "case_number,prompt,evaluation_seed,evaluation_guidance,categories\n"
+                                         "7,a red apple,1,7.5,food\n9,\"a car, blue\",2,3.0,vehicles\n")
+    out = tmp_path / "out"
+    result = _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out,
+                  "--images-per-prompt", 2, "--batch-size", 3, *BASE)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["7_0.png", "7_1.png", "9_0.png", "9_1.png"]
+    records = _manifest(out)
+    assert [(r["case"], r["k"], r["seed"], r["guidance_scale"]) for r in records] == [
+        ("7", 0, 1, 7.5), ("7", 1, 1, 7.5), ("9", 0, 2, 3.0), ("9", 1, 2, 3.0)]
+    assert records[2]["prompt"] == "a car, blue" and records[2]["extra"] == {"categories": "vehicles"}
+    assert records[0]["mode"] == "trasce" and records[0]["concept"] == "an apple"
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["steps"] == 2 and "torch" in run["versions"]
+
+
+def test_same_seed_gives_same_image_in_any_batch(tiny_sd_folder, tmp_path):
+    prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", one, "--batch-size", 1,
+                *BASE).exit_code == 0
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", three, "--batch-size", 3,
+                *BASE).exit_code == 0
+    import numpy as np
+    from PIL import Image
+
+    for name in ("00000.png", "00001.png", "00002.png"):
+        a = np.asarray(Image.open(one / "images" / name), dtype=float)
+        b = np.asarray(Image.open(three / "images" / name), dtype=float)
+        assert np.abs(a - b).max() <= 1, name
+
+
+def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeypatch):
+    import trasce.generate as generate
+
+    prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
+    out = tmp_path / "out"
+    real_save, calls = generate.atomic_save_image, []
+
+    def save_then_die(path, image):
+        if calls:
+            raise Killed  # the process is killed while the second image is being written
+        calls.append(path)
+        real_save(path, image)
+
+    monkeypatch.setattr(generate, "atomic_save_image", save_then_die)
+    with pytest.raises(Killed):
+        _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--batch-size", 1, *BASE)
+    assert [r["file"] for r in _manifest(out)] == ["images/00000.png"]
+    monkeypatch.setattr(generate, "atomic_save_image", real_save)
+    first = (out / "images" / "00000.png").stat().st_mtime_ns
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--batch-size", 1,
+                *BASE).exit_code == 0
+    files = [r["file"] for r in _manifest(out)]
+    assert files == ["images/00000.png", "images/00001.png", "images/00002.png"]
+    assert (out / "images" / "00000.png").stat().st_mtime_ns == first  # not made again
+    # a third run has nothing left to do and changes nothing
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, *BASE).exit_code == 0
+    assert [r["file"] for r in _manifest(out)] == files
+
+
+def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
+    out = tmp_path / "out"
+    assert _run("generate", "--model", tiny_sd_folder, "--prompt", "a car", "--out", out, *BASE).exit_code == 0
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a car", "--out", out, *BASE, "--sigma", 3)
+    assert result.exit_code == 2
+    assert "'sigma' was 1.0, now 3.0" in result.output and "--overwrite" in result.output
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (None, ("--prompts", "{tmp}/missing.csv"), "missing.csv"),
+    ("text,id\nhello,1\n", (), "no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt'"),
+    ("prompt,evaluation_seed\na car,1\n\" \",2\n", (), "row 3, column 'prompt': ' ' is an empty prompt"),
+    ("prompt,evaluation_seed\na car,abc\n", (), "row 2, column 'evaluation_seed': 'abc'"),
+    ("prompt,evaluation_guidance\na car,high\n", (), "row 2, column 'evaluation_guidance': 'high'"),
+    ("prompt\na car\n", ("--preset", "nudes"), "'nudes' is not one of"),
+    ("prompt\na car\n", ("--mode", "erase"), "'erase' is not one of"),
+    ("prompt\na car\n", ("--scheduler", "heun"), "'heun' is not one of"),
+    ("prompt\na car\n", ("--dtype", "fp8"), "'fp8' is not one of"),
+    ("prompt\na car\n", ("--height", 60), "--height must be a positive multiple of 8, got 60"),
+    ("prompt\na car\n", ("--model", "{tmp}"), "is not a diffusers pipeline folder (no model_index.json)"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_sd_folder, tmp_path, content, args, message):
+    prompts = tmp_path / "prompts.csv"
+    if content is not None:
+        prompts.write_text(content)
+    out = tmp_path / "out"
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    model = [] if "--model" in args else ["--model", tiny_sd_folder]
+    files = [] if "--prompts" in args else ["--prompts", prompts]
+    result = CliRunner().invoke(main, ["generate", *map(str, model + files), "--out", str(out), *args,
+                                       "--concept", "x", "--steps", "1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) <= 1
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
