@@ -8,6 +8,9 @@ sequence and the pooled embedding, when the pipeline's ``force_zeros_for_empty_p
 in the SDXL base checkpoint), else the empty prompt's embeddings. The concept branch is always the
 concept's own embeddings, as diffusers' ``negative_prompt=concept`` is.
 
+The published sigmas are for SD v1.4's 4 x 64 x 64 latent; at 1024 x 1024 SDXL's latent holds 4x
+as many numbers, so its distances run about 2x larger: start from 2x sigma (see ``trasce.models.sd3``).
+
 SDXL-Turbo and LCM-distilled SDXL UNets are meant to run without classifier-free guidance (CFG 1):
 their unconditional and concept branches carry no guidance signal, so TraSCE cannot steer them.
 The refiner (``StableDiffusionXLImg2ImgPipeline``, aesthetic-score conditioning) is not supported.

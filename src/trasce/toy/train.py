@@ -42,6 +42,7 @@ EMA_DECAY = 0.999
 UNCOND_PROB = 0.12  # share of empty captions, for classifier-free guidance
 ALIAS_PROB = 0.5  # share of captions that use an alias instead of the attribute's name
 MIN_SNR_GAMMA = 5.0
+OFFSET_NOISE = 0.1  # per-image, per-channel constant added to the noise: teaches the mean colour
 CHECKPOINT_EVERY = 1000
 SEED = 0
 
@@ -112,13 +113,13 @@ def training_batch(batch_size: int, rng: random.Random, generator: torch.Generat
     """Images ``(B, 3, 32, 32)`` on ``device`` and their training-split captions (list of B)."""
     scenes = world.sample_scenes(batch_size, generator)
     images = world.render(scenes, device=device)
-    labels = scenes.labels()
+    labels = {name: values.tolist() for name, values in scenes.labels().items()}
     texts = []
     for i in range(batch_size):
         if rng.random() < UNCOND_PROB:
             texts.append("")
             continue
-        label = {name: int(values[i]) for name, values in labels.items()}
+        label = {name: values[i] for name, values in labels.items()}
         texts.append(captions.caption_for(label, rng, "train", aliases=rng.random() < ALIAS_PROB))
     return images, texts
 
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--init", type=Path, default=None, help="start from this pipeline folder's weights")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE)
+    parser.add_argument("--offset-noise", type=float, default=OFFSET_NOISE)
     args = parser.parse_args(argv)
 
     from diffusers import DDPMScheduler
@@ -142,11 +146,19 @@ def main(argv: list[str] | None = None) -> Path:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, text_encoder, unet, scheduler = build_components(args.seed)
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        unet.load_state_dict(load_file(args.init / "unet" / "diffusion_pytorch_model.safetensors"))
+        text_encoder.load_state_dict(load_file(args.init / "text_encoder" / "model.safetensors"), strict=False)
     text_encoder.to(device).train()
     unet.to(device).train()
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        unet.to(memory_format=torch.channels_last)
     modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     noise_schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     alphas_cumprod = noise_schedule.alphas_cumprod.to(device)
 
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
         "cpu", enabled=False)
     start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train toy", dynamic_ncols=True)
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: reading one per step would stall the GPU
     while step < args.steps:
         if args.minutes is not None and seconds_before + time.time() - start > args.minutes * 60:
             break
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
         progress = step / args.steps
         if args.minutes is not None:
             progress = max(progress, (seconds_before + time.time() - start) / (args.minutes * 60))
-        lr = LEARNING_RATE * min(1.0, (step + 1) / WARMUP_STEPS)
+        lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
         lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * 0.9 + 0.1
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
         ids = tokenizer(texts, padding="max_length", max_length=captions.MAX_WORDS, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         noise = torch.randn_like(images)
+        noise += args.offset_noise * torch.randn(len(images), images.shape[1], 1, 1, device=device)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(images),), device=device)
         noisy = noise_schedule.add_noise(images, noise, t)
         with autocast:
@@ -207,10 +220,10 @@ def main(argv: list[str] | None = None) -> Path:
             for e, p in zip(ema.parameters(), modules.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())
         bar.update(1)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}", lr=f"{lr:.1e}")
         if step % CHECKPOINT_EVERY == 0:
             save_checkpoint()
     bar.close()
@@ -225,8 +238,11 @@ def main(argv: list[str] | None = None) -> Path:
         "images_seen": step * args.batch_size,
         "seconds": round(seconds, 1),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
+        "final_loss": torch.stack(losses[-200:]).mean().item() if losses else None,
         "seed": args.seed,
+        "initialised_from": str(args.init) if args.init else None,
+        "offset_noise": args.offset_noise,
+        "learning_rate": args.lr,
     })
     print(f"saved {pipeline_dir} after {step} steps ({step * args.batch_size} images, {seconds:.0f} s)")
     return pipeline_dir

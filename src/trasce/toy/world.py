@@ -145,7 +145,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE, device: torch.device | str = "c
     k = SUPERSAMPLE * size // IMAGE_SIZE  # supersampled pixels per output pixel at 32 px
     # Erosion by max-pooling the complement gives an outline of constant width in pixels.
     width = OUTLINE_WIDTH * k
-    eroded = 1 - F.max_pool2d(1 - silhouette, 2 * width + 1, stride=1, padding=width)
+    # A square structuring element is separable: two 1-D pools read 2(2w+1) pixels, not (2w+1)^2.
+    outside = F.max_pool2d(1 - silhouette, (1, 2 * width + 1), stride=1, padding=(0, width))
+    eroded = 1 - F.max_pool2d(outside, (2 * width + 1, 1), stride=1, padding=(width, 0))
     outline = silhouette - eroded
     rows = torch.arange(silhouette.shape[-1], device=device)[:, None].expand(-1, silhouette.shape[-1])
     stripes = ((rows % (STRIPE_PERIOD * k)) < STRIPE_ON * k).float()[None, None]
