@@ -116,7 +116,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     """Generate every image that is not done yet; return the run folder."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without CUDA, accelerate only forms a multi-process group when asked for the CPU explicitly.
+    state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
     device = state.device if state.num_processes > 1 else pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)
     defaults = model_defaults(options.model)

@@ -81,10 +81,14 @@ class JudgeNet(nn.Module):
         # strongest local evidence (a star's point), and neither depends on where the shape sits.
         self.heads = nn.ModuleDict({name: nn.Linear(2 * c3, len(values)) for name, values in attributes.items()})
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 32, 32)`` in ``[-1, 1]`` to the pooled trunk features ``(B, 2 * channels[-1])`` the heads read."""
+        features = self.trunk(images)
+        return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 3, 32, 32)`` in ``[-1, 1]`` to logits ``{attribute: (B, n_values)}``."""
-        features = self.trunk(images)
-        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        pooled = self.features(images)
         return {name: head(pooled) for name, head in self.heads.items()}
 
 
@@ -150,6 +154,19 @@ class Judge:
             for name in self.attributes:
                 chunks[name].append(logits[name].softmax(dim=-1))
         return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """The penultimate features ``(B, F)`` (mean- and max-pooled trunk, ``F = 192``) on the judge's device.
+
+        What every attribute head reads; used as a small stand-in for Inception features (a toy-world
+        FID). ``images`` as in :meth:`predict`.
+        """
+        images = _check_images(images)
+        width = next(iter(self.net.heads.values())).in_features
+        chunks = [self.net.features(images[start : start + batch_size].to(self.device))
+                  for start in range(0, len(images), batch_size)]
+        return torch.cat(chunks) if chunks else torch.zeros(0, width, device=self.device)
 
     def classify(self, images: torch.Tensor) -> list[dict[str, str]]:
         """The most likely value name of each attribute, one dict per image of ``(B, 3, H, W)``."""
