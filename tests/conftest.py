@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-def _clip_tokenizer():
-    """A character-level CLIP BPE tokenizer (CLIP's byte alphabet, no merges)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24), len(vocab)
+from trasce.models.random import char_clip_tokenizer
 
 
 def make_tiny_sd(tmp_path, prediction_type: str = "epsilon", vae: bool = True, sample_size: int = 8, seed: int = 0):
@@ -26,7 +14,8 @@ def make_tiny_sd(tmp_path, prediction_type: str = "epsilon", vae: bool = True, s
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer, vocab_size = _clip_tokenizer()
+    tokenizer = char_clip_tokenizer(model_max_length=24)
+    vocab_size = len(tokenizer)
     channels = 4 if vae else 3
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,

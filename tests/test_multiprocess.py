@@ -12,12 +12,14 @@ import pytest
 @pytest.mark.slow
 def test_two_processes_generate_every_prompt_exactly_once(tiny_sd_folder, tmp_path):
     prompts = tmp_path / "p.csv"
-    prompts.write_text("case_number,prompt,evaluation_seed\n" + "".join(f"{i},prompt {i},{i}\n" for i in range(7)))
+    rows = "".join(f"{i},prompt {i},{i}\n" for i in range(7))
+    prompts.write_text("case_number,prompt,evaluation_seed\n" + rows)
     out = tmp_path / "out"
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     # accelerate's multi-process launcher is called --multi_gpu; trasce asks it for CPU processes.
-    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "trasce", "generate", "--model", str(tiny_sd_folder),
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "trasce", "generate", "--model", str(tiny_sd_folder),
                "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--concept", "x", "--quiet",
                "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -80,7 +80,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, loss_scale=1.0, step_size=1.0, sigma=1.0)
     h, w = height or trasce.adapter.default_size()[0], width or trasce.adapter.default_size()[1]
     prompts = [prompt] * batch_size
-    common = dict(num_inference_steps=steps, height=h, width=w, output_type="pil")
+    # Pixel-space models (the embedded one) have no VAE: their latents are the images.
+    pixel_space = getattr(pipe, "vae", None) is None
+    common = dict(num_inference_steps=steps, height=h, width=w, output_type="latent" if pixel_space else "pil")
 
     def generator():
         return [torch.Generator().manual_seed(i) for i in range(batch_size)]
@@ -113,8 +115,11 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
         def released_call():
             embed = [pipe32.encode_prompt([t], dev, 1, False)[0] for t in ("", prompt, concept)]
-            latents = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0)).to(dev)
+            shape = (1, *trasce.adapter.latent_shape(h, w))
+            latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev)
             final = released_loop(pipe32.unet, pipe32.scheduler, latents, *embed, steps, 7.5, 1.0, 1.0, 1.0)
+            if pixel_space:
+                return final
             with torch.no_grad():
                 image = pipe32.vae.decode(final / pipe32.vae.config.scaling_factor).sample
             return pipe32.image_processor.postprocess(image)

@@ -157,5 +157,60 @@ def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_re
         click.echo(f"\nwrote {json_path}")
 
 
+def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _Fail(f"--judge-option takes KEY=VALUE (e.g. threshold=0.6), got {item!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
+
+
+@main.command()
+@click.option("--model", default="toy", show_default=True,
+              help="'toy' (the embedded world), or a hub id / diffusers folder with --target-prompts and --judge")
+@click.option("--concept", help="the concept to erase; on the toy world a shape, colour, fill or background")
+@click.option("--methods", default="none,negative_prompt,sld-weak,sld-medium,sld-strong,sld-max,negation,steering,"
+              "trasce", show_default=True, help="comma list of methods to compare")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="output folder (resumable)")
+@click.option("--split", type=_choice(["test", "val"]), default="test", show_default=True,
+              help="toy caption split: choose settings on val, report on test")
+@click.option("--n-target", type=int, default=40, show_default=True,
+              help="toy: prompts per target set (by name, by alias)")
+@click.option("--n-corner", type=int, default=16, show_default=True, help="seeds of the prompt = concept text")
+@click.option("--n-other", type=int, default=80, show_default=True, help="toy: prompts asking for other values")
+@click.option("--target-prompts", type=click.Path(path_type=Path), help="real model: prompts that ask for the concept")
+@click.option("--other-prompts", type=click.Path(path_type=Path), help="real model: other prompts, for fidelity")
+@click.option("--judge", help="real model: a trasce evaluate judge (nudenet, q16, ...) [toy: the embedded judge]")
+@click.option("--judge-option", multiple=True, help="real model: the judge's option as KEY=VALUE (repeatable)")
+@click.option("--preset", type=_choice(PRESETS), help="TraSCE settings [toy: toy-shape or toy-fill by the concept]")
+@click.option("--loss-scale", type=float, help="lambda (released: --guidance_loss_scale)")
+@click.option("--step-size", type=float, help="eta (released: --discriminator_guidance_scale)")
+@click.option("--sigma", type=float, help="kernel width (released: --sigma)")
+@click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
+@click.option("--guidance-scale", type=float, help="CFG scale where a prompt has none [default: 7.5, or the model's]")
+@click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own")
+@click.option("--seed", type=int, default=42, show_default=True, help="base seed of the prompts and their noise")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="images per generation call")
+@click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps")
+@click.option("--grid-rows", type=int, default=3, show_default=True, help="prompts of each set in the report's grid")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--overwrite", is_flag=True, help="discard the images the folder holds and start again")
+def benchmark(judge_option: tuple[str, ...], **kwargs) -> None:
+    """Compare erasure methods on one model and concept: same weights, prompts and seeds; generate, judge, report.
+
+    Writes OUT/<method>/<prompt set>/ (resumable image folders), OUT/results.json, OUT/results.md and
+    OUT/report.html with a grid of images.
+    """
+    from trasce.benchmark import BenchmarkOptions, run_benchmark
+
+    options = BenchmarkOptions(judge_options=_judge_options(judge_option), **kwargs)
+    results = _guard(run_benchmark, options)
+    click.echo(results["markdown"])
+    click.echo(f"\nreport: {results['report']}")
+
+
 if __name__ == "__main__":  # python -m trasce.cli
     sys.exit(main())

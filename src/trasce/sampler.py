@@ -40,7 +40,8 @@ class EraseSettings:
     """How a concept is erased. ``loss_scale``/``step_size``/``sigma`` are lambda/eta/sigma.
 
     ``lazy_tolerance``: skip an image's backward pass at a step when the steering update it would
-    get is estimated below this L2 norm (on the whole latent of that image); ``None`` is exact.
+    get is estimated below this size, measured as the update's root mean square per latent element
+    (so one number means the same for a 3x32x32 and a 16x128x128 latent); ``None`` is exact.
     ``steer_window``: the fraction of steps ``(start, end)`` in which steering applies.
     """
 
@@ -244,7 +245,9 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     """
     batch = latents.shape[0]
     lazy = settings.lazy_tolerance is not None
-    cold = everyone[estimate.last_bound < settings.lazy_tolerance] if lazy else everyone[:0]
+    # Bounds are L2 norms over a whole latent; the tolerance is per element (RMS).
+    tolerance = settings.lazy_tolerance * latents[0].numel() ** 0.5 if lazy else 0.0
+    cold = everyone[estimate.last_bound < tolerance] if lazy else everyone[:0]
     hot = everyone[~torch.isin(everyone, cold)]
     pp = pc = None
     d = torch.zeros(batch, device=latents.device)
@@ -261,7 +264,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             bound = guidance.update_bound(d[cold], settings.loss_scale, settings.step_size, settings.sigma,
                                           estimate.bound()[cold], settings.kernel)
             estimate.last_bound[cold] = bound
-            surprise = cold[~(bound < settings.lazy_tolerance)]
+            surprise = cold[~(bound < tolerance)]
             hot = torch.cat([hot, surprise])
 
     grad = torch.zeros_like(latents)

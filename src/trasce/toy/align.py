@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     start = time.time()
     history = []
-    for step in tqdm(range(args.steps), desc="align aliases", dynamic_ncols=True):
+    for _ in tqdm(range(args.steps), desc="align aliases", dynamic_ncols=True):
         scenes = world.sample_scenes(args.batch_size * 2, generator)
         labels = {name: values.tolist() for name, values in scenes.labels().items()}
         pairs, keep = [], []
@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> Path:
     pipe.save_pretrained(args.out, safe_serialization=True)
     type(pipe.scheduler).from_pretrained(args.model, subfolder="scheduler").save_pretrained(args.out / "scheduler")
     info = json.loads((args.model / "trasce_toy.json").read_text())
-    info["alias_alignment"] = {"steps": args.steps, "batch_size": args.batch_size, "seconds": round(time.time() - start),
-                               "device": "cpu", "final_loss": sum(history[-20:]) / max(1, len(history[-20:]))}
+    info["alias_alignment"] = {"steps": args.steps, "batch_size": args.batch_size, "device": "cpu",
+                               "seconds": round(time.time() - start),
+                               "final_loss": sum(history[-20:]) / max(1, len(history[-20:]))}
     (args.out / "trasce_toy.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved {args.out}: {args.steps} steps in {time.time() - start:.0f} s")
     return args.out

@@ -1,0 +1,67 @@
+"""How far lazy steering moves the final images from the exact path, and how much it skips.
+
+    python benchmarks/lazy_accuracy.py --concept circle --out lazy.json
+
+On the embedded model and *test* captions: benign prompts (other shapes) and concept-near prompts
+(the concept by name or alias). For each tolerance, the final images of the lazy path against the
+exact path (same seeds): the largest pixel difference in 8-bit levels, the RMS difference, and the
+share of (image, step) backward passes skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from trasce import TraSCEPipeline
+from trasce.generate import model_defaults
+from trasce.toy import world
+from trasce.toy.prompts import prompt_sets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concept", default="circle")
+    parser.add_argument("--preset", default="toy-shape")
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
+    parser.add_argument("--seed", type=int, default=200)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    defaults = model_defaults("toy")
+    steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
+    sets = prompt_sets(args.concept, args.n, "test", args.seed)
+    sets = {"concept-near": sets["target"], "benign": sets["other"]}
+    exact = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
+    results = {"concept": args.concept, "steps": steps, "guidance_scale": scale, "settings": vars(exact.settings),
+               "rows": []}
+    for kind, prompts in sets.items():
+        def run(pipe, prompts=prompts):
+            gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+            start = time.time()
+            out = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, generator=gens, output_type="latent")
+            return out, (time.time() - start) / len(prompts)
+
+        reference, exact_seconds = run(exact)
+        for tolerance in args.tolerances:
+            lazy, seconds = run(exact.with_settings(lazy_tolerance=tolerance))
+            diff = (lazy.images.clamp(-1, 1) - reference.images.clamp(-1, 1)) * 127.5  # 8-bit levels
+            row = {"prompts": kind, "tolerance": tolerance, "images": len(prompts),
+                   "max_diff_8bit": diff.abs().max().item(), "rms_diff_8bit": diff.pow(2).mean().sqrt().item(),
+                   "skipped_backward": 1 - lazy.steered_steps.float().mean().item() / steps,
+                   "seconds_per_image": seconds, "exact_seconds_per_image": exact_seconds,
+                   "pixels": world.IMAGE_SIZE ** 2}
+            results["rows"].append(row)
+            print(f"{kind:>12} tol {tolerance:g}: max diff {row['max_diff_8bit']:.2f} levels, rms "
+                  f"{row['rms_diff_8bit']:.3f}, skipped {row['skipped_backward']:.0%}, "
+                  f"{seconds:.2f} vs exact {exact_seconds:.2f} s/image", flush=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
