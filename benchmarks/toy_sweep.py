@@ -7,13 +7,12 @@ For each (sigma, loss_scale) on the grid, generates the validation prompts that 
 concept (by name and by alias) and prompts that ask for other values of the same attribute, and
 reports the concept's rate on the first and the prompted-value agreement on the second. The
 chosen setting is the one with the lowest target rate whose fidelity stays within 5 points of
-plain generation; ``presets.py`` records it.
+plain generation or of part 1 alone, whichever is lower; ``presets.py`` records it.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -49,8 +48,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="prompts per set")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    parser.add_argument("--loss-scales", type=float, nargs="+", default=[1.0, 4.0])
+    parser.add_argument("--configs", nargs="+", default=["0.3:3", "0.6:3", "1.2:3", "0.6:8"],
+                        help="sigma:loss_scale pairs to try (step size 1)")
+    parser.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0),
+                        help="fraction of the steps (start end) in which steering applies")
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -63,16 +64,22 @@ def main() -> None:
     judge = Judge.load()
     base = TraSCEPipeline.from_pretrained("toy", concept=args.concept)
     runs = []
+    grid = [tuple(float(v) for v in c.split(":")) for c in args.configs]
     for mode, sigma, loss_scale in [("none", None, None), ("negation", None, None)] + [
-            ("trasce", s, ls) for s, ls in itertools.product(args.sigmas, args.loss_scales)]:
-        pipe = base.with_settings(mode=mode, **({} if sigma is None else {"sigma": sigma, "loss_scale": loss_scale}))
+            ("trasce", s, ls) for s, ls in grid]:
+        changes = {} if sigma is None else {"sigma": sigma, "loss_scale": loss_scale,
+                                            "steer_window": tuple(args.window)}
+        pipe = base.with_settings(mode=mode, **changes)
         result = measure(pipe, judge, sets, attribute, value, steps, scale, args.seed)
-        runs.append({"mode": mode, "sigma": sigma, "loss_scale": loss_scale, "step_size": 1.0, **result})
+        runs.append({"mode": mode, "sigma": sigma, "loss_scale": loss_scale, "step_size": 1.0,
+                     "steer_window": list(args.window), **result})
         print(f"{mode:>9} sigma={sigma} loss_scale={loss_scale}: target {result['target']['concept_rate']:.0%}, "
               f"other fidelity {result['other']['fidelity']:.0%}", flush=True)
 
-    plain = runs[0]["other"]["fidelity"]
-    eligible = [r for r in runs if r["mode"] == "trasce" and r["other"]["fidelity"] >= plain - 0.05]
+    # Part 1 alone may already cost fidelity (it changes every prompt's guidance direction); the
+    # steering settings are held to within 5 points of whichever of plain and part 1 is lower.
+    floor = min(runs[0]["other"]["fidelity"], runs[1]["other"]["fidelity"]) - 0.05
+    eligible = [r for r in runs if r["mode"] == "trasce" and r["other"]["fidelity"] >= floor - 1e-9]
     chosen = min(eligible, key=lambda r: (r["target"]["concept_rate"], -r["other"]["fidelity"]), default=None)
     report = {"concept": args.concept, "attribute": attribute, "split": "val", "steps": steps,
               "guidance_scale": scale, "prompts": sets, "runs": runs, "chosen": chosen}

@@ -6,6 +6,7 @@ from conftest import make_tiny_sd
 
 from trasce import TraSCEPipeline
 from trasce.reference import released_loop
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
 STEPS = 6
 
@@ -27,10 +28,15 @@ def test_matches_literal_released_loop(tiny_sd, mode):
     latents = _latents(pipe)
     reference = released_loop(pipe.unet, pipe.scheduler, latents.clone(), _embed(pipe, ""), _embed(pipe, prompt),
                               _embed(pipe, concept), STEPS, scale, lam if mode == "trasce" else 0.0, eta, sigma)
-    trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode, loss_scale=lam, step_size=eta, sigma=sigma)
+    trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode, loss_scale=lam, step_size=eta, sigma=sigma,
+                                      lazy_tolerance=None)
     ours = trasce(prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(),
                   output_type="latent")
     assert torch.allclose(ours.images, reference, atol=1e-4), (ours.images - reference).abs().max()
+    # the default (lazy) path skips nothing here, where every step's update is large
+    lazy = trasce.with_settings(lazy_tolerance=DEFAULT_LAZY_TOLERANCE)(
+        prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(), output_type="latent")
+    assert torch.allclose(lazy.images, reference, atol=1e-4)
     if mode == "trasce":
         # the steering must have done something measurable, or the comparison proves little
         unsteered = released_loop(pipe.unet, pipe.scheduler, latents.clone(), _embed(pipe, ""),
@@ -114,7 +120,8 @@ def test_pixel_space_model_without_vae(tmp_path):
 def test_lazy_with_zero_tolerance_is_exact_and_large_tolerance_skips(tiny_sd):
     kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
     prompts = ["a red apple", "a blue car"]
-    exact = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0)
+    exact = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                     lazy_tolerance=None)
     reference = exact(prompts, **kwargs)
     zero = exact.with_settings(lazy_tolerance=0.0)(prompts, **kwargs)
     assert torch.allclose(zero.images, reference.images, atol=1e-5)

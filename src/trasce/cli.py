@@ -13,7 +13,7 @@ import click
 
 from trasce.pipeline import SCHEDULERS
 from trasce.presets import PRESETS
-from trasce.sampler import MODES
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
@@ -63,8 +63,9 @@ def _choice(values) -> click.Choice:
 @click.option("--sigma", type=float, help="kernel width (released: --sigma)")
 @click.option("--kernel", type=_choice(["exp", "gaussian"]), default="exp", show_default=True,
               help="exp as released; gaussian as in the paper's Algorithm 1")
-@click.option("--lazy-tolerance", type=float, default=None,
-              help="skip backward passes whose latent update is estimated below this L2 norm")
+@click.option("--lazy-tolerance", type=float, default=DEFAULT_LAZY_TOLERANCE, show_default=True,
+              help="skip backward passes whose latent update is estimated below this RMS per latent element")
+@click.option("--exact", is_flag=True, help="run every backward pass (the released maths, no skipping)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")

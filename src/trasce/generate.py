@@ -19,6 +19,7 @@ from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline
 from trasce.runs import RunFolder, atomic_save_image
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
 
 @dataclass
@@ -36,7 +37,8 @@ class GenerateOptions:
     step_size: float | None = None
     sigma: float | None = None
     kernel: str = "exp"
-    lazy_tolerance: float | None = None
+    lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
+    exact: bool = False
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -137,7 +139,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         pipe = TraSCEPipeline.from_pretrained(
             options.model, torch_dtype=dtype, scheduler=options.scheduler, concept=options.concept,
             preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
-            sigma=options.sigma, kernel=options.kernel, lazy_tolerance=options.lazy_tolerance,
+            sigma=options.sigma, kernel=options.kernel,
+            lazy_tolerance=None if options.exact else options.lazy_tolerance,
         ).to(device)
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]

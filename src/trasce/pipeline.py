@@ -17,7 +17,7 @@ import torch
 
 from trasce import presets
 from trasce.models import Adapter, adapter_for
-from trasce.sampler import EraseSettings, Mode, Step, sample
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -105,12 +105,13 @@ class TraSCEPipeline:
     plain CFG), ``negative_prompt`` (diffusers' conventional negative prompt) or ``none``.
     ``loss_scale``/``step_size``/``sigma`` are the released script's ``guidance_loss_scale``/
     ``discriminator_guidance_scale``/``sigma``; a ``preset`` fills them and the concept.
-    ``lazy_tolerance`` skips backward passes whose update would be smaller (``None``: exact).
+    ``lazy_tolerance`` skips backward passes whose update would be smaller, as an RMS per latent
+    element (``None``: exact, every backward pass runs).
     """
 
     def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",
                  loss_scale: float | None = None, step_size: float | None = None, sigma: float | None = None,
-                 kernel: str = "exp", lazy_tolerance: float | None = None,
+                 kernel: str = "exp", lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE,
                  steer_window: tuple[float, float] = (0.0, 1.0)):
         self.pipe = pipe
         self.adapter: Adapter = adapter_for(pipe)

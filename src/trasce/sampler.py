@@ -32,6 +32,9 @@ from trasce.guidance import Kernel
 Mode = Literal["trasce", "negation", "steering", "negative_prompt", "none"]
 MODES: tuple[str, ...] = ("trasce", "negation", "steering", "negative_prompt", "none")
 Cond = dict[str, torch.Tensor]
+#: Default lazy-steering tolerance: the RMS per latent element of a steering update worth a backward
+#: pass. Measured on the embedded model (benchmarks/lazy_accuracy.py, README "Speed").
+DEFAULT_LAZY_TOLERANCE = 1e-4
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
@@ -50,7 +53,7 @@ class EraseSettings:
     step_size: float = 1.0
     sigma: float = 1.0
     kernel: Kernel = "exp"
-    lazy_tolerance: float | None = None
+    lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     steer_window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:

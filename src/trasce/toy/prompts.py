@@ -1,21 +1,21 @@
-"""Prompt sets of the toy world for sweeps and measurements: the concept asked for, and not."""
+"""Prompt sets of the toy world for sweeps and measurements: the concept asked for, and not.
+
+They are the benchmark's own sets (``trasce.benchmark.toy_prompt_sets``), so that settings
+swept on validation captions and the table computed on test captions use one construction.
+"""
 
 from __future__ import annotations
 
-from trasce.eval.toy import mention_kind, toy_concept
-from trasce.toy import captions, world
-
 
 def prompt_sets(concept: str, n: int, split: str, seed: int) -> dict[str, list[str]]:
-    """Target captions (half by name, half by alias) and captions naming other values."""
+    """``target``: ``n`` captions naming the concept (half by name, half by alias); ``other``: ``n``
+    captions naming another value of the concept's attribute."""
+    from trasce.benchmark import toy_prompt_sets
+    from trasce.eval.toy import toy_concept
+
     attribute, value = toy_concept(concept)
-    index = world.ATTRIBUTES[attribute].index(value)
-    pool = captions.caption_set(n * 8, split, seed=seed, require=(attribute,), fixed={attribute: index})
-    by_name = [c for c in pool if mention_kind(c, attribute, value) == "name"][: n // 2]
-    by_alias = [c for c in pool if mention_kind(c, attribute, value) == "alias"][: n - n // 2]
-    others = []
-    for other in range(len(world.ATTRIBUTES[attribute])):
-        if other != index:
-            others += captions.caption_set(n // (len(world.ATTRIBUTES[attribute]) - 1), split, seed=seed + other,
-                                           require=(attribute,), fixed={attribute: other})
-    return {"target": by_name + by_alias, "other": others}
+    sets = toy_prompt_sets(concept, attribute, value, split, seed, n_target=n - n // 2, n_corner=1, n_other=n,
+                           guidance=1.0)
+    name = [p.prompt for p in sets["target-name"]][: n // 2]
+    alias = [p.prompt for p in sets["target-alias"]][: n - n // 2]
+    return {"target": name + alias, "other": [p.prompt for p in sets["other"]]}
