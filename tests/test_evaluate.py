@@ -464,16 +464,10 @@ def test_frechet_distance_by_hand() -> None:
 
 
 def _tiny_clip_tokenizer():
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from trasce.models.random import char_clip_tokenizer
 
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24), len(vocab)
+    tokenizer = char_clip_tokenizer(model_max_length=24)
+    return tokenizer, len(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
         cells.append(images)
         rows.append(row)
 
-    picture = save_png(grid(cells, row_labels=prompts, column_labels=[label for _, label in METHODS], cell=96),
+    picture = save_png(grid(cells, row_labels=prompts, column_labels=[label for _, label in METHODS], cell=120),
                        out / "grid.png")
     summary = table(["method", f"images with {attribute} = {value} (of {len(prompts)})"],
                     [[label, counts[mode]] for mode, label in METHODS])

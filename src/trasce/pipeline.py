@@ -83,7 +83,13 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(model),
                                                  torch_dtype=torch_dtype, **kwargs)
     if pixel_space:
+        from diffusers.image_processor import VaeImageProcessor
+
         pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
+        # Without a VAE, StableDiffusionPipeline assumes 8 pixels per latent pixel; here it is 1,
+        # which diffusers' own __call__ then needs to draw latents of the right size.
+        pipe.vae_scale_factor = 1
+        pipe.image_processor = VaeImageProcessor(vae_scale_factor=1)
     return pipe
 
 

@@ -26,7 +26,7 @@ import platform
 import secrets
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -49,6 +49,7 @@ __all__ = [
     "VOLATILE_SETTINGS",
     "RunFolder",
     "RunFolderError",
+    "append_lines",
     "atomic_save_image",
     "atomic_write_bytes",
     "package_versions",
@@ -210,6 +211,35 @@ def package_versions() -> dict[str, str | None]:
 # Run folders
 
 
+def append_lines(path: Path, lines: Sequence[str], header: str | None = None) -> None:
+    """Append text lines to ``path`` in one ``os.write`` under an exclusive ``flock``, fsynced.
+
+    Safe with several processes appending at once (``O_APPEND`` plus the lock). ``header`` goes
+    first when the file is empty. If an earlier crash left a last line without its newline, a
+    newline is written first so the new lines stay readable (readers skip the fragment).
+    """
+    # O_RDWR rather than O_WRONLY only so that the last byte can be checked with pread.
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            text = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
+            if header is not None and size == 0:
+                text += header
+            text += "".join(lines)
+            view = memoryview(text.encode("utf-8"))
+            while view:  # regular files take it all in one write; loop in case they do not
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class RunFolder:
     """One output folder of ``trasce generate``.
 
@@ -259,26 +289,8 @@ class RunFolder:
         file = record.get("file")
         if not isinstance(file, str) or not file:
             raise ValueError(f"a manifest record needs a 'file' (like 'images/12.png'), got {file!r}")
-        line = (_dumps(dict(record)) + "\n").encode("utf-8")
         self.path.mkdir(parents=True, exist_ok=True)
-        # O_RDWR rather than O_WRONLY only so that the last byte can be checked with pread.
-        fd = os.open(self.manifest_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = b"\n" + line
-                view = memoryview(line)
-                while view:  # regular files take it all in one write; loop in case they do not
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        append_lines(self.manifest_path, [_dumps(dict(record)) + "\n"])
 
     def read_manifest(self) -> list[dict[str, Any]]:
         """All manifest records, the last one kept when a ``file`` appears more than once.

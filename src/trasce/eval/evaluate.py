@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from trasce.eval.base import Context, Judge, run_concept
-from trasce.runs import MANIFEST_NAME, RunFolder, atomic_write_bytes, package_versions
+from trasce.runs import MANIFEST_NAME, RunFolder, append_lines, atomic_write_bytes, package_versions
 
 try:
     import fcntl
@@ -103,32 +102,9 @@ def _normalise(value: Any) -> Any:
 
 
 def _append_lines(path: Path, records: Sequence[Mapping[str, Any]], header: Mapping[str, Any] | None = None) -> None:
-    """Append JSON lines under an exclusive ``flock``, fsynced; ``header`` goes first if the file is empty.
-
-    As :meth:`trasce.runs.RunFolder.append_manifest`: if a crash left a last line without its newline,
-    a newline is written first so the new lines stay readable.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            size = os.fstat(fd).st_size
-            text = ""
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                text = "\n"
-            if header is not None and size == 0:
-                text += _dumps(dict(header)) + "\n"
-            text += "".join(_dumps(dict(record)) + "\n" for record in records)
-            view = memoryview(text.encode("utf-8"))
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    """Append JSON lines (``header`` first if the file is empty), as the run folders' manifest does."""
+    append_lines(path, [_dumps(dict(record)) + "\n" for record in records],
+                 header=None if header is None else _dumps(dict(header)) + "\n")
 
 
 def read_verdicts(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
