@@ -32,6 +32,14 @@ def test_two_processes_generate_every_prompt_exactly_once(tiny_sd_folder, tmp_pa
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in range(7))
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["num_processes"] == 2
+    # the evaluate step splits the images across the processes too, and judges each exactly once
+    evaluate = [launcher, *command[1:command.index("generate")], "evaluate", str(out), "--judge", "toy", "--quiet"]
+    judged = subprocess.run(evaluate, capture_output=True, text=True, env=env, timeout=600)
+    assert judged.returncode == 0, judged.stderr[-3000:]
+    verdict_lines = [json.loads(line) for line in (out / "verdicts-toy.jsonl").read_text().splitlines()]
+    assert sum(1 for v in verdict_lines if v.get("header")) == 1
+    assert collections.Counter(v["case"] for v in verdict_lines if not v.get("header")) == counts
+    assert json.loads((out / "summary-toy.json").read_text())["images"] == 7
     # a rerun across the same two processes has nothing left to do
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

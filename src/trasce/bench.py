@@ -69,11 +69,13 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 
 
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,
-              height: int | None = None, width: int | None = None, device: str = "cuda", repeats: int = 2,
+              height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
               concept: str = "naked, nude, bare, exposed", quiet: bool = False) -> dict:
     """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``)."""
-    dev = torch.device(device)
+    from trasce.generate import pick_device
+
+    dev = pick_device(device)
     torch_dtype = DTYPES[dtype]
     pipe = load_for_bench(model, torch_dtype, dev)
     pipe.set_progress_bar_config(disable=True)

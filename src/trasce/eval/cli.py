@@ -37,11 +37,11 @@ def evaluate(folder: Path, judge: str, overwrite: bool, quiet: bool, **options) 
     images without a verdict; judging again with other settings needs --overwrite.
     """
     from trasce.cli import _Fail, _guard
-    from trasce.eval.evaluate import evaluate_folder, format_table, summary_path
+    from trasce.eval.evaluate import evaluate_folder, format_table, process_state, summary_path
 
     if options.get("batch_size") is not None and options["batch_size"] < 1:
         raise _Fail(f"--batch-size must be 1 or more, got {options['batch_size']}")
     summary = _guard(evaluate_folder, folder, judge, options, overwrite=overwrite, quiet=quiet)
-    if not quiet:
+    if not quiet and process_state().is_main_process:
         click.echo(format_table(summary))
         click.echo(f"summary in {summary_path(folder, summary['judge'])}")

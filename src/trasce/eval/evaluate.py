@@ -229,9 +229,12 @@ def evaluate_folder(
     judge = JUDGES[name](options, context)
     settings = _normalise(judge.settings())
     verdict_file, summary_file = verdicts_path(folder, name), summary_path(folder, name)
-    if overwrite:
+    # Under ``accelerate launch`` each process judges every N-th image; all append to one file.
+    state = process_state()
+    if overwrite and state.is_main_process:
         verdict_file.unlink(missing_ok=True)
         summary_file.unlink(missing_ok=True)
+    state.wait_for_everyone()
     header, done = read_verdicts(verdict_file)
     if header is None and done:
         raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; use --overwrite")
@@ -252,11 +255,12 @@ def evaluate_folder(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-    todo = [record for record in records if record["file"] not in done]
+    todo = [record for record in records if record["file"] not in done][state.process_index :: state.num_processes]
     batch_size = max(1, int(options.get("batch_size") or getattr(judge, "batch_size", 8)))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc=f"evaluate {name}", unit="img", disable=quiet, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"evaluate {name}", unit="img", disable=quiet or not state.is_main_process,
+               dynamic_ncols=True)
     with contextlib.closing(bar):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -273,6 +277,9 @@ def evaluate_folder(
             _append_lines(verdict_file, lines, header=new_header)
             bar.update(len(batch))
 
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        _, done = read_verdicts(verdict_file)  # the other processes' verdicts too
     verdicts = [done[record["file"]] for record in records]
     result = judge.summarize(verdicts)
     summary = {
@@ -287,8 +294,17 @@ def evaluate_folder(
         "versions": package_versions(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_bytes(summary_file, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    if state.is_main_process:
+        atomic_write_bytes(summary_file, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return summary
+
+
+def process_state():
+    """accelerate's process group (one process when not launched by accelerate)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 # --------------------------------------------------------------------------------------------------
