@@ -135,6 +135,12 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
 
+    if options.quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # the "Loading ..." bars of model loading
+        transformers_logging.disable_progress_bar()
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(
             options.model, torch_dtype=dtype, scheduler=options.scheduler, concept=options.concept,
