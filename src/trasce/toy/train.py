@@ -42,7 +42,9 @@ EMA_DECAY = 0.999
 UNCOND_PROB = 0.12  # share of empty captions, for classifier-free guidance
 ALIAS_PROB = 0.5  # share of captions that use an alias instead of the attribute's name
 MIN_SNR_GAMMA = 5.0
-OFFSET_NOISE = 0.1  # per-image, per-channel constant added to the noise: teaches the mean colour
+# A per-image, per-channel constant added to the noise ("offset noise") can teach the mean colour
+# (the background); the shipped model was trained without it (0.0), which --offset-noise changes.
+OFFSET_NOISE = 0.0
 CHECKPOINT_EVERY = 1000
 SEED = 0
 
