@@ -69,7 +69,9 @@ def test_steering_step_decreases_distance_by_hand():
     moved = guidance.steer(x.detach(), grad, eta)
     assert torch.allclose(moved, torch.tensor([[3.0 - eta * 3 * factor, 4.0 - eta * 4 * factor]]))
     assert guidance.distance(moved, c).item() < 5.0  # descent moves towards the concept
-    # update_bound with the true ||dd/dx|| = 1 gives exactly ||eta * dL/dx||
+    # the chain rule: dL/dd * dd/dx with dd/dx = (x - c) / d, and update_bound with ||dd/dx|| = 1
+    slope = guidance.loss_slope(torch.tensor([5.0]), lam, sigma)
+    assert torch.allclose(slope * x.detach() / 5.0, grad)
     bound = guidance.update_bound(torch.tensor([5.0]), lam, eta, sigma, torch.tensor([1.0]))
     assert torch.allclose(bound, (eta * grad).norm().reshape(1))
 

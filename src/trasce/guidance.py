@@ -95,14 +95,21 @@ def steer(latents: torch.Tensor, grad: torch.Tensor, step_size: float | torch.Te
     return latents - _per_image(step_size, latents) * grad.to(latents.dtype)
 
 
+def loss_slope(d: torch.Tensor, loss_scale: float, sigma: float, kind: Kernel = "exp") -> torch.Tensor:
+    """``dL/dd`` of :func:`steering_loss`, per image ``(B,)``; ``dL/dx = dL/dd * dd/dx``.
+
+    ``loss_scale * kernel(d) / sigma`` for ``exp`` and ``loss_scale * kernel(d) * d / sigma**2``
+    for ``gaussian`` (both non-negative: L grows with d).
+    """
+    k = kernel(d, sigma, kind)
+    return loss_scale * (k / sigma if kind == "exp" else k * d / sigma**2)
+
+
 def update_bound(d: torch.Tensor, loss_scale: float, step_size: float, sigma: float, grad_d_norm: torch.Tensor,
                  kind: Kernel = "exp") -> torch.Tensor:
     """Size of the steering update ``||step_size * dL/dx||`` from ``d`` and ``||dd/dx||``, ``(B,)``.
 
-    ``dL/dx = loss_scale * kernel'(d) * dd/dx`` by the chain rule, with ``|kernel'(d)| =
-    kernel(d) / sigma`` for ``exp`` and ``kernel(d) * d / sigma**2`` for ``gaussian``. Given an
-    upper bound on ``||dd/dx||`` this bounds the update before any backward pass is paid for.
+    By the chain rule it is ``step_size * dL/dd * ||dd/dx||``; given an upper bound on
+    ``||dd/dx||`` this bounds the update before any backward pass is paid for.
     """
-    k = kernel(d, sigma, kind)
-    slope = k / sigma if kind == "exp" else k * d / sigma**2
-    return step_size * loss_scale * slope * grad_d_norm
+    return step_size * loss_slope(d, loss_scale, sigma, kind) * grad_d_norm

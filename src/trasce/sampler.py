@@ -278,22 +278,22 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             hp, hc = denoise(model_input, t, take_cond(cat_cond(cond_p, cond_c), torch.cat([hot, hot + batch])))\
                 .chunk(2)
             hot_d = guidance.distance(hp, hc) * factor
-            loss = guidance.steering_loss(hot_d, settings.loss_scale, settings.sigma, settings.kernel)
-            # Each image's loss depends on its own latent only, so the gradient of the sum gives
-            # every image its own dL/dx in one backward pass.
-            (hot_grad,) = torch.autograd.grad(loss.sum(), x)
+            # Each image's d depends on its own latent only, so the gradient of the sum gives every
+            # image its own dd/dx in one backward pass. dL/dx = dL/dd * dd/dx (chain rule, the same
+            # numbers as differentiating L): keeping dd/dx separate measures ||dd/dx|| even where
+            # the kernel has underflowed to 0, which the lazy path's estimate needs.
+            (grad_d,) = torch.autograd.grad(hot_d.sum(), x)
         hot_d = hot_d.detach()
+        dL_dd = guidance.loss_slope(hot_d, settings.loss_scale, settings.sigma, settings.kernel)
+        hot_grad = dL_dd.reshape(-1, *([1] * (x.ndim - 1))) * grad_d.float()
         grad[hot] = hot_grad.to(grad.dtype)
         if pp is None:
             pp, pc = torch.empty_like(p0), torch.empty_like(p0)
         pp[hot], pc[hot] = hp.detach().to(p0.dtype), hc.detach().to(p0.dtype)
         d[hot] = hot_d
         if lazy:
-            slope = guidance.update_bound(hot_d, settings.loss_scale, 1.0, settings.sigma,
-                                          torch.ones_like(hot_d), settings.kernel)
-            grad_d = hot_grad.float().flatten(1).norm(dim=1) / slope.clamp_min(1e-30)
-            estimate.update(hot, torch.where(slope > 0, grad_d, torch.zeros_like(grad_d)))
-            estimate.last_bound[hot] = settings.step_size * hot_grad.float().flatten(1).norm(dim=1)
+            estimate.update(hot, grad_d.float().flatten(1).norm(dim=1))
+            estimate.last_bound[hot] = settings.step_size * hot_grad.flatten(1).norm(dim=1)
 
     steered = guidance.steer(latents, grad, settings.step_size)
     step.distance = d
