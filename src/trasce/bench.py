@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from trasce.models import StableDiffusionAdapter
 from trasce.pipeline import DTYPES, TraSCEPipeline, load_diffusers_pipeline
 from trasce.reference import released_loop
 
@@ -38,7 +39,8 @@ class BenchRow:
     note: str = ""
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings of asynchronous devices need it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -46,14 +48,14 @@ def _sync(device: torch.device) -> None:
 def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
     """Median seconds of ``fn()`` after one warm-up, and peak device memory (GiB) while it ran."""
     fn()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak
@@ -110,7 +112,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     add("trasce lazy", "concept-near", lambda: lazy_on(prompts, generator=generator(), **common), batch_size,
         note="kernel forced on (emulated: random weights)")
 
-    if released and hasattr(pipe, "unet") and type(trasce.adapter).__name__ == "StableDiffusionAdapter":
+    if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.
         pipe32 = pipe if torch_dtype == torch.float32 else load_for_bench(model, torch.float32, dev)
         pipe32.set_progress_bar_config(disable=True)

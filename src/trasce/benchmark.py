@@ -44,8 +44,9 @@ from typing import Any
 
 import torch
 
+from trasce.bench import synchronize
 from trasce.eval.base import rate_entry
-from trasce.generate import initial_noise, model_defaults, pick_device, pick_dtype
+from trasce.generate import batches, initial_noise, model_defaults, pick_device, pick_dtype
 from trasce.pipeline import TraSCEPipeline, resolve_model
 from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions
 
@@ -61,7 +62,6 @@ METHODS: dict[str, str] = {
     "trasce": "TraSCE: modified negative prompting and localized steering",
 }
 SLD_LEVELS = {"sld-weak": "WEAK", "sld-medium": "MEDIUM", "sld-strong": "STRONG", "sld-max": "MAX"}
-STEERING_MODES = ("negation", "steering", "trasce")  # the methods that use lambda, eta and sigma
 
 TOY_SPLITS: dict[str, str] = {
     "target-name": "toy captions that ask for the concept by its name",
@@ -387,26 +387,16 @@ def method_settings(method: str, pipe: TraSCEPipeline, concept: str, preset: str
 # Generation
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _generate(folder: RunFolder, todo: list[Prompt], runner: Runner, pipe: TraSCEPipeline, method: str,
               split: str, concept: str, steps: int, size: tuple[int, int], batch_size: int, bar) -> None:
     """Make ``todo``'s images into ``folder``, timing each batch; every image is recorded as it is saved."""
     device = pipe.adapter.device
-    for batch in _batches(todo, batch_size):
+    for batch in batches(todo, batch_size):
         latents = torch.cat([initial_noise(pipe, p.seed, 1, *size) for p in batch])
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         images, stats = runner([p.prompt for p in batch], latents, [p.guidance_scale for p in batch], steps)
-        _sync(device)
+        synchronize(device)
         seconds = (time.perf_counter() - start) / len(batch)
         for p, image, extra in zip(batch, images, stats, strict=True):
             atomic_save_image(folder.image_path(p.case), image)

@@ -48,10 +48,11 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     attribute, value = next(iter(target.items())) if target else (None, None)
     cells, rows = [], []
     counts = {mode: 0 for mode, _ in METHODS}
+    records = {mode: {r["case"]: r for r in folders[mode].read_manifest()} for mode, _ in METHODS}
     for i, prompt in enumerate(prompts):
         images, row = [], [html.escape(prompt)]
         for mode, _ in METHODS:
-            record = folders[mode].read_manifest()[i]
+            record = records[mode][f"{i:05d}"]  # generate names --prompt rows by position
             path = folders[mode].path / record["file"]
             image = Image.open(path).convert("RGB")
             verdict = judge.classify_pil([image])[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -109,7 +109,8 @@ def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, widt
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=pipe.adapter.dtype)
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
+def batches(items: list, size: int) -> Iterator[list]:
+    """``items`` in consecutive chunks of at most ``size``."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -181,7 +182,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                dynamic_ncols=True)
     noise_cache: dict[str, torch.Tensor] = {}
     with contextlib.closing(bar):
-        for batch in _batches(todo, options.batch_size):
+        for batch in batches(todo, options.batch_size):
             latents = []
             for row, k in batch:
                 if row.case not in noise_cache:
@@ -207,8 +208,3 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                 folder.append_manifest(record)
                 bar.update(1)
     return folder
-
-
-def options_dict(options: GenerateOptions) -> dict:
-    """The options as plain JSON-able values."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}

@@ -121,9 +121,8 @@ class TraSCEPipeline:
                  steer_window: tuple[float, float] = (0.0, 1.0)):
         self.pipe = pipe
         self.adapter: Adapter = adapter_for(pipe)
-        if concept is None and preset is None and mode in ("none",):
-            concept = ""  # plain generation needs no concept
-            resolved = ("", 1.0, 1.0, 1.0)
+        if concept is None and preset is None and mode == "none":
+            resolved = ("", 1.0, 1.0, 1.0)  # plain generation needs no concept
         else:
             resolved = presets.resolve(preset, concept, loss_scale, step_size, sigma)
         self.concept = resolved[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 from collections.abc import Sequence
@@ -67,13 +66,6 @@ def image_tag(path: Path, relative_to: Path, width: int | None = None) -> str:
     src = html.escape(str(Path(path).resolve().relative_to(relative_to.resolve())))
     size = f' width="{width}"' if width else ""
     return f'<img src="{src}"{size} style="image-rendering: pixelated">'
-
-
-def inline_png(image: Image.Image) -> str:
-    """An ``<img>`` carrying the PNG inline, for reports that must stand alone."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

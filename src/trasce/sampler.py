@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -84,9 +84,7 @@ class Step:
     latents: torch.Tensor  # (B, ...) x_{t-1}
     distance: torch.Tensor | None = None  # d at x_t, in noise units, float32
     kernel: torch.Tensor | None = None  # kernel(d)
-    update_norm: torch.Tensor | None = None  # ||x_t' - x_t||, zero where skipped
     steered: torch.Tensor | None = None  # bool: the backward pass ran for this image
-    extras: dict = field(default_factory=dict)
 
 
 def cat_cond(*conds: Cond) -> Cond:
@@ -202,7 +200,7 @@ def sample(
             conds = {"0": cond_0, "p": cond_p, "c": cond_c}
             model_input = scale_model_input(scheduler, torch.cat([latents] * len(names)), t)
             with torch.no_grad():
-                preds = dict(zip(names, denoise(model_input, t, cat_conds([conds[b] for b in names]))
+                preds = dict(zip(names, denoise(model_input, t, cat_cond(*(conds[b] for b in names)))
                                  .chunk(len(names)), strict=True))
             steered_latents = latents
             if "c" in preds and "0" in preds:
@@ -217,11 +215,6 @@ def sample(
         latents = scheduler.step(guided, t, steered_latents, **step_kwargs, return_dict=False)[0]
         step.latents = latents
         yield step
-
-
-def cat_conds(conds: list[Cond]) -> Cond:
-    """``cat_cond`` over a list (one branch after another)."""
-    return cat_cond(*conds)
 
 
 def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
@@ -298,7 +291,6 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     steered = guidance.steer(latents, grad, settings.step_size)
     step.distance = d
     step.kernel = guidance.kernel(d, settings.sigma, settings.kernel)
-    step.update_norm = (steered.float() - latents.float()).flatten(1).norm(dim=1)
     step.steered = torch.zeros(batch, dtype=torch.bool, device=latents.device)
     step.steered[hot] = True
     return {"0": p0, "p": pp, "c": pc}, steered, step
