@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, used for everything that needs one (README "Speed"): time the SD v1.4
-# and SDXL architectures with `trasce bench`; with TOY_MINUTES > 0, first fine-tune the embedded model.
+# and (unless SDXL=0) SDXL architectures with `trasce bench`; with TOY_MINUTES > 0, first fine-tune the embedded model.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -19,9 +19,9 @@ if [ "$TOY_MINUTES" != "0" ]; then
   (cd /tmp/toy2 && tar cf - pipeline | split -b 15M - "$OLDPWD/$OUT/toy.tar.part-")
 fi
 
-python3 -m trasce bench --model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats 2 \
+python3 -m trasce bench --model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats 3 \
   --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14.txt" | tail -n 14
-if python3 -c "import trasce.models.random as r; assert 'sdxl' in r.BUILDERS" 2>/dev/null; then
+if [ "${SDXL:-1}" != "0" ]; then
   python3 -m trasce bench --model sdxl --dtype fp16 --batch-size 1 --steps 20 --device cuda --repeats 1 \
     --no-released --json "$OUT/bench_sdxl.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt" | tail -n 10
 fi

@@ -1,8 +1,9 @@
 """``trasce bench``: seconds per image of plain generation, the released loop and trasce's paths.
 
 All rows run in one process on one device, on the same pipeline, so their ratios are fair. A
-row's time is a whole call: prompt encoding, denoising and VAE decoding, synchronised, median
-over ``repeats`` after one warm-up call.
+row's time is a whole call: prompt encoding, denoising and VAE decoding, synchronised. Every row is
+called once to warm up, then the rows take turns ``repeats`` times (round-robin, so that a drift in
+the machine's speed touches every row alike) and each row reports its median.
 
 *Benign* and *concept-near* prompts differ only in how often the backward pass runs. With random
 weights the distance means nothing, so the two are emulated by forcing the lazy path's decision:
@@ -19,6 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -36,6 +38,8 @@ class BenchRow:
     seconds_per_image: float
     ratio_to_plain: float | None
     peak_memory_gib: float | None
+    backward_passes: float | None = None  # per image over the whole call, where the row steers
+    settings: dict | None = None  # the EraseSettings of trasce's rows
     note: str = ""
 
 
@@ -45,20 +49,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """Median seconds of ``fn()`` after one warm-up, and peak device memory (GiB) while it ran."""
+def _seconds(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
     fn()
     synchronize(device)
+    return time.perf_counter() - start
+
+
+def _warm_up(fn, device: torch.device) -> tuple[object, float | None]:
+    """Run ``fn()`` once; return its result and the peak device memory it used (GiB, CUDA only)."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+        torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def time_round_robin(calls: list, device: torch.device, repeats: int,
+                     progress=None) -> list[tuple[float, float | None, object]]:
+    """``(median seconds, peak GiB, warm-up result)`` of each call: one warm-up each, then ``repeats``
+    rounds in turn."""
+    warm = [_warm_up(fn, device) for fn in calls]
+    times: list[list[float]] = [[] for _ in calls]
+    for round_ in range(repeats):
+        for i, fn in enumerate(calls):
+            times[i].append(_seconds(fn, device))
+        if progress:
+            progress(round_ + 1)
+    return [(statistics.median(t), peak, result) for t, (result, peak) in zip(times, warm, strict=True)]
 
 
 def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
@@ -73,8 +93,12 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
-              concept: str = "naked, nude, bare, exposed", quiet: bool = False) -> dict:
-    """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``)."""
+              concept: str = "naked, nude, bare, exposed", concept_refresh: int = 4, quiet: bool = False) -> dict:
+    """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
+
+    ``concept_refresh`` > 1 adds a benign row in which far images evaluate the concept branch every
+    that many steps (``EraseSettings.concept_refresh``).
+    """
     from trasce.generate import pick_device
 
     dev = pick_device(device)
@@ -92,25 +116,29 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         return [torch.Generator().manual_seed(i) for i in range(batch_size)]
 
     rows: list[BenchRow] = []
+    calls = []
 
-    def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "") -> None:
-        seconds, peak = _timed(fn, dev, repeats)
-        rows.append(BenchRow(method, kind, row_dtype, batch, seconds / batch, None, peak, note))
-        if not quiet:
-            print(f"{method:>24} {kind:>13} {row_dtype} b{batch}: {seconds / batch:.3f} s/image", flush=True)
+    def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
+            settings: dict | None = None) -> None:
+        rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note))
+        calls.append(fn)
+
+    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "") -> None:
+        add(method, kind, lambda: variant(prompts, generator=generator(), **common), batch_size, note=note,
+            settings=asdict(variant.settings))
 
     add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
     add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
                                                 generator=generator(), **common), batch_size)
-    add("trasce negation", "any", lambda: trasce.with_settings(mode="negation")(prompts, generator=generator(),
-                                                                               **common), batch_size)
-    add("trasce exact", "any", lambda: trasce(prompts, generator=generator(), **common), batch_size)
+    add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"))
+    add_trasce("trasce exact", "any", trasce.with_settings(lazy_tolerance=None))
+    emulated = "emulated with random weights: the lazy decision forced {}"
     lazy_off = trasce.with_settings(lazy_tolerance=float("inf"))
-    lazy_on = trasce.with_settings(lazy_tolerance=0.0)
-    add("trasce lazy", "benign", lambda: lazy_off(prompts, generator=generator(), **common), batch_size,
-        note="kernel forced off (emulated: random weights)")
-    add("trasce lazy", "concept-near", lambda: lazy_on(prompts, generator=generator(), **common), batch_size,
-        note="kernel forced on (emulated: random weights)")
+    add_trasce("trasce lazy", "benign", lazy_off, note=emulated.format("off"))
+    add_trasce("trasce lazy", "concept-near", trasce.with_settings(lazy_tolerance=0.0), note=emulated.format("on"))
+    if concept_refresh > 1:
+        add_trasce(f"trasce lazy, concept every {concept_refresh}", "benign",
+                   lazy_off.with_settings(concept_refresh=concept_refresh), note=emulated.format("off"))
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.
@@ -122,18 +150,26 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             shape = (1, *trasce.adapter.latent_shape(h, w))
             latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev)
             final = released_loop(pipe32.unet, pipe32.scheduler, latents, *embed, steps, 7.5, 1.0, 1.0, 1.0)
-            if pixel_space:
-                return final
-            with torch.no_grad():
-                image = pipe32.vae.decode(final / pipe32.vae.config.scaling_factor).sample
-            return pipe32.image_processor.postprocess(image)
+            if not pixel_space:
+                with torch.no_grad():
+                    image = pipe32.vae.decode(final / pipe32.vae.config.scaling_factor).sample
+                pipe32.image_processor.postprocess(image)
+            # One backward pass (through all three branches) per step.
+            return SimpleNamespace(steered_steps=torch.tensor([steps]))
 
         add("released loop", "any", released_call, 1, "fp32", note="literal transcription, batch 1")
         add("plain CFG (diffusers)", "any", lambda: pipe32(prompt, generator=torch.Generator().manual_seed(0),
                                                              **common), 1, "fp32")
-        if pipe32 is not pipe:
-            del pipe32
 
+    def progress(round_: int) -> None:
+        if not quiet:
+            print(f"timed round {round_}/{repeats}", flush=True)
+
+    measured = time_round_robin(calls, dev, repeats, progress)
+    for row, (seconds, peak, output) in zip(rows, measured, strict=True):
+        row.seconds_per_image, row.peak_memory_gib = seconds / row.batch_size, peak
+        steered = getattr(output, "steered_steps", None)
+        row.backward_passes = None if steered is None else steered.float().mean().item()
     plain = {(r.dtype, r.batch_size): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
     for r in rows:
         base = plain.get((r.dtype, r.batch_size))
@@ -150,10 +186,12 @@ def format_rows(result: dict) -> str:
     """A Markdown table of a ``run_bench`` result."""
     from trasce.report import markdown_table
 
-    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "peak GiB"]
+    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "peak GiB",
+              "backward passes per image"]
     rows = [[r["method"], r["prompts"], r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
              "" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}",
-             "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"] for r in result["rows"]]
+             "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
+             "" if r.get("backward_passes") is None else f"{r['backward_passes']:g}"] for r in result["rows"]]
     return markdown_table(header, rows)
 
 
