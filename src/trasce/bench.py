@@ -93,12 +93,8 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
-              concept: str = "naked, nude, bare, exposed", concept_refresh: int = 4, quiet: bool = False) -> dict:
-    """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
-
-    ``concept_refresh`` > 1 adds a benign row in which far images evaluate the concept branch every
-    that many steps (``EraseSettings.concept_refresh``).
-    """
+              concept: str = "naked, nude, bare, exposed", quiet: bool = False) -> dict:
+    """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``)."""
     from trasce.generate import pick_device
 
     dev = pick_device(device)
@@ -133,12 +129,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"))
     add_trasce("trasce exact", "any", trasce.with_settings(lazy_tolerance=None))
     emulated = "emulated with random weights: the lazy decision forced {}"
-    lazy_off = trasce.with_settings(lazy_tolerance=float("inf"))
-    add_trasce("trasce lazy", "benign", lazy_off, note=emulated.format("off"))
+    add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
+               note=emulated.format("off"))
     add_trasce("trasce lazy", "concept-near", trasce.with_settings(lazy_tolerance=0.0), note=emulated.format("on"))
-    if concept_refresh > 1:
-        add_trasce(f"trasce lazy, concept every {concept_refresh}", "benign",
-                   lazy_off.with_settings(concept_refresh=concept_refresh), note=emulated.format("off"))
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.

@@ -65,10 +65,7 @@ def _choice(values) -> click.Choice:
               help="exp as released; gaussian as in the paper's Algorithm 1")
 @click.option("--lazy-tolerance", type=float, default=DEFAULT_LAZY_TOLERANCE, show_default=True,
               help="skip backward passes whose latent update is estimated below this RMS per latent element")
-@click.option("--concept-refresh", type=click.IntRange(min=1), default=1, show_default=True,
-              help="images the lazy path finds far from the concept evaluate the concept branch every N steps")
-@click.option("--exact", is_flag=True,
-              help="run every backward pass and concept branch (the released maths, no skipping)")
+@click.option("--exact", is_flag=True, help="run every backward pass (the released maths, no skipping)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")
@@ -145,18 +142,14 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", type=int, default=2, show_default=True)
 @click.option("--no-released", is_flag=True, help="skip the (slow) released-loop rows")
-@click.option("--concept-refresh", type=click.IntRange(min=1), default=4, show_default=True,
-              help="add a benign row whose far images evaluate the concept branch every N steps (1: no row)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the result here")
-def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, concept_refresh,
-          json_path) -> None:
+def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, json_path) -> None:
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
     from trasce.bench import format_rows, run_bench, write_result
     from trasce.generate import pick_device
 
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
-                    width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released,
-                    concept_refresh=concept_refresh)
+                    width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
                f"{result['height']}x{result['width']}\n")
     click.echo(format_rows(result))

@@ -39,7 +39,6 @@ class GenerateOptions:
     kernel: str = "exp"
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     exact: bool = False
-    concept_refresh: int = 1
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -149,7 +148,6 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
             sigma=options.sigma, kernel=options.kernel,
             lazy_tolerance=None if options.exact else options.lazy_tolerance,
-            concept_refresh=1 if options.exact else options.concept_refresh,
         ).to(device)
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
@@ -159,8 +157,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     settings = {
         "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
-        "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
-        "concept_refresh": pipe.settings.concept_refresh, "steps": steps,
+        "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance, "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
         "images_per_prompt": options.images_per_prompt, "dtype": str(dtype).removeprefix("torch."),
         "height": height, "width": width, "prompts": str(options.prompts) if options.prompts else None,

@@ -112,14 +112,13 @@ class TraSCEPipeline:
     ``loss_scale``/``step_size``/``sigma`` are the released script's ``guidance_loss_scale``/
     ``discriminator_guidance_scale``/``sigma``; a ``preset`` fills them and the concept.
     ``lazy_tolerance`` skips backward passes whose update would be smaller, as an RMS per latent
-    element (``None``: exact, every backward pass runs). ``concept_refresh``: with lazy steering,
-    images far from the concept evaluate the concept branch every that many steps (1: every step).
+    element (``None``: exact, every backward pass runs).
     """
 
     def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",
                  loss_scale: float | None = None, step_size: float | None = None, sigma: float | None = None,
                  kernel: str = "exp", lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE,
-                 steer_window: tuple[float, float] = (0.0, 1.0), concept_refresh: int = 1):
+                 steer_window: tuple[float, float] = (0.0, 1.0)):
         self.pipe = pipe
         self.adapter: Adapter = adapter_for(pipe)
         if concept is None and preset is None and mode == "none":
@@ -129,8 +128,7 @@ class TraSCEPipeline:
         self.concept = resolved[0]
         self.preset = preset
         self.settings = EraseSettings(mode=mode, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3],
-                                      kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window,
-                                      concept_refresh=concept_refresh)
+                                      kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod

@@ -46,10 +46,6 @@ class EraseSettings:
     get is estimated below this size, measured as the update's root mean square per latent element
     (so one number means the same for a 3x32x32 and a 16x128x128 latent); ``None`` is exact.
     ``steer_window``: the fraction of steps ``(start, end)`` in which steering applies.
-    ``concept_refresh``: with lazy steering, an image whose backward pass is being skipped (far from
-    the concept) evaluates its concept branch only every ``concept_refresh`` steps and in between
-    reuses its last concept direction ``pred_c - pred_0``: part 1 then costs two branches, not
-    three, for such images. ``1`` (the default) evaluates it every step, the released maths.
     """
 
     mode: Mode = "trasce"
@@ -59,7 +55,6 @@ class EraseSettings:
     kernel: Kernel = "exp"
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     steer_window: tuple[float, float] = (0.0, 1.0)
-    concept_refresh: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,8 +63,6 @@ class EraseSettings:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
         if self.kernel not in ("exp", "gaussian"):
             raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
-        if not isinstance(self.concept_refresh, int) or self.concept_refresh < 1:
-            raise ValueError(f"concept_refresh must be a whole number of steps >= 1, got {self.concept_refresh!r}")
 
     @property
     def steers(self) -> bool:
@@ -144,13 +137,11 @@ def _step_kwargs(scheduler, generator) -> dict:
     return kwargs
 
 
-class _LazyState:
-    """What the lazy path carries between steps, per image.
+class _GradientNormEstimate:
+    """Per-image running maximum of ``||dd/dx||``, the factor that ``update_bound`` needs.
 
-    ``value`` is the running maximum of ``||dd/dx||``, the factor that ``update_bound`` needs. It
-    is an estimate, not a proof: the first steered step of an image measures it exactly, and later
-    steps reuse the largest value seen (times ``margin``). ``concept_delta`` is the last evaluated
-    ``pred_c - pred_0`` and ``concept_age`` the number of steps since (for ``concept_refresh``).
+    It is an estimate, not a proof: the first steered step of an image measures it exactly, and
+    later steps reuse the largest value seen (times ``margin``).
     """
 
     def __init__(self, batch: int, device: torch.device, margin: float = 2.0):
@@ -158,8 +149,6 @@ class _LazyState:
         self.margin = margin
         # The update size estimated (or measured) at the previous step; NaN until known.
         self.last_bound = torch.full((batch,), float("nan"), device=device)
-        self.concept_delta: torch.Tensor | None = None
-        self.concept_age = torch.zeros(batch, dtype=torch.long, device=device)
 
     def bound(self) -> torch.Tensor:
         return self.value * self.margin
@@ -167,21 +156,6 @@ class _LazyState:
     def update(self, index: torch.Tensor, measured: torch.Tensor) -> None:
         current = self.value[index]
         self.value[index] = torch.where(torch.isnan(current), measured, torch.maximum(current, measured))
-
-    def reusable(self, cold: torch.Tensor, refresh: int) -> torch.Tensor:
-        """The images of ``cold`` whose concept direction is recent enough to reuse this step."""
-        if refresh <= 1 or self.concept_delta is None or not len(cold):
-            return cold[:0]
-        return cold[self.concept_age[cold] < refresh - 1]
-
-    def remember_concept(self, fresh: torch.Tensor, reused: torch.Tensor, p0: torch.Tensor,
-                         pc: torch.Tensor) -> None:
-        """Store ``pred_c - pred_0`` of the images evaluated this step; age the reused ones."""
-        if self.concept_delta is None:
-            self.concept_delta = torch.zeros_like(p0)
-        self.concept_delta[fresh] = pc[fresh] - p0[fresh]
-        self.concept_age[fresh] = 0
-        self.concept_age[reused] += 1
 
 
 def sample(
@@ -211,7 +185,7 @@ def sample(
     if isinstance(scale, torch.Tensor):
         scale = scale.to(latents.device, torch.float32)
     step_kwargs = _step_kwargs(scheduler, generator)
-    estimate = _LazyState(batch, latents.device)
+    estimate = _GradientNormEstimate(batch, latents.device)
     everyone = torch.arange(batch, device=latents.device)
     start, end = settings.steer_window
     n = len(timesteps)
@@ -255,7 +229,7 @@ def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
 
 
 def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings: EraseSettings,
-                   factor: float, estimate: _LazyState, everyone: torch.Tensor, step: Step):
+                   factor: float, estimate: _GradientNormEstimate, everyone: torch.Tensor, step: Step):
     """One step with part 2: predictions, the steering update, and the bookkeeping in ``step``.
 
     Exact (``lazy_tolerance is None``): every image gets its backward pass. Lazy: an image whose
@@ -271,22 +245,18 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     tolerance = settings.lazy_tolerance * latents[0].numel() ** 0.5 if lazy else 0.0
     cold = everyone[estimate.last_bound < tolerance] if lazy else everyone[:0]
     hot = everyone[~torch.isin(everyone, cold)]
-    # Cold images whose concept direction is recent enough skip their concept branch this step.
-    reused = estimate.reusable(cold, settings.concept_refresh)
-    fresh_cold = cold[~torch.isin(cold, reused)]
     pp = pc = None
     d = torch.zeros(batch, device=latents.device)
     with torch.no_grad():
-        # Branch 0 for everyone, plus prompt (and concept) for the cold images, in one call.
-        model_input = scale_model_input(scheduler, torch.cat([latents, latents[cold], latents[fresh_cold]]), t)
-        cond = cat_cond(cond_0, take_cond(cond_p, cold), take_cond(cond_c, fresh_cold))
-        p0, cold_p, cold_c = denoise(model_input, t, cond).split([batch, len(cold), len(fresh_cold)])
+        # Branch 0 for everyone, plus prompt and concept for the cold images, in one call.
+        x_cold = latents[cold]
+        model_input = scale_model_input(scheduler, torch.cat([latents, x_cold, x_cold]), t)
+        cond = cat_cond(cond_0, take_cond(cond_p, cold), take_cond(cond_c, cold))
+        p0, cold_p, cold_c = denoise(model_input, t, cond).split([batch, len(cold), len(cold)])
         if len(cold):
             pp, pc = torch.empty_like(p0), torch.empty_like(p0)
-            pp[cold], pc[fresh_cold] = cold_p, cold_c
-            if len(reused):
-                pc[reused] = p0[reused] + estimate.concept_delta[reused]
-            d[cold] = guidance.distance(pp[cold], pc[cold]) * factor
+            pp[cold], pc[cold] = cold_p, cold_c
+            d[cold] = guidance.distance(cold_p, cold_c) * factor
             bound = guidance.update_bound(d[cold], settings.loss_scale, settings.step_size, settings.sigma,
                                           estimate.bound()[cold], settings.kernel)
             estimate.last_bound[cold] = bound
@@ -317,10 +287,6 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         if lazy:
             estimate.update(hot, grad_d.float().flatten(1).norm(dim=1))
             estimate.last_bound[hot] = settings.step_size * hot_grad.flatten(1).norm(dim=1)
-    if lazy and settings.concept_refresh > 1:
-        # A reused image that turned out to need its backward pass was evaluated afresh (it is hot).
-        reused = reused[~torch.isin(reused, hot)]
-        estimate.remember_concept(everyone[~torch.isin(everyone, reused)], reused, p0, pc)
 
     steered = guidance.steer(latents, grad, settings.step_size)
     step.distance = d
