@@ -37,7 +37,7 @@ class BenchRow:
     batch_size: int
     seconds_per_image: float
     ratio_to_plain: float | None
-    peak_memory_gib: float | None
+    working_memory_gib: float | None
     backward_passes: float | None = None  # per image over the whole call, where the row steers
     settings: dict | None = None  # the EraseSettings of trasce's rows
     note: str = ""
@@ -58,18 +58,21 @@ def _seconds(fn, device: torch.device) -> float:
 
 
 def _warm_up(fn, device: torch.device) -> tuple[object, float | None]:
-    """Run ``fn()`` once; return its result and the peak device memory it used (GiB, CUDA only)."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    """Run ``fn()`` once; return its result and its working memory: the peak device memory above
+    what was allocated before the call (the weights of every loaded model), in GiB, CUDA only."""
+    if device.type != "cuda":
+        return fn(), None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     result = fn()
     synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return result, (torch.cuda.max_memory_allocated(device) - before) / 2**30
 
 
 def time_round_robin(calls: list, device: torch.device, repeats: int,
                      progress=None) -> list[tuple[float, float | None, object]]:
-    """``(median seconds, peak GiB, warm-up result)`` of each call: one warm-up each, then ``repeats``
+    """``(median seconds, working GiB, warm-up result)`` of each call: one warm-up each, then ``repeats``
     rounds in turn."""
     warm = [_warm_up(fn, device) for fn in calls]
     times: list[list[float]] = [[] for _ in calls]
@@ -160,7 +163,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     measured = time_round_robin(calls, dev, repeats, progress)
     for row, (seconds, peak, output) in zip(rows, measured, strict=True):
-        row.seconds_per_image, row.peak_memory_gib = seconds / row.batch_size, peak
+        row.seconds_per_image, row.working_memory_gib = seconds / row.batch_size, peak
         steered = getattr(output, "steered_steps", None)
         row.backward_passes = None if steered is None else steered.float().mean().item()
     plain = {(r.dtype, r.batch_size): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
@@ -179,11 +182,11 @@ def format_rows(result: dict) -> str:
     """A Markdown table of a ``run_bench`` result."""
     from trasce.report import markdown_table
 
-    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "peak GiB",
+    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "working GiB",
               "backward passes per image"]
     rows = [[r["method"], r["prompts"], r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
              "" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}",
-             "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
+             "" if r["working_memory_gib"] is None else f"{r['working_memory_gib']:.1f}",
              "" if r.get("backward_passes") is None else f"{r['backward_passes']:g}"] for r in result["rows"]]
     return markdown_table(header, rows)
 
