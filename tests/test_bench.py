@@ -2,8 +2,10 @@
 
 import json
 
+import torch
 from click.testing import CliRunner
 
+from trasce.bench import weights_gib
 from trasce.cli import main
 
 STEPS = 3
@@ -32,3 +34,12 @@ def test_bench_rows_ratios_and_backward_passes(tmp_path):
         plain = by_name[("plain CFG (diffusers)", "any", r["batch_size"])]["seconds_per_image"]
         assert abs(r["ratio_to_plain"] - r["seconds_per_image"] / plain) < 1e-3
     assert "| trasce exact | any | fp32 | 2 |" in result.output
+
+
+def test_weights_gib_counts_parameters_and_buffers_of_every_module():
+    class Pipe:
+        components = {"unet": torch.nn.Linear(10, 10).half(), "norm": torch.nn.BatchNorm1d(4), "tokenizer": "x"}
+
+    # fp16 linear: 110 parameters x 2 bytes; batch norm: 8 parameters and 8 running statistics x 4 bytes, plus
+    # its 8-byte batch counter
+    assert weights_gib(Pipe()) * 2**30 == 110 * 2 + 8 * 4 + 8 * 4 + 8

@@ -3,7 +3,9 @@
 All rows run in one process on one device, on the same pipeline, so their ratios are fair. A
 row's time is a whole call: prompt encoding, denoising and VAE decoding, synchronised. Every row is
 called once to warm up, then the rows take turns ``repeats`` times (round-robin, so that a drift in
-the machine's speed touches every row alike) and each row reports its median.
+the machine's speed touches every row alike) and each row reports its median. A row's peak memory
+(CUDA only) is its model's weights plus the most memory its warm-up call allocated beyond the loaded
+weights: the fp16 and fp32 pipelines are both loaded while the rows take turns.
 
 *Benign* and *concept-near* prompts differ only in how often the backward pass runs. With random
 weights the distance means nothing, so the two are emulated by forcing the lazy path's decision:
@@ -37,7 +39,7 @@ class BenchRow:
     batch_size: int
     seconds_per_image: float
     ratio_to_plain: float | None
-    working_memory_gib: float | None
+    peak_memory_gib: float | None  # the row's model weights plus its working memory
     backward_passes: float | None = None  # per image over the whole call, where the row steers
     settings: dict | None = None  # the EraseSettings of trasce's rows
     note: str = ""
@@ -68,6 +70,13 @@ def _warm_up(fn, device: torch.device) -> tuple[object, float | None]:
     result = fn()
     synchronize(device)
     return result, (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def weights_gib(pipe) -> float:
+    """Size of a pipeline's parameters and buffers, in GiB."""
+    tensors = [t for module in pipe.components.values() if isinstance(module, torch.nn.Module)
+               for t in (*module.parameters(), *module.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
 def time_round_robin(calls: list, device: torch.device, repeats: int,
@@ -116,11 +125,14 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     rows: list[BenchRow] = []
     calls = []
+    weights: list[float] = []
+    pipe32 = None
 
     def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
             settings: dict | None = None) -> None:
         rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note))
         calls.append(fn)
+        weights.append(weights_gib(pipe32 if row_dtype != dtype else pipe))
 
     def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "") -> None:
         add(method, kind, lambda: variant(prompts, generator=generator(), **common), batch_size, note=note,
@@ -162,8 +174,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             print(f"timed round {round_}/{repeats}", flush=True)
 
     measured = time_round_robin(calls, dev, repeats, progress)
-    for row, (seconds, peak, output) in zip(rows, measured, strict=True):
-        row.seconds_per_image, row.working_memory_gib = seconds / row.batch_size, peak
+    for row, (seconds, working, output), model_gib in zip(rows, measured, weights, strict=True):
+        row.seconds_per_image = seconds / row.batch_size
+        row.peak_memory_gib = None if working is None else model_gib + working
         steered = getattr(output, "steered_steps", None)
         row.backward_passes = None if steered is None else steered.float().mean().item()
     plain = {(r.dtype, r.batch_size): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
@@ -182,11 +195,11 @@ def format_rows(result: dict) -> str:
     """A Markdown table of a ``run_bench`` result."""
     from trasce.report import markdown_table
 
-    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "working GiB",
+    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "peak GiB",
               "backward passes per image"]
     rows = [[r["method"], r["prompts"], r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
              "" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}",
-             "" if r["working_memory_gib"] is None else f"{r['working_memory_gib']:.1f}",
+             "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
              "" if r.get("backward_passes") is None else f"{r['backward_passes']:g}"] for r in result["rows"]]
     return markdown_table(header, rows)
 
