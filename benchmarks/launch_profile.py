@@ -2,12 +2,13 @@
 
     python benchmarks/launch_profile.py --model sd14 --dtype fp16 --device cuda --steps 20 --batch-size 4
 
-Times plain CFG (diffusers), part 1 alone, the exact path and the lazy path forced on and off,
-calling the rows in turn for two rounds (so that drift touches them alike), and prints whether
-each row ran NaN-free and how many backward passes it ran. On CUDA it then profiles one call of
-each row and prints the profiler's table: when the CPU time of a call exceeds its CUDA time, the
-GPU waits for kernel launches, and costs follow the number of launches rather than the FLOPs.
-Results of the run on an H100: ``benchmarks/results/h100-launch-profile.md``.
+Times plain CFG (diffusers), part 1 alone, the exact path (two denoiser calls per step, and one
+with ``one_call``) and the lazy path forced on and off, calling the rows in turn for two rounds
+(so that drift touches them alike), and prints whether each row ran NaN-free and how many backward
+passes it ran. On CUDA it then profiles one call of each row and prints the profiler's table: when
+the CPU time of a call exceeds its CUDA time, the GPU waits for kernel launches, and costs follow
+the number of launches rather than the FLOPs. Results of the run on an H100 (made before the
+``one_call`` row existed): ``benchmarks/results/h100-launch-profile.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     trasce = TraSCEPipeline.from_pipe(pipe, concept="naked, nude", loss_scale=1.0, step_size=1.0, sigma=1.0)
     rows = {"plain CFG": None, "negation": trasce.with_settings(mode="negation"),
-            "exact": trasce.with_settings(lazy_tolerance=None), "lazy on": trasce.with_settings(lazy_tolerance=0.0),
+            "exact": trasce.with_settings(lazy_tolerance=None),
+            "exact, one call": trasce.with_settings(lazy_tolerance=None, one_call=True),
+            "lazy on": trasce.with_settings(lazy_tolerance=0.0),
             "lazy off": trasce.with_settings(lazy_tolerance=float("inf"))}
     prompts = ["a photo of a mountain lake"] * args.batch_size
 

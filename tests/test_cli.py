@@ -45,20 +45,24 @@ def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, t
     assert run["settings"]["steps"] == 2 and "torch" in run["versions"]
 
 
-def test_same_seed_gives_same_image_in_any_batch(tiny_sd_folder, tmp_path):
+def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folder, tmp_path):
     prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
-    one, three = tmp_path / "one", tmp_path / "three"
+    one, three, fused = tmp_path / "one", tmp_path / "three", tmp_path / "fused"
     assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", one, "--batch-size", 1,
                 *BASE).exit_code == 0
     assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", three, "--batch-size", 3,
                 *BASE).exit_code == 0
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", fused, "--batch-size", 3,
+                "--one-call", *BASE).exit_code == 0
+    assert json.loads((fused / "run.json").read_text())["settings"]["one_call"] is True
     import numpy as np
     from PIL import Image
 
     for name in ("00000.png", "00001.png", "00002.png"):
         a = np.asarray(Image.open(one / "images" / name), dtype=float)
-        b = np.asarray(Image.open(three / "images" / name), dtype=float)
-        assert np.abs(a - b).max() <= 1, name
+        for other in (three, fused):
+            b = np.asarray(Image.open(other / "images" / name), dtype=float)
+            assert np.abs(a - b).max() <= 1, (other.name, name)
 
 
 def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeypatch):

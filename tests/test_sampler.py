@@ -20,8 +20,8 @@ def _embed(pipe, text):
     return pipe.encode_prompt([text], "cpu", 1, do_classifier_free_guidance=False)[0]
 
 
-@pytest.mark.parametrize("mode", ["trasce", "negation"])
-def test_matches_literal_released_loop(tiny_sd, mode):
+@pytest.mark.parametrize(("mode", "one_call"), [("trasce", False), ("trasce", True), ("negation", False)])
+def test_matches_literal_released_loop(tiny_sd, mode, one_call):
     pipe = tiny_sd
     prompt, concept = "a red apple", "an apple"
     lam, eta, sigma, scale = 3.0, 2.0, 20.0, 7.5
@@ -29,7 +29,7 @@ def test_matches_literal_released_loop(tiny_sd, mode):
     reference = released_loop(pipe.unet, pipe.scheduler, latents.clone(), _embed(pipe, ""), _embed(pipe, prompt),
                               _embed(pipe, concept), STEPS, scale, lam if mode == "trasce" else 0.0, eta, sigma)
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode, loss_scale=lam, step_size=eta, sigma=sigma,
-                                      lazy_tolerance=None)
+                                      lazy_tolerance=None).with_settings(one_call=one_call)
     ours = trasce(prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(),
                   output_type="latent")
     assert torch.allclose(ours.images, reference, atol=1e-4), (ours.images - reference).abs().max()
@@ -131,6 +131,27 @@ def test_lazy_with_zero_tolerance_is_exact_and_large_tolerance_skips(tiny_sd):
     assert skipping.steered_steps.tolist() == [1, 1]
     assert torch.allclose(skipping.images, exact.with_settings(steer_window=(0.0, 1 / STEPS))(prompts, **kwargs)
                           .images, atol=1e-5)
+
+
+def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny_sd, monkeypatch):
+    import trasce.sampler as sampler
+
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=3))
+    prompts = ["a red apple", "a blue car", "an apple"]
+    lazy = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                    lazy_tolerance=1e-3)
+    # A gradient-norm estimate of 0 makes every cold image's bound 0, and a large one makes every
+    # cold image a surprise; between the two settings each kind of image occurs.
+    for margin in (0.0, 1e6):
+        monkeypatch.setattr(sampler._GradientNormEstimate, "bound", lambda self, m=margin: self.value * m)
+        split, fused = lazy(prompts, **kwargs), lazy.with_settings(one_call=True)(prompts, **kwargs)
+        assert torch.allclose(split.images, fused.images, atol=1e-4), (split.images - fused.images).abs().max()
+        assert torch.equal(split.steered_steps, fused.steered_steps)
+        if margin == 0.0:  # cold images skipped some backward passes
+            assert split.steered_steps.min() < STEPS
+        else:  # every cold image was a surprise and took its backward pass after all
+            assert split.steered_steps.tolist() == [STEPS] * 3
+        assert torch.allclose(split.min_distance, fused.min_distance, atol=1e-5)
 
 
 def test_bad_arguments(tiny_sd):

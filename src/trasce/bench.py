@@ -143,6 +143,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
                                                 generator=generator(), **common), batch_size)
     add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"))
     add_trasce("trasce exact", "any", trasce.with_settings(lazy_tolerance=None))
+    add_trasce("trasce exact, one call", "any", trasce.with_settings(lazy_tolerance=None, one_call=True))
     emulated = "emulated with random weights: the lazy decision forced {}"
     add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
                note=emulated.format("off"))

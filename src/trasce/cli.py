@@ -66,6 +66,9 @@ def _choice(values) -> click.Choice:
 @click.option("--lazy-tolerance", type=float, default=DEFAULT_LAZY_TOLERANCE, show_default=True,
               help="skip backward passes whose latent update is estimated below this RMS per latent element")
 @click.option("--exact", is_flag=True, help="run every backward pass (the released maths, no skipping)")
+@click.option("--one-call", is_flag=True,
+              help="a steered image's three branches in one call under gradients (same images; fewer kernel "
+                   "launches, more backward work)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")

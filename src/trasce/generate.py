@@ -39,6 +39,7 @@ class GenerateOptions:
     kernel: str = "exp"
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     exact: bool = False
+    one_call: bool = False
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -147,7 +148,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             options.model, torch_dtype=dtype, scheduler=options.scheduler, concept=options.concept,
             preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
             sigma=options.sigma, kernel=options.kernel,
-            lazy_tolerance=None if options.exact else options.lazy_tolerance,
+            lazy_tolerance=None if options.exact else options.lazy_tolerance, one_call=options.one_call,
         ).to(device)
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
@@ -157,7 +158,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     settings = {
         "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
-        "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance, "steps": steps,
+        "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
+        "one_call": pipe.settings.one_call, "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
         "images_per_prompt": options.images_per_prompt, "dtype": str(dtype).removeprefix("torch."),
         "height": height, "width": width, "prompts": str(options.prompts) if options.prompts else None,

@@ -112,13 +112,14 @@ class TraSCEPipeline:
     ``loss_scale``/``step_size``/``sigma`` are the released script's ``guidance_loss_scale``/
     ``discriminator_guidance_scale``/``sigma``; a ``preset`` fills them and the concept.
     ``lazy_tolerance`` skips backward passes whose update would be smaller, as an RMS per latent
-    element (``None``: exact, every backward pass runs).
+    element (``None``: exact, every backward pass runs). ``one_call``: a steered image's three
+    branches in one denoiser call under gradients (same numbers, fewer kernel launches).
     """
 
     def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",
                  loss_scale: float | None = None, step_size: float | None = None, sigma: float | None = None,
                  kernel: str = "exp", lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE,
-                 steer_window: tuple[float, float] = (0.0, 1.0)):
+                 steer_window: tuple[float, float] = (0.0, 1.0), one_call: bool = False):
         self.pipe = pipe
         self.adapter: Adapter = adapter_for(pipe)
         if concept is None and preset is None and mode == "none":
@@ -128,7 +129,8 @@ class TraSCEPipeline:
         self.concept = resolved[0]
         self.preset = preset
         self.settings = EraseSettings(mode=mode, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3],
-                                      kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window)
+                                      kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window,
+                                      one_call=one_call)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod

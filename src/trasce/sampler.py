@@ -46,6 +46,10 @@ class EraseSettings:
     get is estimated below this size, measured as the update's root mean square per latent element
     (so one number means the same for a 3x32x32 and a 16x128x128 latent); ``None`` is exact.
     ``steer_window``: the fraction of steps ``(start, end)`` in which steering applies.
+    ``one_call``: evaluate a steered image's three branches in one denoiser call under gradients
+    instead of two calls (the empty prompt without gradients, prompt and concept with). The same
+    numbers; one call's kernel launches fewer, but the backward pass also runs through the empty
+    prompt's rows. It can pay where launching kernels, not running them, limits a GPU.
     """
 
     mode: Mode = "trasce"
@@ -55,6 +59,7 @@ class EraseSettings:
     kernel: Kernel = "exp"
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     steer_window: tuple[float, float] = (0.0, 1.0)
+    one_call: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -245,17 +250,29 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     tolerance = settings.lazy_tolerance * latents[0].numel() ** 0.5 if lazy else 0.0
     cold = everyone[estimate.last_bound < tolerance] if lazy else everyone[:0]
     hot = everyone[~torch.isin(everyone, cold)]
-    pp = pc = None
+    # Images whose empty-prompt branch rides in the gradient call (``one_call``): the hot ones.
+    hot0 = hot if settings.one_call else hot[:0]
+    zero_rows = everyone[~torch.isin(everyone, hot0)]
+    preds: dict[str, torch.Tensor] = {}
+
+    def put(branch: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        if branch not in preds:
+            preds[branch] = values.new_empty((batch, *values.shape[1:]))
+        preds[branch][index] = values.to(preds[branch].dtype)
+
     d = torch.zeros(batch, device=latents.device)
-    with torch.no_grad():
-        # Branch 0 for everyone, plus prompt and concept for the cold images, in one call.
-        x_cold = latents[cold]
-        model_input = scale_model_input(scheduler, torch.cat([latents, x_cold, x_cold]), t)
-        cond = cat_cond(cond_0, take_cond(cond_p, cold), take_cond(cond_c, cold))
-        p0, cold_p, cold_c = denoise(model_input, t, cond).split([batch, len(cold), len(cold)])
+    if len(zero_rows):
+        with torch.no_grad():
+            # Branch 0 for every image not in the gradient call, plus prompt and concept for the
+            # cold images, in one call.
+            x_cold = latents[cold]
+            model_input = scale_model_input(scheduler, torch.cat([latents[zero_rows], x_cold, x_cold]), t)
+            cond = cat_cond(take_cond(cond_0, zero_rows), take_cond(cond_p, cold), take_cond(cond_c, cold))
+            p0, cold_p, cold_c = denoise(model_input, t, cond).split([len(zero_rows), len(cold), len(cold)])
+            put("0", zero_rows, p0)
         if len(cold):
-            pp, pc = torch.empty_like(p0), torch.empty_like(p0)
-            pp[cold], pc[cold] = cold_p, cold_c
+            put("p", cold, cold_p)
+            put("c", cold, cold_c)
             d[cold] = guidance.distance(cold_p, cold_c) * factor
             bound = guidance.update_bound(d[cold], settings.loss_scale, settings.step_size, settings.sigma,
                                           estimate.bound()[cold], settings.kernel)
@@ -266,10 +283,11 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     grad = torch.zeros_like(latents)
     if len(hot):
         with torch.enable_grad():
+            # hot0 comes first in hot: surprises, whose branch 0 is known, were appended after it.
             x = latents[hot].detach().requires_grad_(True)
-            model_input = scale_model_input(scheduler, torch.cat([x, x]), t)
-            hp, hc = denoise(model_input, t, take_cond(cat_cond(cond_p, cond_c), torch.cat([hot, hot + batch])))\
-                .chunk(2)
+            model_input = scale_model_input(scheduler, torch.cat([x[:len(hot0)], x, x]), t)
+            cond = cat_cond(take_cond(cond_0, hot0), take_cond(cond_p, hot), take_cond(cond_c, hot))
+            h0, hp, hc = denoise(model_input, t, cond).split([len(hot0), len(hot), len(hot)])
             hot_d = guidance.distance(hp, hc) * factor
             # Each image's d depends on its own latent only, so the gradient of the sum gives every
             # image its own dd/dx in one backward pass. dL/dx = dL/dd * dd/dx (chain rule, the same
@@ -280,9 +298,10 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         dL_dd = guidance.loss_slope(hot_d, settings.loss_scale, settings.sigma, settings.kernel)
         hot_grad = dL_dd.reshape(-1, *([1] * (x.ndim - 1))) * grad_d.float()
         grad[hot] = hot_grad.to(grad.dtype)
-        if pp is None:
-            pp, pc = torch.empty_like(p0), torch.empty_like(p0)
-        pp[hot], pc[hot] = hp.detach().to(p0.dtype), hc.detach().to(p0.dtype)
+        if len(hot0):
+            put("0", hot0, h0.detach())
+        put("p", hot, hp.detach())
+        put("c", hot, hc.detach())
         d[hot] = hot_d
         if lazy:
             estimate.update(hot, grad_d.float().flatten(1).norm(dim=1))
@@ -293,4 +312,4 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     step.kernel = guidance.kernel(d, settings.sigma, settings.kernel)
     step.steered = torch.zeros(batch, dtype=torch.bool, device=latents.device)
     step.steered[hot] = True
-    return {"0": p0, "p": pp, "c": pc}, steered, step
+    return preds, steered, step
