@@ -242,7 +242,9 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     gradients; if its update estimate is still below the tolerance, it skips the backward pass,
     else (a rare surprise) its prompt and concept branches are evaluated again with gradients.
     Images above the tolerance, or not yet measured, take the gradient path directly, so an image
-    near the concept costs what it costs in the exact path.
+    near the concept costs what it costs in the exact path. With ``one_call`` the gradient call
+    also evaluates those images' empty-prompt branch, and the no-gradient call holds the cold
+    images only.
     """
     batch = latents.shape[0]
     lazy = settings.lazy_tolerance is not None
@@ -250,9 +252,9 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     tolerance = settings.lazy_tolerance * latents[0].numel() ** 0.5 if lazy else 0.0
     cold = everyone[estimate.last_bound < tolerance] if lazy else everyone[:0]
     hot = everyone[~torch.isin(everyone, cold)]
-    # Images whose empty-prompt branch rides in the gradient call (``one_call``): the hot ones.
+    # With ``one_call`` the hot images' empty-prompt branch rides in the gradient call.
     hot0 = hot if settings.one_call else hot[:0]
-    zero_rows = everyone[~torch.isin(everyone, hot0)]
+    zero_rows = cold if settings.one_call else everyone
     preds: dict[str, torch.Tensor] = {}
 
     def put(branch: str, index: torch.Tensor, values: torch.Tensor) -> None:
@@ -266,8 +268,9 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             # Branch 0 for every image not in the gradient call, plus prompt and concept for the
             # cold images, in one call.
             x_cold = latents[cold]
-            model_input = scale_model_input(scheduler, torch.cat([latents[zero_rows], x_cold, x_cold]), t)
-            cond = cat_cond(take_cond(cond_0, zero_rows), take_cond(cond_p, cold), take_cond(cond_c, cold))
+            x_zero, cond_zero = (x_cold, take_cond(cond_0, cold)) if settings.one_call else (latents, cond_0)
+            model_input = scale_model_input(scheduler, torch.cat([x_zero, x_cold, x_cold]), t)
+            cond = cat_cond(cond_zero, take_cond(cond_p, cold), take_cond(cond_c, cold))
             p0, cold_p, cold_c = denoise(model_input, t, cond).split([len(zero_rows), len(cold), len(cold)])
             put("0", zero_rows, p0)
         if len(cold):
