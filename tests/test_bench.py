@@ -44,3 +44,24 @@ def test_weights_gib_counts_parameters_and_buffers_of_every_module():
     # fp16 linear: 110 parameters x 2 bytes; batch norm: 8 parameters and 8 running statistics x 4 bytes, plus
     # its 8-byte batch counter
     assert weights_gib(Pipe()) * 2**30 == 110 * 2 + 8 * 4 + 8 * 4 + 8
+
+
+def test_bench_times_real_prompts_on_a_trained_model(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--model", "toy", "--dtype", "fp32", "--batch-size", "1",
+                                       "--steps", "6", "--device", "cpu", "--repeats", "1", "--no-released",
+                                       "--preset", "toy-shape", "--concept", "circle",
+                                       "--benign-prompt", "a red square", "--near-prompt", "a circle",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["prompts"]: r for r in json.loads(out.read_text())["rows"] if r["method"] == "trasce lazy"}
+    assert rows["benign"]["note"] == "prompt 'a red square'" and rows["concept-near"]["note"] == "prompt 'a circle'"
+    assert rows["benign"]["settings"]["sigma"] == 0.1  # the preset's
+    # the real lazy decision: the circle keeps steering, the square skips after measuring ||dd/dx||
+    assert rows["benign"]["backward_passes"] <= 2 < rows["concept-near"]["backward_passes"]
+
+
+def test_bench_refuses_real_prompts_with_random_weights():
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--near-prompt", "a nude"])
+    assert result.exit_code == 2
+    assert "--benign-prompt and --near-prompt need a trained model; 'tiny-sd' has random weights" in result.output

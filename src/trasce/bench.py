@@ -11,7 +11,8 @@ weights: the fp16 and fp32 pipelines are both loaded while the rows take turns.
 weights the distance means nothing, so the two are emulated by forcing the lazy path's decision:
 ``lazy_tolerance=inf`` (the kernel is "off": after the first step, which measures the gradient
 norm, no backward pass) and ``lazy_tolerance=0`` (the kernel is "on": a backward pass every step).
-The exact path does not depend on the prompt. With a real model, pass real prompts instead.
+The exact path does not depend on the prompt. With a trained model, ``benign_prompt`` and
+``near_prompt`` replace the emulation: those rows then run the default lazy path on those prompts.
 """
 
 from __future__ import annotations
@@ -105,15 +106,28 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
-              concept: str = "naked, nude, bare, exposed", quiet: bool = False) -> dict:
-    """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``)."""
-    from trasce.generate import pick_device
+              concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
+              near_prompt: str | None = None, quiet: bool = False) -> dict:
+    """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
 
+    The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
+    the nudity concept text); ``prompt`` is the prompt of the rows that do not depend on it.
+    """
+    from trasce.generate import pick_device
+    from trasce.models import random as random_models
+
+    if model in random_models.BUILDERS and (benign_prompt or near_prompt):
+        raise ValueError(f"--benign-prompt and --near-prompt need a trained model; {model!r} has random weights, "
+                         "whose benign and concept-near rows are emulated")
     dev = pick_device(device)
     torch_dtype = DTYPES[dtype]
     pipe = load_for_bench(model, torch_dtype, dev)
     pipe.set_progress_bar_config(disable=True)
-    trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, loss_scale=1.0, step_size=1.0, sigma=1.0)
+    erase = dict(preset=preset) if preset else dict(loss_scale=1.0, step_size=1.0, sigma=1.0)
+    if concept is None and preset is None:
+        concept = "naked, nude, bare, exposed"
+    trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, **erase)
+    concept, erasing = trasce.concept, trasce.settings
     h, w = height or trasce.adapter.default_size()[0], width or trasce.adapter.default_size()[1]
     prompts = [prompt] * batch_size
     # Pixel-space models (the embedded one) have no VAE: their latents are the images.
@@ -134,8 +148,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         calls.append(fn)
         weights.append(weights_gib(pipe32 if row_dtype != dtype else pipe))
 
-    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "") -> None:
-        add(method, kind, lambda: variant(prompts, generator=generator(), **common), batch_size, note=note,
+    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts) -> None:
+        add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
             settings=asdict(variant.settings))
 
     add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
@@ -144,10 +158,13 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"))
     add_trasce("trasce exact", "any", trasce.with_settings(lazy_tolerance=None))
     add_trasce("trasce exact, one call", "any", trasce.with_settings(lazy_tolerance=None, one_call=True))
-    emulated = "emulated with random weights: the lazy decision forced {}"
-    add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
-               note=emulated.format("off"))
-    add_trasce("trasce lazy", "concept-near", trasce.with_settings(lazy_tolerance=0.0), note=emulated.format("on"))
+    emulated = "emulated: the lazy decision forced {}"
+    for kind, real_prompt, forced, state in (("benign", benign_prompt, float("inf"), "off"),
+                                              ("concept-near", near_prompt, 0.0, "on")):
+        if real_prompt:
+            add_trasce("trasce lazy", kind, trasce, note=f"prompt {real_prompt!r}", texts=[real_prompt] * batch_size)
+        else:
+            add_trasce("trasce lazy", kind, trasce.with_settings(lazy_tolerance=forced), note=emulated.format(state))
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.
@@ -158,7 +175,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             embed = [pipe32.encode_prompt([t], dev, 1, False)[0] for t in ("", prompt, concept)]
             shape = (1, *trasce.adapter.latent_shape(h, w))
             latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            final = released_loop(pipe32.unet, pipe32.scheduler, latents, *embed, steps, 7.5, 1.0, 1.0, 1.0)
+            final = released_loop(pipe32.unet, pipe32.scheduler, latents, *embed, steps, 7.5, erasing.loss_scale,
+                                  erasing.step_size, erasing.sigma)
             if not pixel_space:
                 with torch.no_grad():
                     image = pipe32.vae.decode(final / pipe32.vae.config.scaling_factor).sample

@@ -145,14 +145,20 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
 @click.option("--device", default="auto", show_default=True)
 @click.option("--repeats", type=int, default=2, show_default=True)
 @click.option("--no-released", is_flag=True, help="skip the (slow) released-loop rows")
+@click.option("--concept", help="the concept to erase [default: the nudity concept text, or the preset's]")
+@click.option("--preset", type=_choice(PRESETS), help="TraSCE settings [default: lambda = eta = sigma = 1]")
+@click.option("--benign-prompt", help="trained models: time the benign row on this prompt instead of emulating it")
+@click.option("--near-prompt", help="trained models: time the concept-near row on this prompt instead of emulating it")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the result here")
-def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, json_path) -> None:
+def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, concept, preset,
+          benign_prompt, near_prompt, json_path) -> None:
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
     from trasce.bench import format_rows, run_bench, write_result
     from trasce.generate import pick_device
 
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
-                    width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released)
+                    width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released,
+                    concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
                f"{result['height']}x{result['width']}\n")
     click.echo(format_rows(result))
