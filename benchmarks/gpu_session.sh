@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, used for everything that needs one (README "Speed"): time the SD v1.4
-# and (unless SDXL=0) SDXL architectures with `trasce bench`; with TOY_MINUTES > 0, first fine-tune the embedded model.
+# and (unless SDXL=0) SDXL architectures with `trasce bench`, gradient checkpointing's memory, and (PROFILE=1) the
+# launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -24,4 +25,10 @@ python3 -m trasce bench --model sd14 --dtype fp16 --batch-size 4 --steps 50 --de
 if [ "${SDXL:-1}" != "0" ]; then
   python3 -m trasce bench --model sdxl --dtype fp16 --batch-size 1 --steps 20 --device cuda --repeats 1 \
     --no-released --json "$OUT/bench_sdxl.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt" | tail -n 10
+fi
+python3 benchmarks/checkpoint_memory.py --model sd14 --dtype fp16 --device cuda --size 512 --batch-size 4 --steps 2 \
+  --out "$OUT/checkpoint_sd14.json" 2>&1 | grep -v -i warn | tail -n 2
+if [ "${PROFILE:-0}" != "0" ]; then
+  python3 benchmarks/launch_profile.py --model sd14 --dtype fp16 --device cuda --steps 20 --batch-size 4 \
+    > "$OUT/launch_profile.txt" 2>&1; grep round "$OUT/launch_profile.txt"
 fi

@@ -25,6 +25,7 @@ def test_bench_rows_ratios_and_backward_passes(tmp_path):
         ("trasce negation", "any", 2): None,
         ("trasce exact", "any", 2): STEPS,  # exact: a backward pass at every step, whatever the prompt
         ("trasce exact, one call", "any", 2): STEPS,
+        ("trasce exact, checkpointed", "any", 2): STEPS,
         ("trasce lazy", "benign", 2): 1,  # the first step measures ||dd/dx||, then the kernel is "off"
         ("trasce lazy", "concept-near", 2): STEPS,
         ("released loop", "any", 1): STEPS, ("plain CFG (diffusers)", "any", 1): None,

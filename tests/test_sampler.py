@@ -154,6 +154,32 @@ def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny
         assert torch.allclose(split.min_distance, fused.min_distance, atol=1e-5)
 
 
+def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, monkeypatch):
+    import torch.utils.checkpoint
+
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
+    prompts = ["a red apple", "a blue car"]
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    reference = trasce(prompts, **kwargs)
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    trasce.enable_gradient_checkpointing()
+    try:
+        checkpointed = trasce(prompts, **kwargs)
+        assert calls, "no block was checkpointed"
+        calls.clear()
+        trasce.with_settings(mode="none")(prompts, **kwargs)  # no gradients: nothing to checkpoint
+        assert not calls
+    finally:
+        trasce.disable_gradient_checkpointing()
+    assert torch.allclose(checkpointed.images, reference.images, atol=1e-5)
+    monkeypatch.setattr(tiny_sd.unet, "_supports_gradient_checkpointing", False)
+    with pytest.raises(ValueError, match="UNet2DConditionModel does not support gradient checkpointing"):
+        trasce.enable_gradient_checkpointing()
+
+
 def test_bad_arguments(tiny_sd):
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
     with pytest.raises(ValueError, match="multiples of 8; got 60x64"):

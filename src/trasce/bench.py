@@ -158,6 +158,17 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"))
     add_trasce("trasce exact", "any", trasce.with_settings(lazy_tolerance=None))
     add_trasce("trasce exact, one call", "any", trasce.with_settings(lazy_tolerance=None, one_call=True))
+    exact = trasce.with_settings(lazy_tolerance=None)
+    if getattr(trasce.adapter.denoiser_module, "_supports_gradient_checkpointing", False):
+        def checkpointed():
+            exact.enable_gradient_checkpointing()
+            try:
+                return exact(prompts, generator=generator(), **common)
+            finally:
+                exact.disable_gradient_checkpointing()
+
+        add("trasce exact, checkpointed", "any", checkpointed, batch_size, settings=asdict(exact.settings),
+            note="gradient checkpointing in the denoiser")
     emulated = "emulated: the lazy decision forced {}"
     for kind, real_prompt, forced, state in (("benign", benign_prompt, float("inf"), "off"),
                                               ("concept-near", near_prompt, 0.0, "on")):

@@ -69,6 +69,8 @@ def _choice(values) -> click.Choice:
 @click.option("--one-call", is_flag=True,
               help="a steered image's three branches in one call under gradients (same images; fewer kernel "
                    "launches, more backward work)")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="recompute the denoiser's activations in the steering backward pass (less memory, slower)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")

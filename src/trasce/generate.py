@@ -40,6 +40,7 @@ class GenerateOptions:
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     exact: bool = False
     one_call: bool = False
+    gradient_checkpointing: bool = False
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -150,6 +151,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             sigma=options.sigma, kernel=options.kernel,
             lazy_tolerance=None if options.exact else options.lazy_tolerance, one_call=options.one_call,
         ).to(device)
+    if options.gradient_checkpointing:
+        pipe.enable_gradient_checkpointing()
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
     steps = options.steps if options.steps is not None else defaults.get("steps", 50)
@@ -159,7 +162,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
         "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
-        "one_call": pipe.settings.one_call, "steps": steps,
+        "one_call": pipe.settings.one_call, "gradient_checkpointing": options.gradient_checkpointing, "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
         "images_per_prompt": options.images_per_prompt, "dtype": str(dtype).removeprefix("torch."),
         "height": height, "width": width, "prompts": str(options.prompts) if options.prompts else None,

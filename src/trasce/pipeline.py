@@ -157,6 +157,23 @@ class TraSCEPipeline:
         self.pipe.to(device)
         return self
 
+    def enable_gradient_checkpointing(self) -> TraSCEPipeline:
+        """Keep fewer denoiser activations for the steering backward pass and recompute them in it.
+
+        Less memory for about one more forward pass of the prompt and concept branches per steered
+        step; calls without gradients (plain generation, unsteered steps) are unaffected. It is a
+        setting of the denoiser module, so it holds for every pipeline sharing that module.
+        """
+        module = self.adapter.denoiser_module
+        if not getattr(module, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(module).__name__} does not support gradient checkpointing")
+        module.enable_gradient_checkpointing()
+        return self
+
+    def disable_gradient_checkpointing(self) -> TraSCEPipeline:
+        self.adapter.denoiser_module.disable_gradient_checkpointing()
+        return self
+
     def with_settings(self, **changes) -> TraSCEPipeline:
         """A copy sharing the same models with some settings changed (``mode``, ``sigma``...)."""
         other = object.__new__(TraSCEPipeline)

@@ -61,13 +61,14 @@ RUN_JSON_NAME = "run.json"
 IMAGE_SUFFIX = ".png"
 
 # Settings that may change between the sessions of one run without changing any image: which slice
-# or shard a process works on, how many prompts share a batch or a denoiser call, where it runs, how
-# much it prints.
+# or shard a process works on, how many prompts share a batch or a denoiser call, whether the backward
+# pass recomputes activations, where it runs, how much it prints.
 VOLATILE_SETTINGS: tuple[str, ...] = (
     "start",
     "end",
     "batch_size",
     "one_call",
+    "gradient_checkpointing",
     "quiet",
     "device",
     "process_index",
