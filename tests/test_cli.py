@@ -41,6 +41,9 @@ def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, t
         ("7", 0, 1, 7.5), ("7", 1, 1, 7.5), ("9", 0, 2, 3.0), ("9", 1, 2, 3.0)]
     assert records[2]["prompt"] == "a car, blue" and records[2]["extra"] == {"categories": "vehicles"}
     assert records[0]["mode"] == "trasce" and records[0]["concept"] == "an apple"
+    # per-image erasure statistics: the first step always takes its backward pass (it measures ||dd/dx||)
+    assert all(1 <= r["steered_steps"] <= 2 and 0 <= r["max_kernel"] <= 1 and r["min_distance"] >= 0
+               for r in records)
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["steps"] == 2 and "torch" in run["versions"]
 

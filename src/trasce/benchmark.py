@@ -355,14 +355,7 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
     def run_trasce(prompts: list[str], latents: torch.Tensor, scales: list[float], steps: int):
         out = variant(prompts, num_inference_steps=steps, guidance_scale=scales, latents=latents, height=height,
                       width=width, output_type="pil")
-        stats: list[dict[str, Any]] = [{} for _ in prompts]
-        for i, entry in enumerate(stats):
-            if out.max_kernel is not None:
-                entry["max_kernel"] = round(float(out.max_kernel[i]), 6)
-                entry["min_distance"] = round(float(out.min_distance[i]), 6)
-            if out.steered_steps is not None:
-                entry["steered_steps"] = int(out.steered_steps[i])
-        return out.images, stats
+        return out.images, [out.stats(i) for i in range(len(prompts))]
 
     return run_trasce
 

@@ -204,12 +204,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                     "concept": pipe.concept, "row": row.row, "extra": row.extra,
                     "settings": {key: settings[key] for key in ("loss_scale", "step_size", "sigma", "kernel",
                                                                 "steps", "scheduler", "dtype", "model")},
+                    **out.stats(i),
                 }
-                if out.max_kernel is not None:
-                    record["max_kernel"] = round(float(out.max_kernel[i]), 6)
-                    record["min_distance"] = round(float(out.min_distance[i]), 6)
-                if out.steered_steps is not None:
-                    record["steered_steps"] = int(out.steered_steps[i])
                 folder.append_manifest(record)
                 bar.update(1)
     return folder

@@ -44,6 +44,16 @@ class TraSCEOutput:
     min_distance: torch.Tensor | None = None
     steered_steps: torch.Tensor | None = None
 
+    def stats(self, i: int) -> dict[str, float | int]:
+        """Image ``i``'s statistics as plain numbers, for a manifest (only those the mode has)."""
+        stats: dict[str, float | int] = {}
+        if self.max_kernel is not None:
+            stats["max_kernel"] = round(float(self.max_kernel[i]), 6)
+            stats["min_distance"] = round(float(self.min_distance[i]), 6)
+        if self.steered_steps is not None:
+            stats["steered_steps"] = int(self.steered_steps[i])
+        return stats
+
 
 def embedded_model_path() -> Path:
     """The folder of the embedded toy model shipped inside the package."""
