@@ -139,14 +139,13 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     rows: list[BenchRow] = []
     calls = []
-    weights: list[float] = []
-    pipe32 = None
+    model_gib = {dtype: weights_gib(pipe)}  # each loaded pipeline's weights, by its dtype
 
     def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
             settings: dict | None = None) -> None:
         rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note))
         calls.append(fn)
-        weights.append(weights_gib(pipe32 if row_dtype != dtype else pipe))
+
 
     def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts) -> None:
         add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
@@ -181,6 +180,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.
         pipe32 = pipe if torch_dtype == torch.float32 else load_for_bench(model, torch.float32, dev)
         pipe32.set_progress_bar_config(disable=True)
+        model_gib["fp32"] = weights_gib(pipe32)
 
         def released_call():
             embed = [pipe32.encode_prompt([t], dev, 1, False)[0] for t in ("", prompt, concept)]
@@ -204,9 +204,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             print(f"timed round {round_}/{repeats}", flush=True)
 
     measured = time_round_robin(calls, dev, repeats, progress)
-    for row, (seconds, working, output), model_gib in zip(rows, measured, weights, strict=True):
+    for row, (seconds, working, output) in zip(rows, measured, strict=True):
         row.seconds_per_image = seconds / row.batch_size
-        row.peak_memory_gib = None if working is None else model_gib + working
+        row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
         steered = getattr(output, "steered_steps", None)
         row.backward_passes = None if steered is None else steered.float().mean().item()
     plain = {(r.dtype, r.batch_size): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}

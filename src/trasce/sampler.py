@@ -194,6 +194,9 @@ def sample(
     everyone = torch.arange(batch, device=latents.device)
     start, end = settings.steer_window
     n = len(timesteps)
+    # The unsteered steps' branches and their conditioning, the same at every step.
+    names = settings.branches
+    all_cond = cat_cond(*({"0": cond_0, "p": cond_p, "c": cond_c}[b] for b in names))
 
     for i, t in enumerate(timesteps):
         steer_now = settings.steers and start * n <= i < end * n
@@ -201,12 +204,9 @@ def sample(
         step = Step(index=i, timestep=t, latents=latents)
 
         if not steer_now:
-            names = settings.branches
-            conds = {"0": cond_0, "p": cond_p, "c": cond_c}
             model_input = scale_model_input(scheduler, torch.cat([latents] * len(names)), t)
             with torch.no_grad():
-                preds = dict(zip(names, denoise(model_input, t, cat_cond(*(conds[b] for b in names)))
-                                 .chunk(len(names)), strict=True))
+                preds = dict(zip(names, denoise(model_input, t, all_cond).chunk(len(names)), strict=True))
             steered_latents = latents
             if "c" in preds and "0" in preds:
                 step.distance = guidance.distance(preds["p"], preds["c"]) * factor

@@ -17,6 +17,7 @@ is sensible at 0 or n flagged images, unlike the normal approximation.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,15 @@ def require_path(value: str | Path | None, option: str, judge: str, what: str, f
     if not folder and not path.is_file():
         raise ValueError(f"{option} {path} is not a file; the {judge} judge needs {what}")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks), to name a judge's weights or prompts."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_device(device: str | None) -> str:

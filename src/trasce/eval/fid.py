@@ -16,12 +16,11 @@ resumes; the reference features are computed each time the summary is made.
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, require_path, resolve_device, value_row
+from trasce.eval.base import Context, file_sha256, require_path, resolve_device, value_row
 
 if TYPE_CHECKING:
     import numpy as np
@@ -145,7 +144,7 @@ class FIDJudge:
             raise ValueError(f"torchmetrics cannot build its FID Inception from {weights}: {first}") from error
         self.inception = metric.inception.to(resolve_device(device)).eval()
         self.weights = weights
-        self.weights_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+        self.weights_sha256 = file_sha256(weights)
         self.torchmetrics_version = getattr(torchmetrics, "__version__", None)
         self.batch_size = batch_size
 

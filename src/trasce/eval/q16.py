@@ -10,13 +10,12 @@ pickle the Q16 repository ships (read with an unpickler that only accepts numpy 
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, embeddings, load_clip, rate_entry, rate_row, require_path
+from trasce.eval.base import Context, embeddings, file_sha256, load_clip, rate_entry, rate_row, require_path
 from trasce.eval.clip_score import describe_clip
 from trasce.eval.nudenet import categories_of
 
@@ -89,7 +88,7 @@ class Q16Judge:
         require_path(clip_model, "--clip-model", self.name, "a transformers CLIP folder, ViT-L/14 in the papers")
         self.prompts = load_prompts(prompts)
         self.prompts_file = Path(prompts).expanduser()  # type: ignore[arg-type]
-        self.prompts_sha256 = hashlib.sha256(self.prompts_file.read_bytes()).hexdigest()
+        self.prompts_sha256 = file_sha256(self.prompts_file)
         self.model, self.processor, self.folder = load_clip(clip_model, self.name, device)
         self.clip = describe_clip(self.model, self.folder)
         if self.prompts.shape[1] != self.clip["projection_dim"]:

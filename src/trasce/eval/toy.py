@@ -13,12 +13,11 @@ push the first two down and leave the third (and the other attributes' agreement
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, rate_entry, rate_row
+from trasce.eval.base import Context, file_sha256, rate_entry, rate_row
 from trasce.toy.captions import VOCABULARY, agreement, mentioned, words
 
 if TYPE_CHECKING:
@@ -63,14 +62,6 @@ def mention_kind(caption: str, attribute: str, value: str) -> str:
     return "name" if f" {_phrase(value)} " in text else "alias"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ToyJudge:
     """The toy judge over a run folder; ``weights`` is a judge folder (default: the shipped one)."""
 
@@ -85,7 +76,7 @@ class ToyJudge:
             raise ValueError(f"{folder} has no {WEIGHTS_FILE}; is it a toy judge folder?")
         self.model = Judge.load(folder, device=device)
         self.weights = "shipped" if weights is None else str(folder)
-        self.weights_sha256 = _sha256(folder / WEIGHTS_FILE)
+        self.weights_sha256 = file_sha256(folder / WEIGHTS_FILE)
         self.concept = concept
         self.target = toy_concept(concept)
         self.batch_size = batch_size
