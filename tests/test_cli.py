@@ -1,6 +1,8 @@
 """``trasce generate`` end to end on a tiny random model saved to a folder."""
 
 import json
+import os
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -87,11 +89,16 @@ def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeyp
     assert [r["file"] for r in _manifest(out)] == ["images/00000.png"]
     monkeypatch.setattr(generate, "atomic_save_image", real_save)
     first = (out / "images" / "00000.png").stat().st_mtime_ns
+    # a half-written file a killed process left two hours ago, and one another process is writing now
+    stale, fresh = out / "images" / ".00001.png.abc.tmp", out / "images" / ".00002.png.def.tmp"
+    stale.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--batch-size", 1,
                 *BASE).exit_code == 0
     files = [r["file"] for r in _manifest(out)]
     assert files == ["images/00000.png", "images/00001.png", "images/00002.png"]
     assert (out / "images" / "00000.png").stat().st_mtime_ns == first  # not made again
+    assert not stale.exists() and fresh.exists()
     # a third run has nothing left to do and changes nothing
     assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, *BASE).exit_code == 0
     assert [r["file"] for r in _manifest(out)] == files

@@ -175,6 +175,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         if options.overwrite:
             folder.reset()
         folder.write_run_json(settings, force=options.overwrite)
+        folder.remove_stale_temp_files()  # what a killed run left half-written
     state.wait_for_everyone()
     rows = data.shard(rows, state.process_index, state.num_processes)
 

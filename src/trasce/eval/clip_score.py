@@ -91,6 +91,3 @@ def build(options: Mapping[str, Any], context: Context) -> ClipScoreJudge:
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
     return ClipScoreJudge(**kwargs)
-
-
-OPTIONS = ("clip_model",)

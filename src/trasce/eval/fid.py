@@ -233,6 +233,3 @@ def build(options: Mapping[str, Any], context: Context) -> FIDJudge:
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
     return FIDJudge(**kwargs)
-
-
-OPTIONS = ("inception_weights", "reference")

@@ -209,6 +209,3 @@ def build(options: Mapping[str, Any], context: Context) -> ImageNetJudge:
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
     return ImageNetJudge(**kwargs)
-
-
-OPTIONS = ("resnet_model",)

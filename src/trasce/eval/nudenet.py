@@ -268,6 +268,3 @@ def build(options: Mapping[str, Any], context: Context) -> NudeNetJudge:
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
     return NudeNetJudge(**kwargs)
-
-
-OPTIONS = ("classes", "threshold")

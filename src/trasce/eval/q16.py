@@ -165,6 +165,3 @@ def build(options: Mapping[str, Any], context: Context) -> Q16Judge:
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
     return Q16Judge(**kwargs)
-
-
-OPTIONS = ("clip_model", "q16_prompts")

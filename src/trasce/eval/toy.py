@@ -186,6 +186,3 @@ def build(options: Mapping[str, Any], context: Context) -> ToyJudge:
     if options.get("device"):
         kwargs["device"] = options["device"]
     return ToyJudge(**kwargs)
-
-
-OPTIONS = ("toy_judge",)
