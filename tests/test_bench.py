@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -66,3 +67,34 @@ def test_bench_refuses_real_prompts_with_random_weights():
     result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--near-prompt", "a nude"])
     assert result.exit_code == 2
     assert "--benign-prompt and --near-prompt need a trained model; 'tiny-sd' has random weights" in result.output
+
+
+@pytest.mark.slow
+def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
+    import trasce.bench
+    from trasce import sampler
+    from trasce.bench import run_bench
+
+    # aot_eager traces and differentiates the denoiser as inductor does, in seconds and without its CPU bugs.
+    compile_ = torch.compile
+    monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    kwargs = dict(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu", repeats=1,
+                  released=False, quiet=True, compile_mode="default")
+    result = run_bench(**kwargs)
+    assert result["compile"] == {"mode": "default", "gradient_check": "passed"}
+    compiled = {(r["method"], r["prompts"]): r for r in result["rows"] if r["compile_mode"] == "default"}
+    assert {key: r["backward_passes"] for key, r in compiled.items()} == {
+        ("plain CFG (diffusers)", "any"): None, ("trasce negation", "any"): None,
+        ("trasce exact", "any"): STEPS, ("trasce lazy", "benign"): 1}
+    plain = compiled[("plain CFG (diffusers)", "any")]["seconds_per_image"]
+    exact = compiled[("trasce exact", "any")]
+    assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against compiled plain CFG
+    assert "| trasce exact, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
+
+    monkeypatch.setattr(sampler._GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
+    torch._dynamo.reset()
+    result = run_bench(**kwargs)
+    assert result["compile"]["gradient_check"].startswith("failed: the compiled denoiser's steering gradient differs")
+    assert [r["method"] for r in result["rows"] if r["compile_mode"]] == ["plain CFG (diffusers)", "trasce negation"]
+    torch._dynamo.reset()

@@ -70,6 +70,37 @@ def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folde
             assert np.abs(a - b).max() <= 1, (other.name, name)
 
 
+@pytest.mark.slow
+def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradient(tiny_sd_folder, tmp_path,
+                                                                                   monkeypatch):
+    import torch
+
+    import trasce.pipeline
+    from trasce import sampler
+
+    prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\n")
+    out = tmp_path / "out"
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--end", 1,
+                *BASE).exit_code == 0
+    # aot_eager traces and differentiates the UNet as inductor does, in seconds and without its CPU bugs.
+    compile_ = torch.compile
+    monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampler._GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
+    result = CliRunner().invoke(main, [str(a) for a in ("generate", "--model", tiny_sd_folder, "--prompts", prompts,
+                                                        "--out", out, "--compile", "default", *BASE)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: the compiled denoiser's steering gradient differs from the uncompiled")
+    assert [r["prompt"] for r in _manifest(out)] == ["a red apple"]  # nothing written with a wrong gradient
+    monkeypatch.undo()
+    monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
+    torch._dynamo.reset()
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--compile", "default",
+                *BASE).exit_code == 0  # the same images up to rounding: compiling does not block resuming
+    assert [r["prompt"] for r in _manifest(out)] == ["a red apple", "a blue car"]
+    torch._dynamo.reset()
+
+
 def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeypatch):
     import trasce.generate as generate
 

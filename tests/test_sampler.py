@@ -6,7 +6,7 @@ from conftest import make_tiny_sd
 
 from trasce import TraSCEPipeline
 from trasce.reference import released_loop
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, CompiledGradientError, sample
 
 STEPS = 6
 
@@ -178,6 +178,101 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, mo
     monkeypatch.setattr(tiny_sd.unet, "_supports_gradient_checkpointing", False)
     with pytest.raises(ValueError, match="UNet2DConditionModel does not support gradient checkpointing"):
         trasce.enable_gradient_checkpointing()
+
+
+def test_the_denoiser_parameters_are_frozen_during_a_call_and_restored_after(tiny_sd):
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    tiny_sd.unet.conv_in.weight.requires_grad_(False)  # a user's own mix of flags comes back as it was
+    flags = [p.requires_grad for p in tiny_sd.unet.parameters()]
+    seen = []
+    kwargs = dict(num_inference_steps=2, output_type="latent", latents=_latents(tiny_sd, batch=1))
+    out = trasce(["a red apple"], callback=lambda step: seen.append(
+        any(p.requires_grad for p in tiny_sd.unet.parameters())), **kwargs)
+    assert seen == [False, False]
+    assert [p.requires_grad for p in tiny_sd.unet.parameters()] == flags
+    assert out.steered_steps.tolist() == [2]  # the steering gradient needs no parameter gradients
+    with pytest.raises(RuntimeError, match="stop"):
+        trasce(["a red apple"], callback=lambda step: (_ for _ in ()).throw(RuntimeError("stop")), **kwargs)
+    assert [p.requires_grad for p in tiny_sd.unet.parameters()] == flags
+
+
+def test_a_compiled_denoiser_is_detected_however_it_was_compiled(tiny_sd):
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
+    unet = tiny_sd.unet
+    assert not trasce.adapter.compiled
+    try:
+        tiny_sd.unet = torch.compile(unet)
+        assert trasce.adapter.compiled
+        with pytest.raises(ValueError, match="the pipeline's unet is already compiled"):
+            trasce.compile()
+        tiny_sd.unet = unet
+        unet.up_blocks[0].compile()  # one block, in place, as diffusers' compile_repeated_blocks does
+        assert trasce.adapter.compiled
+    finally:
+        tiny_sd.unet = unet
+        unet.up_blocks[0]._compiled_call_impl = None
+    assert not trasce.adapter.compiled
+
+
+def test_the_first_steering_gradient_is_checked_against_the_reference_denoiser(tiny_sd):
+    """The check that guards compiled denoisers, with a reference that agrees and one that does not."""
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    adapter, scheduler = trasce.adapter, tiny_sd.scheduler
+    x = _latents(tiny_sd, batch=2)
+    cond_p, cond_c = adapter.encode(["a red apple", "a blue car"]), adapter.encode(["an apple"] * 2)
+    cond_0 = adapter.encode_unconditional(2)
+    calls = []
+
+    def run(reference):
+        steps = sample(adapter.denoise, scheduler, x, cond_0, cond_p, cond_c, 7.5, trasce.settings, 3,
+                       reference_denoise=reference)
+        return [step.latents for step in steps][-1]
+
+    def counted(model_input, t, cond):
+        calls.append(len(model_input))
+        return adapter.denoise(model_input, t, cond)
+
+    plain = run(None)
+    assert torch.equal(run(counted), plain)
+    assert calls == [4]  # once per call: the prompt and concept branches of the 2 steered images
+    # A reference whose gradient is 1.1 times larger: |g - 1.1 g| / |1.1 g| = 1/11, over the 5 % tolerance.
+    # Its first step is the first of 3 DDIM steps over 1000 (steps_offset 1): timestep 667.
+    with pytest.raises(CompiledGradientError, match=r"differs from the uncompiled denoiser's by 9% "
+                                                    r"\(relative L2, 2 image\(s\) at timestep 667"):
+        run(lambda model_input, t, cond: adapter.denoise(model_input, t, cond) * 1.1)
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_steers_with_the_right_gradient_or_stops(tiny_sd):
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
+    prompts = ["a red apple", "a blue car"]
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    unet = tiny_sd.unet
+    reference = trasce(prompts, **kwargs)
+    try:
+        # aot_eager traces and differentiates the UNet as inductor does, without generating kernels: right.
+        torch._dynamo.reset()
+        trasce.compile(backend="aot_eager")
+        assert tiny_sd.unet._orig_mod is unet
+        compiled = trasce(prompts, **kwargs)
+        assert compiled.steered_steps.tolist() == [STEPS] * 2
+        assert torch.allclose(compiled.images, reference.images, atol=1e-4)
+        # inductor on CPU (torch 2.13) zeroes the input gradient through the up blocks: never a wrong image.
+        tiny_sd.unet = unet
+        torch._dynamo.reset()
+        trasce.compile()
+        try:
+            compiled = trasce(prompts, **kwargs)
+        except CompiledGradientError:
+            pass
+        else:
+            assert torch.allclose(compiled.images, reference.images, atol=1e-3)
+    finally:
+        tiny_sd.unet = unet
+        torch._dynamo.reset()
 
 
 def test_bad_arguments(tiny_sd):

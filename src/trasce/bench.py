@@ -13,6 +13,11 @@ weights the distance means nothing, so the two are emulated by forcing the lazy 
 norm, no backward pass) and ``lazy_tolerance=0`` (the kernel is "on": a backward pass every step).
 The exact path does not depend on the prompt. With a trained model, ``benign_prompt`` and
 ``near_prompt`` replace the emulation: those rows then run the default lazy path on those prompts.
+
+With ``compile_mode``, plain CFG and trasce's rows run once more with the denoiser swapped for
+``torch.compile(denoiser, mode=...)`` during each call, and their ratios are to compiled plain CFG.
+The compiled steering rows are timed only if a compiled exact call passes trasce's gradient check
+first; otherwise the result's ``compile`` entry says why they are missing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from trasce.models import StableDiffusionAdapter
 from trasce.pipeline import DTYPES, TraSCEPipeline, load_diffusers_pipeline
 from trasce.reference import released_loop
+from trasce.sampler import CompiledGradientError
 
 
 @dataclass
@@ -44,6 +50,7 @@ class BenchRow:
     backward_passes: float | None = None  # per image over the whole call, where the row steers
     settings: dict | None = None  # the EraseSettings of trasce's rows
     note: str = ""
+    compile_mode: str | None = None  # the row's denoiser ran torch.compiled in this mode
 
 
 def synchronize(device: torch.device) -> None:
@@ -107,7 +114,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
               concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
-              near_prompt: str | None = None, quiet: bool = False) -> dict:
+              near_prompt: str | None = None, compile_mode: str | None = None, quiet: bool = False) -> dict:
     """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
 
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
@@ -142,14 +149,31 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     model_gib = {dtype: weights_gib(pipe)}  # each loaded pipeline's weights, by its dtype
 
     def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
-            settings: dict | None = None) -> None:
-        rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note))
+            settings: dict | None = None, compiled: str | None = None) -> None:
+        rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note,
+                             compile_mode=compiled))
         calls.append(fn)
 
+    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
+                   compiled: str | None = None) -> None:
+        call = lambda: variant(texts, generator=generator(), **common)  # noqa: E731
+        add(method, kind, call if compiled is None else with_compiled(call), batch_size, note=note,
+            settings=asdict(variant.settings), compiled=compiled)
 
-    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts) -> None:
-        add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
-            settings=asdict(variant.settings))
+    attribute = trasce.adapter.denoiser_attribute
+    eager_denoiser = getattr(pipe, attribute)
+    compiled_denoiser = None if compile_mode is None else torch.compile(
+        eager_denoiser, mode=None if compile_mode == "default" else compile_mode)
+
+    def with_compiled(fn):
+        """``fn`` with the pipeline's denoiser swapped for the compiled one while it runs."""
+        def call():
+            setattr(pipe, attribute, compiled_denoiser)
+            try:
+                return fn()
+            finally:
+                setattr(pipe, attribute, eager_denoiser)
+        return call
 
     add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
     add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
@@ -175,6 +199,22 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             add_trasce("trasce lazy", kind, trasce, note=f"prompt {real_prompt!r}", texts=[real_prompt] * batch_size)
         else:
             add_trasce("trasce lazy", kind, trasce.with_settings(lazy_tolerance=forced), note=emulated.format(state))
+
+    compile_check = None
+    if compile_mode is not None:
+        add("plain CFG (diffusers)", "any", with_compiled(lambda: pipe(prompts, generator=generator(), **common)),
+            batch_size, compiled=compile_mode)
+        add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"), compiled=compile_mode)
+        exact_call = with_compiled(lambda: exact(prompts, generator=generator(), **common))
+        try:
+            exact_call()  # compiles the gradient call, and runs trasce's check of its gradient
+            compile_check = "passed"
+        except CompiledGradientError as error:
+            compile_check = f"failed: {error}"
+        if compile_check == "passed":
+            add_trasce("trasce exact", "any", exact, compiled=compile_mode)
+            add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
+                       note=emulated.format("off"), compiled=compile_mode)
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.
@@ -209,25 +249,30 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
         steered = getattr(output, "steered_steps", None)
         row.backward_passes = None if steered is None else steered.float().mean().item()
-    plain = {(r.dtype, r.batch_size): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
+    plain = {(r.dtype, r.batch_size, r.compile_mode): r.seconds_per_image for r in rows
+             if r.method == "plain CFG (diffusers)"}
     for r in rows:
-        base = plain.get((r.dtype, r.batch_size))
+        base = plain.get((r.dtype, r.batch_size, r.compile_mode))
         r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base else None
     machine = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    return {"model": model, "steps": steps, "height": h, "width": w, "repeats": repeats, "machine": machine,
-            "rows": [asdict(r) for r in rows]}
+    result = {"model": model, "steps": steps, "height": h, "width": w, "repeats": repeats, "machine": machine,
+              "rows": [asdict(r) for r in rows]}
+    if compile_mode is not None:
+        result["compile"] = {"mode": compile_mode, "gradient_check": compile_check}
+    return result
 
 
 def format_rows(result: dict) -> str:
     """A Markdown table of a ``run_bench`` result."""
     from trasce.report import markdown_table
 
-    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch)", "peak GiB",
+    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch, compile)", "peak GiB",
               "backward passes per image"]
-    rows = [[r["method"], r["prompts"], r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
+    rows = [[r["method"] + (f", compiled ({r['compile_mode']})" if r.get("compile_mode") else ""), r["prompts"],
+             r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
              "" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}",
              "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
              "" if r.get("backward_passes") is None else f"{r['backward_passes']:g}"] for r in result["rows"]]

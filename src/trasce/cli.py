@@ -16,6 +16,7 @@ from trasce.presets import PRESETS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class _Fail(click.ClickException):
@@ -31,10 +32,12 @@ def _guard(fn, *args, **kwargs):
     """Run ``fn``, turning the errors a user can cause into one-line messages."""
     from trasce.data import PromptFileError
     from trasce.runs import RunFolderError
+    from trasce.sampler import CompiledGradientError
 
     try:
         return fn(*args, **kwargs)
-    except (PromptFileError, RunFolderError, ValueError, FileNotFoundError, TypeError, OSError) as error:
+    except (PromptFileError, RunFolderError, CompiledGradientError, ValueError, FileNotFoundError, TypeError,
+            OSError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _Fail(message) from error
 
@@ -71,6 +74,9 @@ def _choice(values) -> click.Choice:
                    "launches, more backward work)")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="recompute the denoiser's activations in the steering backward pass (less memory, slower)")
+@click.option("--compile", "compile_mode", type=_choice(COMPILE_MODES),
+              help="torch.compile the denoiser in this mode (each call's first steering gradient is checked "
+                   "against the uncompiled denoiser)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")
@@ -151,19 +157,24 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
 @click.option("--preset", type=_choice(PRESETS), help="TraSCE settings [default: lambda = eta = sigma = 1]")
 @click.option("--benign-prompt", help="trained models: time the benign row on this prompt instead of emulating it")
 @click.option("--near-prompt", help="trained models: time the concept-near row on this prompt instead of emulating it")
+@click.option("--compile", "compile_mode", type=_choice(COMPILE_MODES),
+              help="also time plain CFG and trasce's rows with the denoiser torch.compiled in this mode")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the result here")
 def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, concept, preset,
-          benign_prompt, near_prompt, json_path) -> None:
+          benign_prompt, near_prompt, compile_mode, json_path) -> None:
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
     from trasce.bench import format_rows, run_bench, write_result
     from trasce.generate import pick_device
 
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
                     width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released,
-                    concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt)
+                    concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt,
+                    compile_mode=compile_mode)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
                f"{result['height']}x{result['width']}\n")
     click.echo(format_rows(result))
+    if "compile" in result:
+        click.echo(f"\ncompiled ({result['compile']['mode']}): gradient check {result['compile']['gradient_check']}")
     if json_path:
         write_result(result, json_path)
         click.echo(f"\nwrote {json_path}")

@@ -41,6 +41,7 @@ class GenerateOptions:
     exact: bool = False
     one_call: bool = False
     gradient_checkpointing: bool = False
+    compile_mode: str | None = None  # torch.compile's mode ("default" for its default), None: not compiled
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -153,6 +154,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         ).to(device)
     if options.gradient_checkpointing:
         pipe.enable_gradient_checkpointing()
+    if options.compile_mode and not pipe.adapter.compiled:
+        pipe.compile(mode=None if options.compile_mode == "default" else options.compile_mode)
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
     steps = options.steps if options.steps is not None else defaults.get("steps", 50)
@@ -162,7 +165,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
         "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
-        "one_call": pipe.settings.one_call, "gradient_checkpointing": options.gradient_checkpointing, "steps": steps,
+        "one_call": pipe.settings.one_call, "gradient_checkpointing": options.gradient_checkpointing,
+        "compile_mode": options.compile_mode, "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
         "images_per_prompt": options.images_per_prompt, "dtype": str(dtype).removeprefix("torch."),
         "height": height, "width": width, "prompts": str(options.prompts) if options.prompts else None,

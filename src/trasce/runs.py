@@ -62,13 +62,14 @@ IMAGE_SUFFIX = ".png"
 
 # Settings that may change between the sessions of one run without changing any image: which slice
 # or shard a process works on, how many prompts share a batch or a denoiser call, whether the backward
-# pass recomputes activations, where it runs, how much it prints.
+# pass recomputes activations, whether the denoiser is compiled, where it runs, how much it prints.
 VOLATILE_SETTINGS: tuple[str, ...] = (
     "start",
     "end",
     "batch_size",
     "one_call",
     "gradient_checkpointing",
+    "compile_mode",
     "quiet",
     "device",
     "process_index",

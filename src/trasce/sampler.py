@@ -142,6 +142,46 @@ def _step_kwargs(scheduler, generator) -> dict:
     return kwargs
 
 
+class CompiledGradientError(RuntimeError):
+    """A compiled denoiser's steering gradient disagrees with the uncompiled denoiser's."""
+
+
+class _GradientCheck:
+    """Holds a compiled denoiser's first steering gradient of a call against the uncompiled one's.
+
+    Compilers have shipped backward passes that are silently wrong while their forward passes are
+    right (torch 2.13's inductor on CPU zeroes the input gradient through diffusers' UNet up
+    blocks), and TraSCE's steering is exactly such an input gradient. One extra uncompiled
+    forward and backward pass of the steered images, once per call, catches it before any image
+    is steered with a wrong gradient.
+    """
+
+    #: largest relative L2 difference accepted (half-precision compiled kernels round differently)
+    tolerance = 0.05
+
+    def __init__(self, reference: Denoiser):
+        self.reference = reference
+        self.pending = True
+
+    def compare(self, scheduler, x: torch.Tensor, t: torch.Tensor, cond_p: Cond, cond_c: Cond, factor: float,
+                grad_d: torch.Tensor) -> None:
+        self.pending = False
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            model_input = scale_model_input(scheduler, torch.cat([x, x]), t)
+            pred_p, pred_c = self.reference(model_input, t, cat_cond(cond_p, cond_c)).chunk(2)
+            (expected,) = torch.autograd.grad((guidance.distance(pred_p, pred_c) * factor).sum(), x)
+        expected, grad_d = expected.float(), grad_d.float()
+        error = float((grad_d - expected).norm() / expected.norm().clamp_min(1e-12))
+        if not error <= self.tolerance:
+            raise CompiledGradientError(
+                f"the compiled denoiser's steering gradient differs from the uncompiled denoiser's by "
+                f"{error:.0%} (relative L2, {len(x)} image(s) at timestep {int(t)}; at most "
+                f"{self.tolerance:.0%} is accepted): torch {torch.__version__}'s compiler computes this "
+                "backward pass wrongly, so TraSCE cannot steer with it. Use the uncompiled denoiser, "
+                "or another torch.compile backend or mode")
+
+
 class _GradientNormEstimate:
     """Per-image running maximum of ``||dd/dx||``, the factor that ``update_bound`` needs.
 
@@ -175,12 +215,15 @@ def sample(
     num_inference_steps: int = 50,
     generator: torch.Generator | list[torch.Generator] | None = None,
     timesteps_set: bool = False,
+    reference_denoise: Denoiser | None = None,
 ) -> Iterator[Step]:
     """Denoise ``latents`` ``(B, ...)`` (already scaled by ``init_noise_sigma``), yielding each step.
 
     ``cond_0``/``cond_p``/``cond_c`` hold B images each (the concept may differ per image);
     ``guidance_scale`` is a float or a ``(B,)`` tensor. With ``timesteps_set`` the caller already
     called ``scheduler.set_timesteps`` (diffusers' pipelines do this before preparing latents).
+    ``reference_denoise``, given when ``denoise`` is compiled, is the uncompiled denoiser: the
+    first backward pass is checked against it (:class:`CompiledGradientError` if they disagree).
     """
     if not timesteps_set:
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
@@ -191,6 +234,7 @@ def sample(
         scale = scale.to(latents.device, torch.float32)
     step_kwargs = _step_kwargs(scheduler, generator)
     estimate = _GradientNormEstimate(batch, latents.device)
+    check = None if reference_denoise is None else _GradientCheck(reference_denoise)
     everyone = torch.arange(batch, device=latents.device)
     start, end = settings.steer_window
     n = len(timesteps)
@@ -213,7 +257,8 @@ def sample(
                 step.kernel = guidance.kernel(step.distance, settings.sigma, settings.kernel)
         else:
             preds, steered_latents, step = _steering_step(
-                denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings, factor, estimate, everyone, step
+                denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings, factor, estimate, everyone, step,
+                check,
             )
 
         guided = _combine(settings.mode, preds, scale)
@@ -234,7 +279,8 @@ def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
 
 
 def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings: EraseSettings,
-                   factor: float, estimate: _GradientNormEstimate, everyone: torch.Tensor, step: Step):
+                   factor: float, estimate: _GradientNormEstimate, everyone: torch.Tensor, step: Step,
+                   check: _GradientCheck | None = None):
     """One step with part 2: predictions, the steering update, and the bookkeeping in ``step``.
 
     Exact (``lazy_tolerance is None``): every image gets its backward pass. Lazy: an image whose
@@ -297,6 +343,8 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             # numbers as differentiating L): keeping dd/dx separate measures ||dd/dx|| even where
             # the kernel has underflowed to 0, which the lazy path's estimate needs.
             (grad_d,) = torch.autograd.grad(hot_d.sum(), x)
+        if check is not None and check.pending:
+            check.compare(scheduler, x, t, take_cond(cond_p, hot), take_cond(cond_c, hot), factor, grad_d)
         hot_d = hot_d.detach()
         dL_dd = guidance.loss_slope(hot_d, settings.loss_scale, settings.sigma, settings.kernel)
         hot_grad = dL_dd.reshape(-1, *([1] * (x.ndim - 1))) * grad_d.float()

@@ -19,6 +19,8 @@ class Adapter:
     pipeline_classes: tuple[str, ...] = ()
     #: human-readable family name, used in messages and reports
     family: str = ""
+    #: the pipeline attribute holding the denoiser (``pipe.unet``, ``pipe.transformer``)
+    denoiser_attribute: str = "unet"
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -58,7 +60,21 @@ class Adapter:
 
     @property
     def denoiser_module(self) -> torch.nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.denoiser_attribute)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether ``torch.compile`` reaches the denoiser: the module itself (``torch.compile(unet)``),
+        in place (``unet.compile()``) or any block of it (diffusers' ``compile_repeated_blocks``)."""
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+                   for m in self.denoiser_module.modules())
+
+    def denoise_uncompiled(self, model_input: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``denoise`` with every ``torch.compile`` directive ignored: the eager module's answer."""
+        with torch.compiler.set_stance("force_eager"):
+            return self.denoise(model_input, t, cond)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -45,6 +45,7 @@ class FluxAdapter(Adapter):
 
     pipeline_classes = ("FluxPipeline",)
     family = "FLUX.1"
+    denoiser_attribute = "transformer"
 
     def __init__(self, pipe, distilled_guidance: float = 3.5, max_sequence_length: int = 512):
         super().__init__(pipe)
@@ -54,10 +55,6 @@ class FluxAdapter(Adapter):
             warnings.warn("this FLUX transformer has no guidance embedding (FLUX.1-schnell?): schnell is distilled to "
                           "run without classifier-free guidance, so TraSCE's branches carry no signal to steer by",
                           stacklevel=2)
-
-    @property
-    def denoiser_module(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     def default_size(self) -> tuple[int, int]:
         size = self.pipe.default_sample_size * self.vae_scale_factor

@@ -47,14 +47,11 @@ class StableDiffusion3Adapter(Adapter):
 
     pipeline_classes = ("StableDiffusion3Pipeline",)
     family = "Stable Diffusion 3"
+    denoiser_attribute = "transformer"
 
     def __init__(self, pipe, max_sequence_length: int = 256):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length
-
-    @property
-    def denoiser_module(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.pipe.transformer.config.patch_size
