@@ -148,18 +148,6 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     calls = []
     model_gib = {dtype: weights_gib(pipe)}  # each loaded pipeline's weights, by its dtype
 
-    def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
-            settings: dict | None = None, compiled: str | None = None) -> None:
-        rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note,
-                             compile_mode=compiled))
-        calls.append(fn)
-
-    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
-                   compiled: str | None = None) -> None:
-        call = lambda: variant(texts, generator=generator(), **common)  # noqa: E731
-        add(method, kind, call if compiled is None else with_compiled(call), batch_size, note=note,
-            settings=asdict(variant.settings), compiled=compiled)
-
     attribute = trasce.adapter.denoiser_attribute
     eager_denoiser = getattr(pipe, attribute)
     compiled_denoiser = None if compile_mode is None else torch.compile(
@@ -174,6 +162,18 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             finally:
                 setattr(pipe, attribute, eager_denoiser)
         return call
+
+    def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
+            settings: dict | None = None, compiled: str | None = None) -> None:
+        rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note,
+                             compile_mode=compiled))
+        calls.append(fn)
+
+    def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
+                   compiled: str | None = None) -> None:
+        call = lambda: variant(texts, generator=generator(), **common)  # noqa: E731
+        add(method, kind, call if compiled is None else with_compiled(call), batch_size, note=note,
+            settings=asdict(variant.settings), compiled=compiled)
 
     add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
     add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,

@@ -109,8 +109,9 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
     """Turn ``requires_grad`` off on ``module``'s parameters for the block, then restore each flag.
 
     The steering backward pass wants ``dd/dx`` only. Parameters that require gradients make autograd
-    keep the inputs of every layer for weight gradients nobody reads (8 % more memory for SD v1.4's
-    UNet), and make a ``torch.compile``d denoiser compute those weight gradients in its backward.
+    keep the inputs of every layer for weight gradients nobody reads (one exact step of SD v1.4 at
+    512 px on a CPU: 4.13 GiB against 3.69), and make a ``torch.compile``d denoiser compute those
+    weight gradients in its backward.
     """
     flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
     for parameter, _ in flags:
@@ -212,8 +213,8 @@ class TraSCEPipeline:
 
         A compiled denoiser, compiled here or by the user, has its first steering gradient of every
         call checked against the uncompiled module's (one more forward and backward pass per call):
-        compilers have shipped wrong backward passes (torch 2.13's inductor on CPU, for diffusers'
-        UNet), and the call stops with ``CompiledGradientError`` rather than steer with one.
+        compilers have shipped wrong backward passes (torch 2.13's inductor on CPU, for a small
+        diffusers UNet), and the call stops with ``CompiledGradientError`` rather than steer with one.
         """
         name = self.adapter.denoiser_attribute
         if self.adapter.compiled:
