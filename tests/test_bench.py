@@ -92,9 +92,20 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against compiled plain CFG
     assert "| trasce exact, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
 
-    monkeypatch.setattr(sampler._GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
+    monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
     torch._dynamo.reset()
     result = run_bench(**kwargs)
-    assert result["compile"]["gradient_check"].startswith("failed: the compiled denoiser's steering gradient differs")
+    assert result["compile"]["gradient_check"].startswith("failed: the compiled denoiser's backward pass differs")
     assert [r["method"] for r in result["rows"] if r["compile_mode"]] == ["plain CFG (diffusers)", "trasce negation"]
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, mode: compile_(module, backend=no_compiler))
+    torch._dynamo.reset()
+    result = run_bench(**kwargs)
+    assert result["compile"]["gradient_check"].startswith("did not run: ")
+    assert "no C++ compiler" in result["compile"]["gradient_check"]
+    assert not [r for r in result["rows"] if r["compile_mode"]]  # the other rows are all there
+    assert {r["method"] for r in result["rows"]} >= {"plain CFG (diffusers)", "trasce exact", "trasce lazy"}
     torch._dynamo.reset()

@@ -86,11 +86,11 @@ def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradie
     compile_ = torch.compile
     monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
     torch._dynamo.reset()
-    monkeypatch.setattr(sampler._GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
+    monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
     result = CliRunner().invoke(main, [str(a) for a in ("generate", "--model", tiny_sd_folder, "--prompts", prompts,
                                                         "--out", out, "--compile", "default", *BASE)])
     assert result.exit_code == 2
-    assert result.output.startswith("error: the compiled denoiser's steering gradient differs from the uncompiled")
+    assert result.output.startswith("error: the compiled denoiser's backward pass differs from the uncompiled")
     assert [r["prompt"] for r in _manifest(out)] == ["a red apple"]  # nothing written with a wrong gradient
     monkeypatch.undo()
     monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
@@ -99,6 +99,14 @@ def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradie
                 *BASE).exit_code == 0  # the same images up to rounding: compiling does not block resuming
     assert [r["prompt"] for r in _manifest(out)] == ["a red apple", "a blue car"]
     torch._dynamo.reset()
+    monkeypatch.undo()
+    eager = tmp_path / "eager"
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", eager, *BASE).exit_code == 0
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(folder / "images" / "00001.png"), dtype=float) for folder in (out, eager))
+    assert np.abs(a - b).max() <= 1
 
 
 def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """The sampler against the literal released loop and against diffusers' own pipeline."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import make_tiny_sd
 
 from trasce import TraSCEPipeline
 from trasce.reference import released_loop
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, CompiledGradientError, sample
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, CompiledGradientError, GradientCheck, sample
 
 STEPS = 6
 
@@ -209,39 +211,63 @@ def test_a_compiled_denoiser_is_detected_however_it_was_compiled(tiny_sd):
         tiny_sd.unet = unet
         unet.up_blocks[0].compile()  # one block, in place, as diffusers' compile_repeated_blocks does
         assert trasce.adapter.compiled
+        unet.up_blocks[0]._compiled_call_impl = None
+        assert not trasce.adapter.compiled
+        unet.forward = torch.compile(unet.forward)
+        assert trasce.adapter.compiled
     finally:
         tiny_sd.unet = unet
         unet.up_blocks[0]._compiled_call_impl = None
+        unet.__dict__.pop("forward", None)
     assert not trasce.adapter.compiled
 
 
-def test_the_first_steering_gradient_is_checked_against_the_reference_denoiser(tiny_sd):
+def test_every_new_shape_of_the_steering_call_is_checked_once_against_the_reference(tiny_sd, monkeypatch):
     """The check that guards compiled denoisers, with a reference that agrees and one that does not."""
+    import trasce.sampler as sampler
+
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
                                       lazy_tolerance=None)
     adapter, scheduler = trasce.adapter, tiny_sd.scheduler
-    x = _latents(tiny_sd, batch=2)
-    cond_p, cond_c = adapter.encode(["a red apple", "a blue car"]), adapter.encode(["an apple"] * 2)
-    cond_0 = adapter.encode_unconditional(2)
-    calls = []
+    prompts = ["a red apple", "a blue car", "an apple"]
+    x = _latents(tiny_sd, batch=3)
+    cond_p, cond_c = adapter.encode(prompts), adapter.encode(["an apple"] * 3)
+    cond_0 = adapter.encode_unconditional(3)
+    checked, gradient_calls = [], []
 
-    def run(reference):
-        steps = sample(adapter.denoise, scheduler, x, cond_0, cond_p, cond_c, 7.5, trasce.settings, 3,
-                       reference_denoise=reference)
+    def run(settings, check):
+        def denoise(model_input, t, cond):
+            if torch.is_grad_enabled():
+                gradient_calls.append(len(model_input))
+            return adapter.denoise(model_input, t, cond)
+
+        steps = sample(denoise, scheduler, x, cond_0, cond_p, cond_c, 7.5, settings, STEPS, gradient_check=check)
         return [step.latents for step in steps][-1]
 
-    def counted(model_input, t, cond):
-        calls.append(len(model_input))
+    def reference(model_input, t, cond):
+        checked.append(len(model_input))
         return adapter.denoise(model_input, t, cond)
 
-    plain = run(None)
-    assert torch.equal(run(counted), plain)
-    assert calls == [4]  # once per call: the prompt and concept branches of the 2 steered images
-    # A reference whose gradient is 1.1 times larger: |g - 1.1 g| / |1.1 g| = 1/11, over the 5 % tolerance.
-    # Its first step is the first of 3 DDIM steps over 1000 (steps_offset 1): timestep 667.
-    with pytest.raises(CompiledGradientError, match=r"differs from the uncompiled denoiser's by 9% "
-                                                    r"\(relative L2, 2 image\(s\) at timestep 667"):
-        run(lambda model_input, t, cond: adapter.denoise(model_input, t, cond) * 1.1)
+    plain = run(trasce.settings, None)
+    check = GradientCheck(reference)
+    assert torch.equal(run(trasce.settings, check), plain)
+    assert checked == [6]  # the prompt and concept rows of the 3 steered images, once
+    run(trasce.settings, check)
+    assert checked == [6]  # that shape passed: not checked again
+    run(replace(trasce.settings, one_call=True), check)
+    assert checked == [6, 9]  # one call: the empty prompt's rows ride along, a new shape
+    # Lazy steering with a zero gradient-norm estimate: images go cold and the gradient call shrinks.
+    monkeypatch.setattr(sampler._GradientNormEstimate, "bound", lambda self: self.value * 0)
+    gradient_calls.clear()
+    run(replace(trasce.settings, lazy_tolerance=1e-3), check)
+    new_shapes = set(gradient_calls) - {6}
+    assert new_shapes and sorted(checked[2:]) == sorted(new_shapes)  # each new shape, once
+    # A reference whose products are 1.1 times larger: |g - 1.1 g| / |1.1 g| = 1/11, over the 5 % tolerance.
+    # Its first step is the first of 6 DDIM steps 1000 // 6 = 166 apart, plus steps_offset 1: 5 * 166 + 1 = 831.
+    with pytest.raises(CompiledGradientError, match=r"differs from the uncompiled denoiser's by 9% \(relative L2 "
+                                                    r"of a random vector-Jacobian product over 3 image\(s\) at "
+                                                    r"timestep 831"):
+        run(trasce.settings, GradientCheck(lambda model_input, t, cond: adapter.denoise(model_input, t, cond) * 1.1))
 
 
 @pytest.mark.slow

@@ -75,8 +75,8 @@ def _choice(values) -> click.Choice:
 @click.option("--gradient-checkpointing", is_flag=True,
               help="recompute the denoiser's activations in the steering backward pass (less memory, slower)")
 @click.option("--compile", "compile_mode", type=_choice(COMPILE_MODES),
-              help="torch.compile the denoiser in this mode (each call's first steering gradient is checked "
-                   "against the uncompiled denoiser)")
+              help="torch.compile the denoiser in this mode (its backward pass is checked against the uncompiled "
+                   "denoiser's once per shape)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")

@@ -209,12 +209,15 @@ class TraSCEPipeline:
 
         ``options`` are ``torch.compile``'s (``mode="reduce-overhead"``, ``fullgraph=True``...). Every
         pipeline sharing ``self.pipe`` then runs the compiled denoiser, plain generation included.
-        The first call of each batch shape, and the first with gradients, compiles (minutes).
+        The first call of each batch shape, and the first with gradients, compiles (minutes); trasce
+        calls run with the parameters frozen, so diffusers' own calls (parameters as they were)
+        compile once more.
 
-        A compiled denoiser, compiled here or by the user, has its first steering gradient of every
-        call checked against the uncompiled module's (one more forward and backward pass per call):
-        compilers have shipped wrong backward passes (torch 2.13's inductor on CPU, for a small
-        diffusers UNet), and the call stops with ``CompiledGradientError`` rather than steer with one.
+        A compiled denoiser, compiled here or by the user, has its backward pass checked against the
+        uncompiled module's before the first steering call of each shape (``GradientCheck``: two
+        more forward and backward passes, once per shape). Compilers have shipped wrong backward
+        passes (torch 2.13's inductor on CPU), and the call stops with ``CompiledGradientError``
+        rather than steer with one.
         """
         name = self.adapter.denoiser_attribute
         if self.adapter.compiled:
@@ -297,9 +300,9 @@ class TraSCEPipeline:
         """Run the sampler over ``x``; return the final latents and the per-image statistics (on the CPU)."""
         scheduler = self.pipe.scheduler
         max_kernel = min_distance = steered = None
-        reference = self.adapter.denoise_uncompiled if self.adapter.compiled else None
         steps = sample(self.adapter.denoise, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,
-                       num_inference_steps, generator=generator, timesteps_set=True, reference_denoise=reference)
+                       num_inference_steps, generator=generator, timesteps_set=True,
+                       gradient_check=self.adapter.gradient_check())
         if progress:
             from tqdm.auto import tqdm
 

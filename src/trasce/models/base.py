@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trasce.sampler import Cond
+from trasce.sampler import Cond, GradientCheck
 
 
 class Adapter:
@@ -62,14 +62,32 @@ class Adapter:
     def denoiser_module(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_attribute)
 
-    @property
-    def compiled(self) -> bool:
-        """Whether ``torch.compile`` reaches the denoiser: the module itself (``torch.compile(unet)``),
-        in place (``unet.compile()``) or any block of it (diffusers' ``compile_repeated_blocks``)."""
+    def _compiled_parts(self) -> tuple[int, ...]:
+        """Identities of the denoiser's parts that ``torch.compile`` reaches: the module itself
+        (``torch.compile(unet)``), in place (``unet.compile()``), through its ``forward``
+        (``unet.forward = torch.compile(unet.forward)``) or block by block (diffusers'
+        ``compile_repeated_blocks``)."""
         from torch._dynamo.eval_frame import OptimizedModule
 
-        return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-                   for m in self.denoiser_module.modules())
+        return tuple(id(m) for m in self.denoiser_module.modules()
+                     if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+                     or hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable"))
+
+    @property
+    def compiled(self) -> bool:
+        """Whether ``torch.compile`` reaches any part of the denoiser."""
+        return bool(self._compiled_parts())
+
+    def gradient_check(self) -> GradientCheck | None:
+        """The check that holds a compiled denoiser's backward pass to the uncompiled one (``None``
+        when nothing is compiled). It remembers the shapes that passed while the same parts stay
+        compiled."""
+        parts = self._compiled_parts()
+        if not parts:
+            return None
+        if getattr(self, "_check_parts", None) != parts:
+            self._check, self._check_parts = GradientCheck(self.denoise_uncompiled), parts
+        return self._check
 
     def denoise_uncompiled(self, model_input: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """``denoise`` with every ``torch.compile`` directive ignored: the eager module's answer."""
