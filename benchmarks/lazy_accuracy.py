@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -22,23 +21,18 @@ from trasce import TraSCEPipeline
 from trasce.generate import model_defaults
 from trasce.toy import world
 from trasce.toy.judge import Judge
-from trasce.toy.prompts import prompt_sets
+from trasce.toy.prompts import add_speed_arguments, speed_prompt_sets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concept", default="circle")
-    parser.add_argument("--preset", default="toy-shape")
-    parser.add_argument("--n", type=int, default=24)
+    add_speed_arguments(parser, n=24)
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
-    parser.add_argument("--seed", type=int, default=200)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     defaults = model_defaults("toy")
     steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
-    sets = prompt_sets(args.concept, args.n, "test", args.seed)
-    sets = {"concept-near": sets["target"], "benign": sets["other"]}
+    sets = speed_prompt_sets(args.concept, args.n, args.seed)
     exact = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
     results = {"concept": args.concept, "steps": steps, "guidance_scale": scale, "settings": vars(exact.settings),
                "rows": []}

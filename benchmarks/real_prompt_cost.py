@@ -16,29 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
 
 import torch
 
 from trasce import TraSCEPipeline
 from trasce.bench import time_round_robin
 from trasce.generate import model_defaults
-from trasce.toy.prompts import prompt_sets
+from trasce.toy.prompts import add_speed_arguments, speed_prompt_sets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concept", default="circle")
-    parser.add_argument("--preset", default="toy-shape")
-    parser.add_argument("--n", type=int, default=16, help="prompts per set, generated as one batch")
+    add_speed_arguments(parser, n=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=200)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     defaults = model_defaults("toy")
     steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
-    sets = prompt_sets(args.concept, args.n, "test", args.seed)
+    sets = speed_prompt_sets(args.concept, args.n, args.seed)
     trasce = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
     trasce.pipe.set_progress_bar_config(disable=True)
     device = torch.device("cpu")
@@ -46,7 +41,7 @@ def main() -> None:
     variants = {"plain CFG (diffusers)": trasce.pipe, "trasce negation": trasce.with_settings(mode="negation"),
                 "trasce exact": trasce.with_settings(lazy_tolerance=None), "trasce lazy (default)": trasce}
     rows = []
-    for kind, prompts in (("concept-near", sets["target"]), ("benign", sets["other"])):
+    for kind, prompts in sets.items():
         def call(pipe, prompts=prompts):
             def run():  # the same seeds at every call
                 generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
