@@ -143,7 +143,7 @@ def _step_kwargs(scheduler, generator) -> dict:
 
 
 class CompiledGradientError(RuntimeError):
-    """A compiled denoiser's steering gradient disagrees with the uncompiled denoiser's."""
+    """A compiled denoiser's backward pass disagrees with the uncompiled denoiser's."""
 
 
 class GradientCheck:

@@ -24,6 +24,8 @@ class Adapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self._check: GradientCheck | None = None
+        self._check_parts: tuple[int, ...] = ()  # the compiled parts that self._check was made for
 
     # -- conditioning and denoising -------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Cond:
@@ -85,7 +87,7 @@ class Adapter:
         parts = self._compiled_parts()
         if not parts:
             return None
-        if getattr(self, "_check_parts", None) != parts:
+        if self._check is None or self._check_parts != parts:
             self._check, self._check_parts = GradientCheck(self.denoise_uncompiled), parts
         return self._check
 
