@@ -300,3 +300,17 @@ def test_real_size_architectures_have_their_published_sizes():
         adapter = adapter_for(pipe)
         assert adapter.default_size() == (1024, 1024)
         assert adapter.latent_shape(1024, 1024) == latent
+
+
+def test_sd14_narrow_has_sd14_topology():
+    """``sd14-narrow`` (for counting SD v1.4's operator calls cheaply) differs from ``sd14`` in widths only."""
+    sd14, narrow = (build(arch, device="meta") for arch in ("sd14", "sd14-narrow"))
+    assert 0.85 < sum(p.numel() for p in sd14.unet.parameters()) / 1e9 < 0.87  # SD v1.4 UNet: 860M
+
+    def topology(pipe):
+        modules = [*pipe.unet.named_modules(), *pipe.text_encoder.named_modules(), *pipe.vae.named_modules()]
+        return [(name, type(m).__name__, getattr(m, "heads", None), getattr(m, "num_heads", None))
+                for name, m in modules]
+
+    assert topology(narrow) == topology(sd14)
+    assert narrow.unet.config.block_out_channels == (32, 64, 128, 128)

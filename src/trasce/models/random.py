@@ -43,7 +43,13 @@ SD14_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, 
 SD21_UNET = dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), use_linear_projection=True)
 
-ARCHITECTURES = ("sd14", "sd21", "tiny-sd", "sdxl", "tiny-sdxl", "sd3", "tiny-sd3", "flux", "tiny-flux")
+# SD v1.4's topology (the same blocks, layers and heads, so the same operator calls per step) with
+# narrow layers (the UNet at a tenth of its widths): benchmarks/op_count.py counts SD v1.4's calls
+# with it in seconds.
+SD14_NARROW_UNET = dict(SD14_UNET, cross_attention_dim=96, block_out_channels=(32, 64, 128, 128))
+SD_VAE_NARROW = dict(SD_VAE, block_out_channels=(32, 64, 128, 128))
+
+ARCHITECTURES = ("sd14", "sd14-narrow", "sd21", "tiny-sd", "sdxl", "tiny-sdxl", "sd3", "tiny-sd3", "flux", "tiny-flux")
 
 
 def build_sd(arch: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -53,6 +59,10 @@ def build_sd(arch: str, dtype: torch.dtype = torch.float32, device: str | torch.
     if arch == "sd14":
         unet_config, text, prediction = SD14_UNET, dict(hidden=768, layers=12, heads=12, intermediate=3072), "epsilon"
         vae_config = SD_VAE
+    elif arch == "sd14-narrow":
+        unet_config, text, prediction = SD14_NARROW_UNET, dict(hidden=96, layers=12, heads=12, intermediate=384), \
+            "epsilon"
+        vae_config = SD_VAE_NARROW
     elif arch == "sd21":
         unet_config, text, prediction = SD21_UNET, dict(hidden=1024, layers=23, heads=16, intermediate=4096,
                                                          act="gelu"), "v_prediction"
@@ -229,8 +239,9 @@ def build_flux(arch: str, dtype: torch.dtype = torch.float32, device: str | torc
     return pipe
 
 
-BUILDERS = {"sd14": build_sd, "sd21": build_sd, "tiny-sd": build_sd, "sdxl": build_sdxl, "tiny-sdxl": build_sdxl,
-            "sd3": build_sd3, "tiny-sd3": build_sd3, "flux": build_flux, "tiny-flux": build_flux}
+BUILDERS = {"sd14": build_sd, "sd14-narrow": build_sd, "sd21": build_sd, "tiny-sd": build_sd,
+            "sdxl": build_sdxl, "tiny-sdxl": build_sdxl, "sd3": build_sd3, "tiny-sd3": build_sd3,
+            "flux": build_flux, "tiny-flux": build_flux}
 
 
 def build(arch: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
