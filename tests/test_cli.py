@@ -162,6 +162,10 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     ("prompt\na car\n", ("--scheduler", "heun"), "'heun' is not one of"),
     ("prompt\na car\n", ("--dtype", "fp8"), "'fp8' is not one of"),
     ("prompt\na car\n", ("--height", 60), "--height must be a positive multiple of 8, got 60"),
+    ("prompt\na car\n", ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
+    ("prompt\na car\n", ("--images-per-prompt", 0), "--images-per-prompt must be at least 1, got 0"),
+    ("prompt\na car\n", ("--sigma", 0), "sigma must be positive, got 0.0"),
+    (None, ("--prompt", "a car", "--prompt", " "), "--prompt number 2 is empty"),
     ("prompt\na car\n", ("--model", "{tmp}"), "is not a diffusers pipeline folder (no model_index.json)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_sd_folder, tmp_path, content, args, message):
@@ -169,9 +173,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_sd_folder, tmp_pat
     if content is not None:
         prompts.write_text(content)
     out = tmp_path / "out"
+    files = [] if "--prompts" in args or "--prompt" in args else ["--prompts", prompts]
     args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
     model = [] if "--model" in args else ["--model", tiny_sd_folder]
-    files = [] if "--prompts" in args else ["--prompts", prompts]
     result = CliRunner().invoke(main, ["generate", *map(str, model + files), "--out", str(out), *args,
                                        "--concept", "x", "--steps", "1", "--quiet"])
     assert result.exit_code == 2, result.output
@@ -179,3 +183,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_sd_folder, tmp_pat
     error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error_lines) <= 1
     assert not (out / "images").exists() or not any((out / "images").iterdir())
+
+
+def test_generate_without_prompts_says_what_to_give(tiny_sd_folder, tmp_path):
+    result = CliRunner().invoke(main, ["generate", "--model", tiny_sd_folder, "--out", str(tmp_path / "out"),
+                                       "--concept", "x", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "nothing to generate: give --prompt TEXT or --prompts FILE" in result.output
