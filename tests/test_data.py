@@ -275,6 +275,30 @@ def test_unsafe_case_names(tmp_path: Path, case: str) -> None:
     assert "is not a safe file name" in message
 
 
+def test_case_name_of_the_wrong_type(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", json.dumps({"prompt": "a", "case_number": [1]}) + "\n")
+    assert error_of(path) == f"{path}, row 1, column 'case_number': [1] cannot be used as a case name"
+
+
+@pytest.mark.parametrize("text, row, why", [
+    # without strict parsing, the rows after an unclosed quote became one prompt
+    ('prompt,evaluation_seed\na cat,1\n"a dog,2\nbird,3\n', 3, "unexpected end of data"),
+    # ... and these quotes were dropped: the prompt read 'Van Gogh style'
+    ('prompt\n"Van Gogh" style\n', 2, "',' expected after '\"'"),
+])
+def test_malformed_quotes_name_their_row(tmp_path: Path, text: str, row: int, why: str) -> None:
+    path = write(tmp_path, "p.csv", text)
+    assert error_of(path) == (
+        f"{path}, row {row}: cannot be parsed ({why}); a field that starts with '\"' must end with '\"' before "
+        "the next ',' or line end, and a '\"' inside it is written '\"\"'"
+    )
+
+
+def test_quotes_inside_an_unquoted_field_are_text(tmp_path: Path) -> None:
+    (row,) = read_prompts(write(tmp_path, "p.csv", 'prompt\na "quoted" word\n'))
+    assert row.prompt == 'a "quoted" word'
+
+
 @pytest.mark.parametrize("case", ["12", "a-b_c.d", "Case.7", "x y"])
 def test_safe_case_names(case: str) -> None:
     assert check_case_name(case) is None

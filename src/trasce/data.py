@@ -341,7 +341,9 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
     """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped."""
     # StringIO(newline="") splits only on real line ends (str.splitlines would also split on
     # U+2028 and friends inside prompts), which is what the csv module expects.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: the csv module would otherwise read an unclosed quote to the end of the file, every
+    # later row becoming part of one prompt, and drop the quotes of `"a" b` silently.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -375,8 +377,9 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
         except StopIteration:
             return
         except csv.Error as error:
-            # The csv module only fails on a quote left open at the end of the file.
-            collector.add(start, None, f"cannot be parsed ({error}); check for an unclosed '\"'")
+            collector.add(start, None, f"cannot be parsed ({error}); a field that starts with '\"' must end "
+                          f"with '\"' before the next {_delimiter_name(delimiter)} or line end, and a '\"' "
+                          "inside it is written '\"\"'")
             return
         line = reader.line_num
         if not any(cell.strip() for cell in cells):
@@ -391,6 +394,10 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
         # A short row (trailing empty cells dropped by an editor) reads as empty cells.
         cells = cells + [""] * (len(columns) - len(cells))
         yield start, dict(zip(columns, cells, strict=True))
+
+
+def _delimiter_name(delimiter: str) -> str:
+    return "tab" if delimiter == "\t" else repr(delimiter)
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
