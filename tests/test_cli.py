@@ -70,6 +70,22 @@ def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folde
             assert np.abs(a - b).max() <= 1, (other.name, name)
 
 
+def test_steer_window_limits_the_steered_steps(tiny_sd_folder, tmp_path):
+    prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\n")
+    base = ("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--exact", *BASE, "--steps", 4)
+    late, never, negation = tmp_path / "late", tmp_path / "never", tmp_path / "negation"
+    assert _run(*base, "--out", late, "--steer-window", 0.5, 1).exit_code == 0
+    assert _run(*base, "--out", never, "--steer-window", 0, 0).exit_code == 0
+    assert _run(*base, "--out", negation, "--mode", "negation").exit_code == 0
+    assert [r["steered_steps"] for r in _manifest(late)] == [2, 2]  # steps 2 and 3 of 0..3
+    assert [r["steered_steps"] for r in _manifest(never)] == [0, 0]
+    assert json.loads((late / "run.json").read_text())["settings"]["steer_window"] == [0.5, 1.0]
+    assert _manifest(late)[0]["settings"]["steer_window"] == [0.5, 1.0]
+    # never steering is part 1 alone
+    for name in ("00000.png", "00001.png"):
+        assert (never / "images" / name).read_bytes() == (negation / "images" / name).read_bytes()
+
+
 @pytest.mark.slow
 def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradient(tiny_sd_folder, tmp_path,
                                                                                    monkeypatch):
@@ -165,6 +181,8 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     ("prompt\na car\n", ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
     ("prompt\na car\n", ("--images-per-prompt", 0), "--images-per-prompt must be at least 1, got 0"),
     ("prompt\na car\n", ("--sigma", 0), "sigma must be positive, got 0.0"),
+    ("prompt\na car\n", ("--steer-window", 0.5, 0.2), "steer_window must be (start, end) with 0 <= start <= end"),
+    ("prompt\na car\n", ("--lazy-tolerance", -1), "lazy_tolerance must be at least 0 (or None: exact), got -1.0"),
     (None, ("--prompt", "a car", "--prompt", " "), "--prompt number 2 is empty"),
     ("prompt\na car\n", ("--model", "{tmp}"), "is not a diffusers pipeline folder (no model_index.json)"),
 ])

@@ -72,6 +72,9 @@ def _choice(values) -> click.Choice:
 @click.option("--one-call", is_flag=True,
               help="a steered image's three branches in one call under gradients (same images; fewer kernel "
                    "launches, more backward work)")
+@click.option("--steer-window", type=(float, float), default=(0.0, 1.0), show_default=True, metavar="START END",
+              help="steer only in this fraction of the steps: step i of n when START*n <= i < END*n "
+                   "(0 1: every step, as released)")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="recompute the denoiser's activations in the steering backward pass (less memory, slower)")
 @click.option("--compile", "compile_mode", type=_choice(COMPILE_MODES),

@@ -21,6 +21,9 @@ from trasce.pipeline import DTYPES, TraSCEPipeline
 from trasce.runs import RunFolder, atomic_save_image
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
+# The run settings that each manifest line repeats, so that an image's line alone says how it was made.
+IMAGE_SETTINGS = ("loss_scale", "step_size", "sigma", "kernel", "steer_window", "steps", "scheduler", "dtype", "model")
+
 
 @dataclass
 class GenerateOptions:
@@ -40,6 +43,7 @@ class GenerateOptions:
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     exact: bool = False
     one_call: bool = False
+    steer_window: tuple[float, float] = (0.0, 1.0)
     gradient_checkpointing: bool = False
     compile_mode: str | None = None  # torch.compile's mode ("default" for its default), None: not compiled
     steps: int | None = None
@@ -151,6 +155,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
             sigma=options.sigma, kernel=options.kernel,
             lazy_tolerance=None if options.exact else options.lazy_tolerance, one_call=options.one_call,
+            steer_window=tuple(options.steer_window),
         ).to(device)
     if options.gradient_checkpointing:
         pipe.enable_gradient_checkpointing()
@@ -165,7 +170,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
         "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
-        "one_call": pipe.settings.one_call, "gradient_checkpointing": options.gradient_checkpointing,
+        "one_call": pipe.settings.one_call, "steer_window": list(pipe.settings.steer_window),
+        "gradient_checkpointing": options.gradient_checkpointing,
         "compile_mode": options.compile_mode or ("compiled by the caller" if pipe.adapter.compiled else None),
         "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
@@ -208,8 +214,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                     "file": folder.image_file(row.case, k, n), "case": row.case, "k": k, "prompt": row.prompt,
                     "seed": row.seed, "guidance_scale": row.guidance_scale, "mode": pipe.settings.mode,
                     "concept": pipe.concept, "row": row.row, "extra": row.extra,
-                    "settings": {key: settings[key] for key in ("loss_scale", "step_size", "sigma", "kernel",
-                                                                "steps", "scheduler", "dtype", "model")},
+                    "settings": {key: settings[key] for key in IMAGE_SETTINGS},
                     **out.stats(i),
                 }
                 folder.append_manifest(record)

@@ -320,6 +320,8 @@ class TraSCEPipeline:
                 steered = s if steered is None else steered + s
             if callback is not None:
                 callback(step)
+        if steered is None and self.settings.steers:  # a steer window that held none of the steps
+            steered = torch.zeros(x.shape[0], dtype=torch.long)
         return (x, *(None if v is None else v.cpu() for v in (max_kernel, min_distance, steered)))
 
     @staticmethod

@@ -45,7 +45,8 @@ class EraseSettings:
     ``lazy_tolerance``: skip an image's backward pass at a step when the steering update it would
     get is estimated below this size, measured as the update's root mean square per latent element
     (so one number means the same for a 3x32x32 and a 16x128x128 latent); ``None`` is exact.
-    ``steer_window``: the fraction of steps ``(start, end)`` in which steering applies.
+    ``steer_window``: the fraction of steps ``(start, end)`` in which steering applies: step ``i``
+    of ``n`` steers when ``start * n <= i < end * n``.
     ``one_call``: evaluate a steered image's three branches in one denoiser call under gradients
     instead of two calls (the empty prompt without gradients, prompt and concept with). The same
     numbers; one call's kernel launches fewer, but the backward pass also runs through the empty
@@ -68,6 +69,12 @@ class EraseSettings:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
         if self.kernel not in ("exp", "gaussian"):
             raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
+        if self.lazy_tolerance is not None and not self.lazy_tolerance >= 0:
+            raise ValueError(f"lazy_tolerance must be at least 0 (or None: exact), got {self.lazy_tolerance}")
+        start, end = self.steer_window
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"steer_window must be (start, end) with 0 <= start <= end <= 1, fractions of the "
+                             f"steps; got ({start}, {end})")
 
     @property
     def steers(self) -> bool:
