@@ -69,6 +69,34 @@ def test_bench_refuses_real_prompts_with_random_weights():
     assert "--benign-prompt and --near-prompt need a trained model; 'tiny-sd' has random weights" in result.output
 
 
+def test_bench_channels_last_rows(monkeypatch):
+    import trasce.bench
+
+    formats = []  # per denoiser call: were its weights in channels-last format?
+    loaded = []
+    load = trasce.bench.load_for_bench
+
+    def load_and_watch(*args):
+        loaded.append(load(*args))
+        loaded[-1].unet.register_forward_pre_hook(lambda module, _: formats.append(
+            module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)))
+        return loaded[-1]
+
+    monkeypatch.setattr(trasce.bench, "load_for_bench", load_and_watch)
+    result = trasce.bench.run_bench(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu",
+                                    repeats=1, released=False, quiet=True, channels_last=True)
+    rows = {(r["method"], r["prompts"]): r for r in result["rows"] if r["memory_format"] == "channels_last"}
+    assert {key: r["backward_passes"] for key, r in rows.items()} == {
+        ("plain CFG (diffusers)", "any"): None, ("trasce exact", "any"): STEPS, ("trasce lazy", "benign"): 1}
+    plain = rows[("plain CFG (diffusers)", "any")]["seconds_per_image"]
+    exact = rows[("trasce exact", "any")]
+    assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against channels-last plain
+    assert "| trasce exact, channels-last | any | fp32 | 2 |" in trasce.bench.format_rows(result)
+    # the channels-last rows ran in that format, the other rows did not, and the format is restored
+    assert True in formats and False in formats
+    assert not loaded[0].unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.slow
 def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     import trasce.bench

@@ -182,6 +182,29 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, mo
         trasce.enable_gradient_checkpointing()
 
 
+def test_a_channels_last_denoiser_gives_the_same_images(tiny_sd):
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
+    prompts = ["a red apple", "a blue car"]
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    reference = trasce(prompts, **kwargs)
+    tiny_sd.unet.to(memory_format=torch.channels_last)
+    try:
+        assert tiny_sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        channels_last = trasce(prompts, **kwargs)
+    finally:
+        tiny_sd.unet.to(memory_format=torch.contiguous_format)
+    assert channels_last.steered_steps.tolist() == [STEPS] * 2
+    def relative(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    # another summation order in the convolutions: fp32 rounding, grown by six steered steps
+    assert relative(channels_last.images, reference.images) < 2e-5
+    # ... far below what steering changes, so that a wrong gradient would show
+    unsteered = trasce.with_settings(mode="negation")(prompts, **kwargs)
+    assert relative(unsteered.images, reference.images) > 1e-3
+
+
 def test_the_denoiser_parameters_are_frozen_during_a_call_and_restored_after(tiny_sd):
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
                                       lazy_tolerance=None)

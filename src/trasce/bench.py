@@ -18,6 +18,11 @@ With ``compile_mode``, plain CFG and trasce's rows run once more with the denois
 ``torch.compile(denoiser, mode=...)`` during each call, and their ratios are to compiled plain CFG.
 The compiled steering rows are timed only if a compiled exact call passes trasce's gradient check
 first, and no compiled row if that call fails otherwise; the result's ``compile`` entry says which.
+
+With ``channels_last``, plain CFG, the exact path and benign lazy rows run once more with the
+denoiser's weights in channels-last memory format during each call (converting them is part of the
+timed call, a copy of the convolution weights), and their ratios are to channels-last plain CFG;
+the first such row's time against the ordinary plain CFG row's says whether the format pays.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class BenchRow:
     settings: dict | None = None  # the EraseSettings of trasce's rows
     note: str = ""
     compile_mode: str | None = None  # the row's denoiser ran torch.compiled in this mode
+    memory_format: str | None = None  # "channels_last" when the row's denoiser ran in that format
 
 
 def synchronize(device: torch.device) -> None:
@@ -114,7 +120,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
               concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
-              near_prompt: str | None = None, compile_mode: str | None = None, quiet: bool = False) -> dict:
+              near_prompt: str | None = None, compile_mode: str | None = None, channels_last: bool = False,
+              quiet: bool = False) -> dict:
     """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
 
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
@@ -163,17 +170,30 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
                 setattr(pipe, attribute, eager_denoiser)
         return call
 
+    def in_channels_last(fn):
+        """``fn`` with the denoiser's weights in channels-last memory format while it runs."""
+        def call():
+            eager_denoiser.to(memory_format=torch.channels_last)
+            try:
+                return fn()
+            finally:
+                eager_denoiser.to(memory_format=torch.contiguous_format)
+        return call
+
     def add(method: str, kind: str, fn, batch: int, row_dtype: str = dtype, note: str = "",
-            settings: dict | None = None, compiled: str | None = None) -> None:
+            settings: dict | None = None, compiled: str | None = None, memory_format: str | None = None) -> None:
+        if compiled is not None:
+            fn = with_compiled(fn)
+        if memory_format is not None:
+            fn = in_channels_last(fn)
         rows.append(BenchRow(method, kind, row_dtype, batch, 0.0, None, None, settings=settings, note=note,
-                             compile_mode=compiled))
+                             compile_mode=compiled, memory_format=memory_format))
         calls.append(fn)
 
     def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
-                   compiled: str | None = None) -> None:
-        call = lambda: variant(texts, generator=generator(), **common)  # noqa: E731
-        add(method, kind, call if compiled is None else with_compiled(call), batch_size, note=note,
-            settings=asdict(variant.settings), compiled=compiled)
+                   compiled: str | None = None, memory_format: str | None = None) -> None:
+        add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
+            settings=asdict(variant.settings), compiled=compiled, memory_format=memory_format)
 
     add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
     add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
@@ -211,13 +231,21 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         except Exception as error:  # a compiler's failure is a result to report, not a reason to lose every row
             compile_check = f"did not run: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
         if not compile_check.startswith("did not run"):
-            add("plain CFG (diffusers)", "any", with_compiled(lambda: pipe(prompts, generator=generator(), **common)),
-                batch_size, compiled=compile_mode)
+            add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
+                compiled=compile_mode)
             add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"), compiled=compile_mode)
         if compile_check == "passed":
             add_trasce("trasce exact", "any", exact, compiled=compile_mode)
             add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
                        note=emulated.format("off"), compiled=compile_mode)
+
+    if channels_last:
+        format_ = "channels_last"
+        add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
+            memory_format=format_)
+        add_trasce("trasce exact", "any", exact, memory_format=format_)
+        add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
+                   note=emulated.format("off"), memory_format=format_)
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.
@@ -252,10 +280,12 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
         steered = getattr(output, "steered_steps", None)
         row.backward_passes = None if steered is None else steered.float().mean().item()
-    plain = {(r.dtype, r.batch_size, r.compile_mode): r.seconds_per_image for r in rows
-             if r.method == "plain CFG (diffusers)"}
+    def kind(r: BenchRow) -> tuple:
+        return r.dtype, r.batch_size, r.compile_mode, r.memory_format
+
+    plain = {kind(r): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
     for r in rows:
-        base = plain.get((r.dtype, r.batch_size, r.compile_mode))
+        base = plain.get(kind(r))
         r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base else None
     machine = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -272,9 +302,10 @@ def format_rows(result: dict) -> str:
     """A Markdown table of a ``run_bench`` result."""
     from trasce.report import markdown_table
 
-    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch, compile)", "peak GiB",
-              "backward passes per image"]
-    rows = [[r["method"] + (f", compiled ({r['compile_mode']})" if r.get("compile_mode") else ""), r["prompts"],
+    header = ["method", "prompts", "dtype", "batch", "s/image", "x plain (same dtype, batch, compile, format)",
+              "peak GiB", "backward passes per image"]
+    rows = [[r["method"] + (f", compiled ({r['compile_mode']})" if r.get("compile_mode") else "")
+             + (", channels-last" if r.get("memory_format") else ""), r["prompts"],
              r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
              "" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}",
              "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
