@@ -181,8 +181,9 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     ("prompt\na car\n", ("--batch-size", 0), "--batch-size must be at least 1, got 0"),
     ("prompt\na car\n", ("--images-per-prompt", 0), "--images-per-prompt must be at least 1, got 0"),
     ("prompt\na car\n", ("--sigma", 0), "sigma must be positive, got 0.0"),
-    ("prompt\na car\n", ("--steer-window", 0.5, 0.2), "steer_window must be (start, end) with 0 <= start <= end"),
-    ("prompt\na car\n", ("--lazy-tolerance", -1), "lazy_tolerance must be at least 0 (or None: exact), got -1.0"),
+    ("prompt\na car\n", ("--steer-window", 0.5, 0.2),
+     "--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), got 0.5 0.2"),
+    ("prompt\na car\n", ("--lazy-tolerance", -1), "--lazy-tolerance must be at least 0 (or give --exact), got -1"),
     (None, ("--prompt", "a car", "--prompt", " "), "--prompt number 2 is empty"),
     ("prompt\na car\n", ("--model", "{tmp}"), "is not a diffusers pipeline folder (no model_index.json)"),
 ])

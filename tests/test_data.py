@@ -277,20 +277,24 @@ def test_unsafe_case_names(tmp_path: Path, case: str) -> None:
 
 def test_case_name_of_the_wrong_type(tmp_path: Path) -> None:
     path = write(tmp_path, "p.jsonl", json.dumps({"prompt": "a", "case_number": [1]}) + "\n")
-    assert error_of(path) == f"{path}, row 1, column 'case_number': [1] cannot be used as a case name"
+    assert error_of(path) == (f"{path}, row 1, column 'case_number': [1] cannot be used as a case name; give a "
+                              "number or a text such as 'i2p-0012'")
 
 
-@pytest.mark.parametrize("text, row, why", [
+@pytest.mark.parametrize("name, text, row, why, line, delimiter", [
     # without strict parsing, the rows after an unclosed quote became one prompt
-    ('prompt,evaluation_seed\na cat,1\n"a dog,2\nbird,3\n', 3, "unexpected end of data"),
+    ("p.csv", 'prompt,evaluation_seed\na cat,1\n"a dog,2\nbird,3\n', 3, "unexpected end of data", "'\"a dog,2'",
+     "','"),
     # ... and these quotes were dropped: the prompt read 'Van Gogh style'
-    ('prompt\n"Van Gogh" style\n', 2, "',' expected after '\"'"),
+    ("p.csv", 'prompt\n"Van Gogh" style\n', 2, "',' expected after '\"'", "'\"Van Gogh\" style'", "','"),
+    ("p.csv", '"prompt" ,seed\na,1\n', 1, "',' expected after '\"'", "'\"prompt\" ,seed'", "','"),
+    ("p.tsv", 'prompt\tseed\n"a" b\t1\n', 2, "tab expected after '\"'", "'\"a\" b\\t1'", "tab"),
 ])
-def test_malformed_quotes_name_their_row(tmp_path: Path, text: str, row: int, why: str) -> None:
-    path = write(tmp_path, "p.csv", text)
+def test_malformed_quotes_name_their_row_and_line(tmp_path: Path, name, text, row, why, line, delimiter) -> None:
+    path = write(tmp_path, name, text)
     assert error_of(path) == (
-        f"{path}, row {row}: cannot be parsed ({why}); a field that starts with '\"' must end with '\"' before "
-        "the next ',' or line end, and a '\"' inside it is written '\"\"'"
+        f"{path}, row {row}: cannot be parsed ({why}): {line}; a field that starts with '\"' must end with '\"' "
+        f"before the next {delimiter} or line end, and a '\"' inside it is written '\"\"'"
     )
 
 

@@ -254,6 +254,14 @@ def test_run_json_mismatch(tmp_path: Path) -> None:
     folder.write_run_json({**SETTINGS, "steps": 30}, volatile=("steps",))
 
 
+def test_run_json_written_before_a_setting_existed_resumes_at_its_default(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    folder.write_run_json(SETTINGS)  # a run.json from before steer_window was recorded
+    folder.write_run_json({**SETTINGS, "steer_window": (0.0, 1.0)})  # the default: every step, as before
+    with pytest.raises(RunFolderError, match=r"'steer_window' was \[0.0, 1.0\], now \[0.5, 1.0\]"):
+        folder.write_run_json({**SETTINGS, "steer_window": (0.5, 1.0)})
+
+
 def test_run_json_force_overwrites(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path)
     folder.write_run_json(SETTINGS)

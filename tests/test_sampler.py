@@ -8,7 +8,7 @@ from conftest import make_tiny_sd
 
 from trasce import TraSCEPipeline
 from trasce.reference import released_loop
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, CompiledGradientError, GradientCheck, sample
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, CompiledGradientError, EraseSettings, GradientCheck, sample
 
 STEPS = 6
 
@@ -338,3 +338,16 @@ def test_bad_arguments(tiny_sd):
         TraSCEPipeline.from_pipe(tiny_sd, preset="style")
     with pytest.raises(TypeError, match="is not supported; trasce supports: StableDiffusionPipeline"):
         TraSCEPipeline.from_pipe(object(), concept="x")
+    with pytest.raises(ValueError, match=r"steer_window must be \(start, end\) .*; got \(0.1, 0.2, 0.3\)"):
+        TraSCEPipeline.from_pipe(tiny_sd, concept="x", steer_window=(0.1, 0.2, 0.3))
+
+
+@pytest.mark.parametrize("window, steps, expected", [
+    ((0.0, 1.0), 25, (0, 25)),
+    ((0.14, 1.0), 50, (7, 50)),  # 0.14 * 50 is 7.000000000000001 in floating point: step 7 is in
+    ((0.0, 0.14), 50, (0, 7)),  # ... and here it is out
+    ((0.3, 0.7), 4, (2, 3)),  # 1.2 <= i < 2.8
+    ((0.5, 0.5), 10, (5, 5)),  # empty
+])
+def test_steer_window_steps(window, steps, expected):
+    assert EraseSettings(steer_window=window).steered_steps(steps) == expected

@@ -281,7 +281,8 @@ def _rows_from_records(
         if CASE_COLUMN in record:
             case = _case_text(record[CASE_COLUMN])
             if case is None:
-                collector.add(row_number, CASE_COLUMN, f"{_show(record[CASE_COLUMN])} cannot be used as a case name")
+                collector.add(row_number, CASE_COLUMN, f"{_show(record[CASE_COLUMN])} cannot be used as a case name; "
+                                                        "give a number or a text such as 'i2p-0012'")
                 ok = False
                 case = ""
             else:
@@ -351,7 +352,7 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
             f"{collector.name}: empty file; expected a header row with one of {_quoted_list(PROMPT_COLUMNS)}"
         ) from None
     except csv.Error as error:
-        raise PromptFileError(f"{collector.name}, row 1: cannot be parsed ({error})") from None
+        raise PromptFileError(f"{collector.name}, row 1: {_unparsable(error, delimiter, text, 1)}") from None
 
     # pandas writes its index as an unnamed first column; give such columns a usable name.
     columns = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
@@ -377,9 +378,7 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
         except StopIteration:
             return
         except csv.Error as error:
-            collector.add(start, None, f"cannot be parsed ({error}); a field that starts with '\"' must end "
-                          f"with '\"' before the next {_delimiter_name(delimiter)} or line end, and a '\"' "
-                          "inside it is written '\"\"'")
+            collector.add(start, None, _unparsable(error, delimiter, text, start))
             return
         line = reader.line_num
         if not any(cell.strip() for cell in cells):
@@ -396,8 +395,13 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
         yield start, dict(zip(columns, cells, strict=True))
 
 
-def _delimiter_name(delimiter: str) -> str:
-    return "tab" if delimiter == "\t" else repr(delimiter)
+def _unparsable(error: csv.Error, delimiter: str, text: str, row: int) -> str:
+    """Why a row (counted from 1, the header's) cannot be parsed: the reader's reason, the line, how to quote."""
+    name = "tab" if delimiter == "\t" else repr(delimiter)
+    reason = str(error).replace(f"'{delimiter}'", name)
+    line = next((line for number, line in _lines(text) if number == row), "")
+    return (f"cannot be parsed ({reason}): {_show(line)}; a field that starts with '\"' must end with '\"' "
+            f"before the next {name} or line end, and a '\"' inside it is written '\"\"'")
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:

@@ -138,6 +138,12 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         raise ValueError(f"--images-per-prompt must be at least 1, got {options.images_per_prompt}")
     if options.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+    start, end = options.steer_window
+    if not 0 <= start <= end <= 1:
+        raise ValueError(f"--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), "
+                         f"got {start:g} {end:g}")
+    if options.lazy_tolerance is not None and not options.lazy_tolerance >= 0:
+        raise ValueError(f"--lazy-tolerance must be at least 0 (or give --exact), got {options.lazy_tolerance:g}")
     for name in ("height", "width"):
         value = getattr(options, name)
         if value is not None and (value <= 0 or value % 8):

@@ -76,6 +76,10 @@ VOLATILE_SETTINGS: tuple[str, ...] = (
     "num_processes",
 )
 
+# Settings added after run folders already existed, with the value that a run.json written without
+# them implies: such a run resumes when the new setting has that value.
+LATER_SETTINGS: dict[str, Any] = {"steer_window": [0.0, 1.0]}
+
 # Packages whose versions can change the pixels; recorded in run.json so a result can be reproduced.
 _VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers", "trasce")
 _TEMP_SUFFIX = ".tmp"
@@ -395,8 +399,8 @@ class RunFolder:
             if old is not None:
                 key = _first_difference(old["settings"], new_settings, frozenset(volatile))
                 if key is not None:
-                    before = old["settings"].get(key, _MISSING)
-                    after = new_settings.get(key, _MISSING)
+                    before = old["settings"].get(key, LATER_SETTINGS.get(key, _MISSING))
+                    after = new_settings.get(key, LATER_SETTINGS.get(key, _MISSING))
                     raise RunFolderError(
                         f"{self.path} holds a run with different settings: {key!r} was "
                         f"{_show(before)}, now {_show(after)}; use a new output folder or --overwrite"
@@ -471,8 +475,12 @@ def _parse_manifest_line(raw: bytes) -> dict[str, Any] | None:
 
 
 def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any], volatile: frozenset[str]) -> str | None:
-    """First key (sorted) whose value differs between two settings dicts, ignoring ``volatile``."""
+    """First key (sorted) whose value differs between two settings dicts, ignoring ``volatile``.
+
+    A key of ``LATER_SETTINGS`` that one side lacks has its default value there.
+    """
     for key in sorted((set(old) | set(new)) - volatile):
-        if old.get(key, _MISSING) != new.get(key, _MISSING):
+        missing = LATER_SETTINGS.get(key, _MISSING)
+        if old.get(key, missing) != new.get(key, missing):
             return key
     return None

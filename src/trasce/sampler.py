@@ -20,6 +20,7 @@ progress bars, previews and tests simple; the last yielded latents are the resul
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -71,10 +72,17 @@ class EraseSettings:
             raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
         if self.lazy_tolerance is not None and not self.lazy_tolerance >= 0:
             raise ValueError(f"lazy_tolerance must be at least 0 (or None: exact), got {self.lazy_tolerance}")
-        start, end = self.steer_window
-        if not 0 <= start <= end <= 1:
+        if len(self.steer_window) != 2 or not 0 <= self.steer_window[0] <= self.steer_window[1] <= 1:
             raise ValueError(f"steer_window must be (start, end) with 0 <= start <= end <= 1, fractions of the "
-                             f"steps; got ({start}, {end})")
+                             f"steps; got {tuple(self.steer_window)}")
+
+    def steered_steps(self, n: int) -> tuple[int, int]:
+        """The steps ``first <= i < last`` of ``n`` that ``steer_window`` holds.
+
+        ``start * n`` is rounded to 9 decimals first: 0.14 * 50 is 7.000000000000001 in floating
+        point, and step 7 belongs to the window that starts at 0.14.
+        """
+        return tuple(math.ceil(round(fraction * n, 9)) for fraction in self.steer_window)
 
     @property
     def steers(self) -> bool:
@@ -258,14 +266,13 @@ def sample(
     step_kwargs = _step_kwargs(scheduler, generator)
     estimate = _GradientNormEstimate(batch, latents.device)
     everyone = torch.arange(batch, device=latents.device)
-    start, end = settings.steer_window
-    n = len(timesteps)
+    first, last = settings.steered_steps(len(timesteps))
     # The unsteered steps' branches and their conditioning, the same at every step.
     names = settings.branches
     all_cond = cat_cond(*({"0": cond_0, "p": cond_p, "c": cond_c}[b] for b in names))
 
     for i, t in enumerate(timesteps):
-        steer_now = settings.steers and start * n <= i < end * n
+        steer_now = settings.steers and first <= i < last
         factor = noise_scale(scheduler, t)
         step = Step(index=i, timestep=t, latents=latents)
 
