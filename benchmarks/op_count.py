@@ -4,15 +4,17 @@
 
 On the H100 that timed `trasce bench` (README "Speed"), every row spent more CPU time launching
 kernels than the GPU spent running them, so a row cost about what its number of launches cost.
-This counts, on the CPU, the ATen operator calls that reach the dispatcher (forward and backward
-passes alike; each is one or more kernel launches on a GPU, except the views, counted apart). The
-count does not depend on the weights, the device or the image size, only on the architecture's
-topology and the batch's branches: ``sd14-narrow`` has SD v1.4's blocks, layers and heads at a
-tenth of its widths, so it counts what SD v1.4 launches, in seconds.
+This counts, on the CPU, the ATen operator calls that reach the dispatcher, forward and backward
+passes alike. On a GPU each is one or more kernel launches, except those that only make a view of
+a tensor (``is_view``, and ``_unsafe_view``), which are counted apart. The count does not depend
+on the weights, and only by a few calls on the image size and dtype: it follows the architecture's
+topology and the batch's branches. ``sd14-narrow`` has SD v1.4's blocks, layers and heads with
+narrow layers, so it counts what SD v1.4 launches in minutes on a CPU.
 
-Each row is called at ``--steps`` and twice as many steps; the difference gives the calls per
-step, the rest is what a call does once (text encoding, decoding). The ratio to plain CFG is given
-per step and for a whole call of ``--at`` steps.
+Each row is called at ``--steps`` and twice as many steps, with ``output_type="latent"`` (no VAE
+decoding); the difference gives the calls per step, the rest is what a call does once (text
+encoding). The ratio to plain CFG is given per step and for a whole call of ``--at`` steps.
+Syncs (the lazy path waits for the GPU to choose the images that take a backward pass) are not seen.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ import argparse
 import json
 from pathlib import Path
 
+import diffusers
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trasce import TraSCEPipeline
+from trasce.bench import CONCEPT, PROMPT, trasce_variants
 from trasce.models import random as random_models
+
+VIEWS_THAT_ARE_NOT_VIEWS = {torch.ops.aten._unsafe_view.default}  # a reshape's result: no copy, no launch
 
 
 class OperatorCount(TorchDispatchMode):
@@ -38,7 +44,7 @@ class OperatorCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += 1
-        self.views += bool(func.is_view)
+        self.views += bool(func.is_view or func in VIEWS_THAT_ARE_NOT_VIEWS)
         return func(*args, **(kwargs or {}))
 
 
@@ -53,8 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sd14-narrow", choices=sorted(random_models.BUILDERS))
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--size", type=int, default=64, help="image height and width in pixels (does not change "
-                        "the count)")
+    parser.add_argument("--size", type=int, default=64, help="image height and width in pixels (changes the count "
+                        "by a few calls per step; 512 px takes far longer on a CPU)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--at", type=int, default=50, help="steps of the whole call whose ratio is reported")
     parser.add_argument("--out", type=Path, default=None)
@@ -62,9 +68,8 @@ def main() -> None:
 
     pipe = random_models.build(args.model)
     pipe.set_progress_bar_config(disable=True)
-    concept = "naked, nude, bare, exposed"
-    trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, loss_scale=1.0, step_size=1.0, sigma=1.0)
-    prompts = ["a photo of a mountain lake at dawn"] * args.batch_size
+    trasce = TraSCEPipeline.from_pipe(pipe, concept=CONCEPT, loss_scale=1.0, step_size=1.0, sigma=1.0)
+    prompts = [PROMPT] * args.batch_size
     common = dict(height=args.size, width=args.size, output_type="latent")
 
     def row(pipeline, **kwargs):
@@ -72,12 +77,9 @@ def main() -> None:
 
     rows = {
         "plain CFG (diffusers)": row(pipe),
-        "negative prompt (diffusers)": row(pipe, negative_prompt=[concept] * args.batch_size),
-        "trasce negation": row(trasce.with_settings(mode="negation")),
-        "trasce lazy, benign (forced off)": row(trasce.with_settings(lazy_tolerance=float("inf"))),
-        "trasce lazy, concept-near (forced on)": row(trasce.with_settings(lazy_tolerance=0.0)),
-        "trasce exact": row(trasce.with_settings(lazy_tolerance=None)),
-        "trasce exact, one call": row(trasce.with_settings(lazy_tolerance=None, one_call=True)),
+        "negative prompt (diffusers)": row(pipe, negative_prompt=[CONCEPT] * args.batch_size),
+        **{method + ("" if kind == "any" else f", {kind} (forced)"): row(variant)
+           for (method, kind), variant in trasce_variants(trasce).items()},
     }
     results = []
     for name, call in rows.items():
@@ -98,8 +100,9 @@ def main() -> None:
               f"{r[f'ratio_at_{args.at}_steps']:.2f}x at {args.at} steps",
               flush=True)
     if args.out:
-        result = {"model": args.model, "batch_size": args.batch_size, "steps": [args.steps, 2 * args.steps],
-                  "torch": torch.__version__, "counted": "ATen operator calls through the dispatcher "
+        result = {"model": args.model, "batch_size": args.batch_size, "size": args.size, "dtype": "fp32",
+                  "steps": [args.steps, 2 * args.steps], "torch": torch.__version__,
+                  "diffusers": diffusers.__version__, "counted": "ATen operator calls through the dispatcher "
                   "(TorchDispatchMode), forward and backward", "rows": results}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -314,3 +314,8 @@ def test_sd14_narrow_has_sd14_topology():
 
     assert topology(narrow) == topology(sd14)
     assert narrow.unet.config.block_out_channels == (32, 64, 128, 128)
+    # every other setting (attention upcasting, projections, norms...) is sd14's
+    widths = {"block_out_channels", "cross_attention_dim", "hidden_size", "intermediate_size", "projection_dim"}
+    for a, b in ((sd14.unet.config, narrow.unet.config), (sd14.vae.config, narrow.vae.config),
+                 (sd14.text_encoder.config.to_dict(), narrow.text_encoder.config.to_dict())):
+        assert {k: v for k, v in a.items() if k not in widths} == {k: v for k, v in b.items() if k not in widths}

@@ -42,6 +42,27 @@ from trasce.pipeline import DTYPES, TraSCEPipeline, load_diffusers_pipeline
 from trasce.reference import released_loop
 from trasce.sampler import CompiledGradientError
 
+PROMPT = "a photo of a mountain lake at dawn"
+CONCEPT = "naked, nude, bare, exposed"
+# With random weights the lazy decision is forced: no backward pass after the first step (benign),
+# or one at every step (concept-near).
+FORCED_TOLERANCE = {"benign": float("inf"), "concept-near": 0.0}
+EMULATED = "emulated: the lazy decision forced {}"
+
+
+def trasce_variants(trasce: TraSCEPipeline) -> dict[tuple[str, str], TraSCEPipeline]:
+    """trasce's own paths as ``trasce bench`` times them, by ``(method, prompts)`` row.
+
+    The lazy rows are the emulated ones; checkpointing is a switch on the model, not a variant.
+    """
+    return {
+        ("trasce negation", "any"): trasce.with_settings(mode="negation"),
+        ("trasce exact", "any"): trasce.with_settings(lazy_tolerance=None),
+        ("trasce exact, one call", "any"): trasce.with_settings(lazy_tolerance=None, one_call=True),
+        **{("trasce lazy", kind): trasce.with_settings(lazy_tolerance=tolerance)
+           for kind, tolerance in FORCED_TOLERANCE.items()},
+    }
+
 
 @dataclass
 class BenchRow:
@@ -118,7 +139,7 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
-              released: bool = True, prompt: str = "a photo of a mountain lake at dawn",
+              released: bool = True, prompt: str = PROMPT,
               concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
               near_prompt: str | None = None, compile_mode: str | None = None, channels_last: bool = False,
               quiet: bool = False) -> dict:
@@ -139,7 +160,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     pipe.set_progress_bar_config(disable=True)
     erase = dict(preset=preset) if preset else dict(loss_scale=1.0, step_size=1.0, sigma=1.0)
     if concept is None and preset is None:
-        concept = "naked, nude, bare, exposed"
+        concept = CONCEPT
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, **erase)
     concept, erasing = trasce.concept, trasce.settings
     h, w = height or trasce.adapter.default_size()[0], width or trasce.adapter.default_size()[1]
@@ -198,10 +219,10 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
     add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
                                                 generator=generator(), **common), batch_size)
-    add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"))
-    add_trasce("trasce exact", "any", trasce.with_settings(lazy_tolerance=None))
-    add_trasce("trasce exact, one call", "any", trasce.with_settings(lazy_tolerance=None, one_call=True))
-    exact = trasce.with_settings(lazy_tolerance=None)
+    variants = trasce_variants(trasce)
+    for method in ("trasce negation", "trasce exact", "trasce exact, one call"):
+        add_trasce(method, "any", variants[method, "any"])
+    exact, benign = variants["trasce exact", "any"], variants["trasce lazy", "benign"]
     if getattr(trasce.adapter.denoiser_module, "_supports_gradient_checkpointing", False):
         def checkpointed():
             exact.enable_gradient_checkpointing()
@@ -212,13 +233,11 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
         add("trasce exact, checkpointed", "any", checkpointed, batch_size, settings=asdict(exact.settings),
             note="gradient checkpointing in the denoiser")
-    emulated = "emulated: the lazy decision forced {}"
-    for kind, real_prompt, forced, state in (("benign", benign_prompt, float("inf"), "off"),
-                                              ("concept-near", near_prompt, 0.0, "on")):
+    for kind, real_prompt, state in (("benign", benign_prompt, "off"), ("concept-near", near_prompt, "on")):
         if real_prompt:
             add_trasce("trasce lazy", kind, trasce, note=f"prompt {real_prompt!r}", texts=[real_prompt] * batch_size)
         else:
-            add_trasce("trasce lazy", kind, trasce.with_settings(lazy_tolerance=forced), note=emulated.format(state))
+            add_trasce("trasce lazy", kind, variants["trasce lazy", kind], note=EMULATED.format(state))
 
     compile_check = None
     if compile_mode is not None:
@@ -233,19 +252,17 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         if not compile_check.startswith("did not run"):
             add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
                 compiled=compile_mode)
-            add_trasce("trasce negation", "any", trasce.with_settings(mode="negation"), compiled=compile_mode)
+            add_trasce("trasce negation", "any", variants["trasce negation", "any"], compiled=compile_mode)
         if compile_check == "passed":
             add_trasce("trasce exact", "any", exact, compiled=compile_mode)
-            add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
-                       note=emulated.format("off"), compiled=compile_mode)
+            add_trasce("trasce lazy", "benign", benign, note=EMULATED.format("off"), compiled=compile_mode)
 
     if channels_last:
         format_ = "channels_last"
         add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
             memory_format=format_)
         add_trasce("trasce exact", "any", exact, memory_format=format_)
-        add_trasce("trasce lazy", "benign", trasce.with_settings(lazy_tolerance=float("inf")),
-                   note=emulated.format("off"), memory_format=format_)
+        add_trasce("trasce lazy", "benign", benign, note=EMULATED.format("off"), memory_format=format_)
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):
         # The released script: fp32, batch 1, one three-branch call with gradients on all three.

@@ -325,8 +325,11 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     lazy = settings.lazy_tolerance is not None
     # Bounds are L2 norms over a whole latent; the tolerance is per element (RMS).
     tolerance = settings.lazy_tolerance * latents[0].numel() ** 0.5 if lazy else 0.0
-    cold = everyone[estimate.last_bound < tolerance] if lazy else everyone[:0]
-    hot = everyone[~torch.isin(everyone, cold)]
+    if lazy:
+        cold_mask = estimate.last_bound < tolerance
+        cold, hot = everyone[cold_mask], everyone[~cold_mask]
+    else:  # no mask: indexing by one would make the CPU wait for the GPU
+        cold, hot = everyone[:0], everyone
     # With ``one_call`` the hot images' empty-prompt branch rides in the gradient call.
     hot0 = hot if settings.one_call else hot[:0]
     zero_rows = cold if settings.one_call else everyone
