@@ -3,6 +3,7 @@
 # and (unless SDXL=0) SDXL architectures with `trasce bench`, gradient checkpointing's memory, and (PROFILE=1) the
 # launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model. COMPILE=MODE (e.g. reduce-overhead)
 # adds the SD v1.4 bench's torch.compile rows, after trasce's check of the compiled gradient (compiling takes minutes).
+# The SD v1.4 bench includes its channels-last rows.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -22,8 +23,8 @@ if [ "$TOY_MINUTES" != "0" ]; then
 fi
 
 python3 -m trasce bench --model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats 3 \
-  ${COMPILE:+--compile "$COMPILE"} --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14.txt" \
-  | tail -n 22
+  --channels-last ${COMPILE:+--compile "$COMPILE"} --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14.txt" \
+  | tail -n 26
 if [ "${SDXL:-1}" != "0" ]; then
   python3 -m trasce bench --model sdxl --dtype fp16 --batch-size 1 --steps 20 --device cuda --repeats 1 \
     --no-released --json "$OUT/bench_sdxl.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt" | tail -n 10
