@@ -350,4 +350,4 @@ def test_bad_arguments(tiny_sd):
     ((0.5, 0.5), 10, (5, 5)),  # empty
 ])
 def test_steer_window_steps(window, steps, expected):
-    assert EraseSettings(steer_window=window).steered_steps(steps) == expected
+    assert EraseSettings(steer_window=window).window_steps(steps) == expected

@@ -297,12 +297,13 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
         steered = getattr(output, "steered_steps", None)
         row.backward_passes = None if steered is None else steered.float().mean().item()
-    def kind(r: BenchRow) -> tuple:
+    def setup(r: BenchRow) -> tuple:
+        """What a row's plain CFG baseline must share with it."""
         return r.dtype, r.batch_size, r.compile_mode, r.memory_format
 
-    plain = {kind(r): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
+    plain = {setup(r): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
     for r in rows:
-        base = plain.get(kind(r))
+        base = plain.get(setup(r))
         r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base else None
     machine = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",

@@ -76,7 +76,7 @@ class EraseSettings:
             raise ValueError(f"steer_window must be (start, end) with 0 <= start <= end <= 1, fractions of the "
                              f"steps; got {tuple(self.steer_window)}")
 
-    def steered_steps(self, n: int) -> tuple[int, int]:
+    def window_steps(self, n: int) -> tuple[int, int]:
         """The steps ``first <= i < last`` of ``n`` that ``steer_window`` holds.
 
         ``start * n`` is rounded to 9 decimals first: 0.14 * 50 is 7.000000000000001 in floating
@@ -266,7 +266,7 @@ def sample(
     step_kwargs = _step_kwargs(scheduler, generator)
     estimate = _GradientNormEstimate(batch, latents.device)
     everyone = torch.arange(batch, device=latents.device)
-    first, last = settings.steered_steps(len(timesteps))
+    first, last = settings.window_steps(len(timesteps))
     # The unsteered steps' branches and their conditioning, the same at every step.
     names = settings.branches
     all_cond = cat_cond(*({"0": cond_0, "p": cond_p, "c": cond_c}[b] for b in names))
