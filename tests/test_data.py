@@ -127,6 +127,20 @@ def test_csv_quoted_commas_newlines_bom_and_trailing_blank_lines(tmp_path: Path)
     assert rows[0].extra == {}  # the BOM did not end up in the first column's name
 
 
+@pytest.mark.parametrize("quoting", ["QUOTE_MINIMAL", "QUOTE_ALL"])
+def test_strict_parsing_reads_what_csv_writers_write(tmp_path: Path, quoting: str) -> None:
+    import csv
+    import io
+
+    prompts = ['"Van Gogh" style', 'a "quoted" word', "a cat, a dog", "line one\nline two", '""', "plain"]
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=getattr(csv, quoting))  # pandas' to_csv writes QUOTE_MINIMAL
+    writer.writerow(["prompt", "evaluation_seed"])
+    writer.writerows([p, i] for i, p in enumerate(prompts))
+    rows = read_prompts(write(tmp_path, "p.csv", buffer.getvalue()))
+    assert [(r.prompt, r.seed) for r in rows] == [(p.strip(), i) for i, p in enumerate(prompts)]
+
+
 def test_csv_short_rows_and_unnamed_index_column(tmp_path: Path) -> None:
     path = write(tmp_path, "p.csv", ",prompt,categories\n0,a,x\n1,b\n")
     rows = read_prompts(path)

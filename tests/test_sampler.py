@@ -18,6 +18,14 @@ def _latents(pipe, batch=1, seed=0):
     return torch.randn(batch, 4, 8, 8, generator=g)
 
 
+def _exact_two_images(pipe):
+    """An exact pipeline on ``pipe`` that steers hard, two prompts, and the arguments of their call."""
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(pipe, batch=2))
+    return trasce, ["a red apple", "a blue car"], kwargs
+
+
 def _embed(pipe, text):
     return pipe.encode_prompt([text], "cpu", 1, do_classifier_free_guidance=False)[0]
 
@@ -120,10 +128,7 @@ def test_pixel_space_model_without_vae(tmp_path):
 
 
 def test_lazy_with_zero_tolerance_is_exact_and_large_tolerance_skips(tiny_sd):
-    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
-    prompts = ["a red apple", "a blue car"]
-    exact = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
-                                     lazy_tolerance=None)
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
     reference = exact(prompts, **kwargs)
     zero = exact.with_settings(lazy_tolerance=0.0)(prompts, **kwargs)
     assert torch.allclose(zero.images, reference.images, atol=1e-5)
@@ -159,10 +164,7 @@ def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny
 def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, monkeypatch):
     import torch.utils.checkpoint
 
-    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
-    prompts = ["a red apple", "a blue car"]
-    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
-                                      lazy_tolerance=None)
+    trasce, prompts, kwargs = _exact_two_images(tiny_sd)
     reference = trasce(prompts, **kwargs)
     calls = []
     checkpoint = torch.utils.checkpoint.checkpoint
@@ -183,10 +185,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, mo
 
 
 def test_a_channels_last_denoiser_gives_the_same_images(tiny_sd):
-    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
-    prompts = ["a red apple", "a blue car"]
-    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
-                                      lazy_tolerance=None)
+    trasce, prompts, kwargs = _exact_two_images(tiny_sd)
     reference = trasce(prompts, **kwargs)
     tiny_sd.unet.to(memory_format=torch.channels_last)
     try:
@@ -195,6 +194,7 @@ def test_a_channels_last_denoiser_gives_the_same_images(tiny_sd):
     finally:
         tiny_sd.unet.to(memory_format=torch.contiguous_format)
     assert channels_last.steered_steps.tolist() == [STEPS] * 2
+
     def relative(a, b):
         return ((a - b).norm() / b.norm()).item()
 
@@ -295,10 +295,7 @@ def test_every_new_shape_of_the_steering_call_is_checked_once_against_the_refere
 
 @pytest.mark.slow
 def test_a_compiled_denoiser_steers_with_the_right_gradient_or_stops(tiny_sd):
-    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=2))
-    prompts = ["a red apple", "a blue car"]
-    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
-                                      lazy_tolerance=None)
+    trasce, prompts, kwargs = _exact_two_images(tiny_sd)
     unet = tiny_sd.unet
     reference = trasce(prompts, **kwargs)
     try:
