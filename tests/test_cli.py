@@ -204,6 +204,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_sd_folder, tmp_pat
     assert not (out / "images").exists() or not any((out / "images").iterdir())
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "--prompt", "a", "--preset", "foo"],
+     "error: Invalid value for '--preset': 'foo' is not one of 'nudity', "),
+    (["generate", "--prompt", "a", "--dtype", "fp8"], "error: Invalid value for '--dtype': 'fp8' is not one of "),
+    (["generate", "--prompt", "a", "--steps", "many"], "error: Invalid value for '--steps': 'many' is not a valid"),
+    (["generate", "--prompt", "a", "--no-such-option"], "error: No such option '--no-such-option'"),
+    (["generat"], "error: No such command 'generat'"),
+])
+def test_usage_errors_are_one_line_with_where_to_look(tmp_path, args, message):
+    out = ["--out", str(tmp_path / "out")] if args[0] == "generate" else []
+    result = CliRunner().invoke(main, args + out, prog_name="trasce")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    help_command = "trasce generate --help" if args[0] == "generate" else "trasce --help"
+    assert result.output.strip().endswith(f"(see {help_command})")
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_without_prompts_says_what_to_give(tiny_sd_folder, tmp_path):
     result = CliRunner().invoke(main, ["generate", "--model", tiny_sd_folder, "--out", str(tmp_path / "out"),
                                        "--concept", "x", "--quiet"])

@@ -42,7 +42,18 @@ def _guard(fn, *args, **kwargs):
         raise _Fail(message) from error
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """The ``trasce`` group: a subcommand's bad option or value (click's usage errors) is one line too."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            name = f"{ctx.command_path} {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ctx.command_path
+            raise _Fail(f"{error.format_message()} (see {name} --help)") from error
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="trasce")
 def main() -> None:
     """Training-free concept erasure for diffusers text-to-image models (TraSCE)."""
