@@ -144,7 +144,7 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
     safe = sld_pipeline(pipe, "circle")
     assert pipe.pipe.scheduler.config.clip_sample and safe.scheduler.config.clip_sample
     assert safe.unet is pipe.pipe.unet and safe.safety_concept == "circle"
-    noise = torch.cat([initial_noise(pipe, seed, 1, 32, 32) for seed in (1, 2)])
+    noise = torch.cat([initial_noise(pipe, seed, 1, 32, 32)[0] for seed in (1, 2)])
     prompts = ["a red circle", "a green square"]
     plain = pipe.with_settings(mode="none")(prompts, num_inference_steps=2, latents=noise, output_type="pt").images
     with torch.no_grad():

@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trasce.cli import main
@@ -68,6 +69,23 @@ def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folde
         for other in (three, fused):
             b = np.asarray(Image.open(other / "images" / name), dtype=float)
             assert np.abs(a - b).max() <= 1, (other.name, name)
+
+
+def test_a_stochastic_scheduler_gives_the_same_image_in_any_batch(tiny_sd_folder, tmp_path):
+    """euler-a adds noise at every step: it comes from each image's own generator, not torch's global one."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
+    for name, batch, global_seed in (("one", 1, 0), ("three", 3, 1)):
+        torch.manual_seed(global_seed)
+        assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", tmp_path / name,
+                    "--batch-size", batch, "--scheduler", "euler-a", *BASE).exit_code == 0
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["settings"]["scheduler"] == \
+        "EulerAncestralDiscreteScheduler"
+    for name in ("00000.png", "00001.png", "00002.png"):
+        a, b = (np.asarray(Image.open(tmp_path / run / "images" / name), dtype=float) for run in ("one", "three"))
+        assert np.abs(a - b).max() <= 1, name
 
 
 def test_steer_window_limits_the_steered_steps(tiny_sd_folder, tmp_path):
@@ -184,6 +202,12 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     ("prompt\na car\n", ("--steer-window", 0.5, 0.2),
      "--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), got 0.5 0.2"),
     ("prompt\na car\n", ("--lazy-tolerance", -1), "--lazy-tolerance must be at least 0 (or give --exact), got -1"),
+    ("prompt\na car\n", ("--steps", 0), "--steps must be at least 1, got 0"),
+    ("prompt\na car\n", ("--steps", -3), "--steps must be at least 1, got -3"),
+    (None, ("--prompt", "a car", "--guidance-scale", "nan"), "--guidance-scale must be a finite number, got nan"),
+    ("prompt\na car\n", ("--device", "bogus"), "unknown device 'bogus'; expected auto, cpu, cuda, cuda:N or mps"),
+    pytest.param("prompt\na car\n", ("--device", "cuda"), "device 'cuda' is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (None, ("--prompt", "a car", "--prompt", " "), "--prompt number 2 is empty"),
     ("prompt\na car\n", ("--model", "{tmp}"), "is not a diffusers pipeline folder (no model_index.json)"),
 ])
@@ -195,12 +219,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_sd_folder, tmp_pat
     files = [] if "--prompts" in args or "--prompt" in args else ["--prompts", prompts]
     args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
     model = [] if "--model" in args else ["--model", tiny_sd_folder]
-    result = CliRunner().invoke(main, ["generate", *map(str, model + files), "--out", str(out), *args,
-                                       "--concept", "x", "--steps", "1", "--quiet"])
+    result = CliRunner().invoke(main, ["generate", *map(str, model + files), "--out", str(out), "--concept", "x",
+                                       "--steps", "1", "--quiet", *args])  # args last: they win
     assert result.exit_code == 2, result.output
     assert message in result.output
-    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(error_lines) <= 1
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error: "), result.output
     assert not (out / "images").exists() or not any((out / "images").iterdir())
 
 

@@ -286,6 +286,17 @@ def test_from_pretrained_picks_the_adapter(pipes, tmp_path):
     assert type(trasce.pipe).__name__ == "StableDiffusion3Pipeline"
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_discrete_schedulers_are_refused_for_flow_matching_models(pipes, family):
+    from trasce.pipeline import set_scheduler
+
+    before = pipes[family].scheduler
+    with pytest.raises(ValueError, match=r"^scheduler 'ddim' is for noise- and velocity-predicting models .* "
+                                         r"FlowMatchEulerDiscreteScheduler is flow matching"):
+        set_scheduler(pipes[family], "ddim")
+    assert pipes[family].scheduler is before
+
+
 def test_real_size_architectures_have_their_published_sizes():
     """The real-size configs (built on the meta device: no memory, no weights) match the models."""
     def billions(module):

@@ -300,10 +300,14 @@ def test_reset(tmp_path: Path) -> None:
     folder.write_run_json(SETTINGS)
     (folder.images_dir / ".1.png.abc.tmp").write_bytes(b"")
     (folder.images_dir / "notes.txt").write_text("keep me")
+    for judged in ("verdicts-toy.jsonl", "summary-toy.json", "verdicts-nudenet.jsonl", "summary-nudenet.json"):
+        (tmp_path / judged).write_text("{}")
+    (tmp_path / "notes.json").write_text("keep me too")
     folder.reset()
     assert folder.done() == set()
     assert sorted(p.name for p in folder.images_dir.iterdir()) == ["notes.txt"]
-    assert folder.run_json_path.exists()
+    # Verdicts about the deleted images go with them: evaluate would reuse them for new images of the same name.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes.json", "run.json"]
 
 
 def test_remove_stale_temp_files(tmp_path: Path) -> None:

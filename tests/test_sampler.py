@@ -99,6 +99,71 @@ def test_other_schedulers_run_and_steer(tmp_path, scheduler):
     assert torch.allclose(none, expected, atol=1e-4)
 
 
+def _second_pndm_step(sample_at_step_1: torch.Tensor, scheduler_class: str) -> torch.Tensor:
+    """Two steps of a fresh scheduler with fixed predictions; only the second step's sample varies."""
+    import diffusers
+
+    cls = getattr(diffusers, scheduler_class)
+    scheduler = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+                    steps_offset=1, **({"skip_prk_steps": True} if scheduler_class == "PNDMScheduler" else
+                                       {"clip_sample": False}))
+    scheduler.set_timesteps(STEPS)
+    noise = torch.ones(1, 4, 8, 8)
+    t0, t1 = scheduler.timesteps[:2]
+    scheduler.step(noise, t0, torch.zeros(1, 4, 8, 8))
+    return scheduler.step(noise, t1, sample_at_step_1).prev_sample
+
+
+def test_pndm_is_refused_where_it_would_lose_the_steering_update(tmp_path):
+    # Why: PNDM's second step continues from the sample it stored at the first, whatever it is given.
+    moved = torch.full((1, 4, 8, 8), 0.5)
+    assert torch.equal(_second_pndm_step(torch.zeros(1, 4, 8, 8), "PNDMScheduler"),
+                       _second_pndm_step(moved, "PNDMScheduler"))
+    assert not torch.equal(_second_pndm_step(torch.zeros(1, 4, 8, 8), "DDIMScheduler"),
+                           _second_pndm_step(moved, "DDIMScheduler"))
+
+    from diffusers import PNDMScheduler
+
+    pipe = make_tiny_sd(tmp_path)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple")
+    kwargs = dict(num_inference_steps=2, output_type="latent", latents=_latents(pipe))
+    with pytest.raises(ValueError, match=r"^PNDMScheduler \(Stable Diffusion v1.x's default\) continues .* "
+                                         r"ignores the steered latent .*--scheduler ddim"):
+        trasce("a red apple", **kwargs)
+    # modes that do not steer have nothing to lose
+    for mode in ("negation", "none", "negative_prompt"):
+        assert torch.isfinite(trasce.with_settings(mode=mode)("a red apple", **kwargs).images).all()
+
+
+def test_from_pretrained_replaces_pndm_by_ddim_unless_named(tmp_path):
+    from diffusers import PNDMScheduler
+
+    pipe = make_tiny_sd(tmp_path)
+    config = {key: value for key, value in pipe.scheduler.config.items() if key != "clip_sample"}
+    pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)  # as SD v1.4 ships it
+    pipe.save_pretrained(tmp_path / "sd")
+    for mode in ("trasce", "none"):
+        loaded = TraSCEPipeline.from_pretrained(tmp_path / "sd", concept="an apple", mode=mode).pipe.scheduler
+        assert type(loaded).__name__ == "DDIMScheduler"
+        assert loaded.config.clip_sample is False  # a latent model: DDIM's default (True) would clip latents
+        assert loaded.config.steps_offset == 1 and loaded.config.beta_schedule == "scaled_linear"
+    named = TraSCEPipeline.from_pretrained(tmp_path / "sd", mode="none", scheduler="pndm").pipe.scheduler
+    assert type(named).__name__ == "PNDMScheduler"
+
+
+def test_negative_prompt_mode_reports_the_distance_to_the_concept(tiny_sd):
+    """Its concept branch gives d at every step; at the first step it equals part 1's (same x_T, same branches)."""
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
+    first = {}
+    for mode in ("negation", "negative_prompt"):
+        out = trasce.with_settings(mode=mode)(
+            ["a red apple", "a blue car"], num_inference_steps=2, output_type="latent",
+            latents=_latents(tiny_sd, batch=2), callback=lambda step, mode=mode: first.setdefault(mode, step.distance))
+        assert out.min_distance is not None and out.max_kernel is not None and out.steered_steps is None
+    assert torch.allclose(first["negative_prompt"], first["negation"]) and (first["negation"] > 0).all()
+
+
 def test_v_prediction_distance_uses_noise_equivalent(tmp_path):
     """For v-prediction, d must be ||eps_p - eps_c|| = sqrt(alpha_bar_t) * ||v_p - v_c||."""
     pipe = make_tiny_sd(tmp_path, prediction_type="v_prediction")

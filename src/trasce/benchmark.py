@@ -325,8 +325,10 @@ def sld_pipeline(pipe: TraSCEPipeline, concept: str):
     return safe
 
 
-# (prompts, initial noise (B, ...), CFG scale per image, steps) -> PIL images and per-image statistics
-Runner = Callable[[list[str], torch.Tensor, list[float], int], tuple[list, list[dict[str, Any]]]]
+# (prompts, initial noise (B, ...), a generator per image for the scheduler's noise, CFG scale per image,
+# steps) -> PIL images and per-image statistics
+Runner = Callable[[list[str], torch.Tensor, list[torch.Generator], list[float], int],
+                  tuple[list, list[dict[str, Any]]]]
 
 
 def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, width: int) -> Runner:
@@ -336,14 +338,15 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
         config = sld_config(SLD_LEVELS[method])
 
         @torch.no_grad()
-        def run_sld(prompts: list[str], latents: torch.Tensor, scales: list[float], steps: int):
+        def run_sld(prompts: list[str], latents: torch.Tensor, generators: list[torch.Generator], scales: list[float],
+                    steps: int):
             images: list = [None] * len(prompts)
             # SLD takes one CFG scale per call: one call per distinct scale, each image back in its place.
             for scale in dict.fromkeys(scales):
                 index = [i for i, s in enumerate(scales) if s == scale]
                 final = safe([prompts[i] for i in index], height=height, width=width, num_inference_steps=steps,
                              guidance_scale=scale, latents=latents[index].to(pipe.adapter.device, pipe.adapter.dtype),
-                             output_type="latent", **config).images
+                             generator=[generators[i] for i in index], output_type="latent", **config).images
                 for i, image in zip(index, pipe.adapter.decode(final, "pil"), strict=True):
                     images[i] = image
             return images, [{} for _ in prompts]
@@ -352,9 +355,10 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
 
     variant = pipe.with_settings(mode=method, concept=concept)
 
-    def run_trasce(prompts: list[str], latents: torch.Tensor, scales: list[float], steps: int):
-        out = variant(prompts, num_inference_steps=steps, guidance_scale=scales, latents=latents, height=height,
-                      width=width, output_type="pil")
+    def run_trasce(prompts: list[str], latents: torch.Tensor, generators: list[torch.Generator], scales: list[float],
+                   steps: int):
+        out = variant(prompts, num_inference_steps=steps, guidance_scale=scales, latents=latents, generator=generators,
+                      height=height, width=width, output_type="pil")
         return out.images, [out.stats(i) for i in range(len(prompts))]
 
     return run_trasce
@@ -385,10 +389,12 @@ def _generate(folder: RunFolder, todo: list[Prompt], runner: Runner, pipe: TraSC
     """Make ``todo``'s images into ``folder``, timing each batch; every image is recorded as it is saved."""
     device = pipe.adapter.device
     for batch in batches(todo, batch_size):
-        latents = torch.cat([initial_noise(pipe, p.seed, 1, *size) for p in batch])
+        noises = [initial_noise(pipe, p.seed, 1, *size) for p in batch]
+        latents = torch.cat([noise for noise, _ in noises])
+        generators = [generator for _, (generator,) in noises]
         synchronize(device)
         start = time.perf_counter()
-        images, stats = runner([p.prompt for p in batch], latents, [p.guidance_scale for p in batch], steps)
+        images, stats = runner([p.prompt for p in batch], latents, generators, [p.guidance_scale for p in batch], steps)
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(batch)
         for p, image, extra in zip(batch, images, stats, strict=True):
@@ -720,7 +726,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
             folder.write_run_json({**shared, "method": method, "method_settings": per_method[method],
                                    "prompt_set": split}, force=options.overwrite, volatile=VOLATILE)
             folders[method][split] = folder
-    todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in folders[m][s].done()]
+    done = {(m, s): folders[m][s].done() for m in methods for s in sets}  # each reads a manifest: once per folder
+    todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in done[m, s]]
             for m in methods for s in sets}
 
     from tqdm.auto import tqdm
@@ -735,7 +742,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
             runner = method_runner(method, pipe, concept, *size)
             # One untimed one-step call first, so no method's time includes first-call set-up costs.
             first = next(todo[method, s][0] for s in sets if todo[method, s])
-            runner([first.prompt], initial_noise(pipe, first.seed, 1, *size), [first.guidance_scale], 1)
+            runner([first.prompt], *initial_noise(pipe, first.seed, 1, *size), [first.guidance_scale], 1)
             for split in sets:
                 _generate(folders[method][split], todo[method, split], runner, pipe, method, split, concept, steps,
                           size, options.batch_size, bar)
@@ -785,7 +792,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
                               f"divided by its images, mean over the method's images, batches of up to "
                               f"{options.batch_size} on {_machine(device)['device']} ({shared['dtype']}); one untimed "
                               "one-step call per method first; times of earlier sessions of a resumed run are kept"),
-        "noise": ("one CPU generator per prompt, seeded with the prompt's seed (trasce.generate.initial_noise): "
+        "noise": ("one CPU generator per prompt, seeded with the prompt's seed, draws the initial noise, then the "
+                  "seed of the generator for what a stochastic scheduler adds (trasce.generate.initial_noise): "
                   f"prompt i of prompt set j has seed {options.seed} + {SEED_STRIDE} j + i (prompt files: the "
                   "file's seeds)"),
     }

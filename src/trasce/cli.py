@@ -16,6 +16,7 @@ from trasce.presets import PRESETS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+SCHEDULER_HELP = "default: the model's own, except PNDM (SD v1.x's), which loses steering updates: DDIM then"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -93,7 +94,7 @@ def _choice(values) -> click.Choice:
                    "denoiser's once per shape)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
-@click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own (DDIM for SD v1.4)")
+@click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
 @click.option("--seed", type=int, default=42, show_default=True, help="seed where the file has none")
 @click.option("--images-per-prompt", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per denoiser batch")
@@ -229,7 +230,7 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--sigma", type=float, help="kernel width (released: --sigma)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where a prompt has none [default: 7.5, or the model's]")
-@click.option("--scheduler", type=_choice(SCHEDULERS), help="default: the model's own")
+@click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
 @click.option("--seed", type=int, default=42, show_default=True, help="base seed of the prompts and their noise")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per generation call")
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)

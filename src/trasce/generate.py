@@ -3,12 +3,14 @@
 Every image is written (atomically) and recorded in the manifest as soon as it exists; a second
 run into the same folder skips what is done. Each image's noise comes from a CPU generator
 seeded by its row, so an image is the same whatever batch or process made it, on any device
-for the same dtype. Under ``accelerate launch`` each process takes every N-th row.
+for the same dtype; so is the noise that stochastic schedulers (``euler-a``) add at each step. Under
+``accelerate launch`` each process takes every N-th row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,15 +64,27 @@ class GenerateOptions:
     overwrite: bool = False
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA, else Apple's MPS, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto``: CUDA, else Apple's MPS, else the CPU; a named device must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available, "mps": _mps_available}.get(device.type, lambda: True)
+    if not available():
+        raise ValueError(f"device {name!r} is not available on this machine (torch {torch.__version__}); "
+                         "give --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -110,10 +124,18 @@ def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptR
     return data.select(rows, options.start, options.end)
 
 
-def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, width: int) -> torch.Tensor:
-    """``count`` noise tensors for one row, drawn on the CPU like diffusers' ``num_images_per_prompt``."""
+def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, width: int
+                  ) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """One row's ``count`` starting noises, and per image a CPU generator for the noise its scheduler adds.
+
+    Both come from one CPU generator seeded by the row: the noises first (as diffusers'
+    ``num_images_per_prompt`` draws them), then a seed for each image's own generator.
+    """
+    generator = torch.Generator().manual_seed(seed)
     shape = (count, *pipe.adapter.latent_shape(height, width))
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=pipe.adapter.dtype)
+    noise = torch.randn(shape, generator=generator, dtype=pipe.adapter.dtype)
+    seeds = torch.randint(0, 2**62, (count,), generator=generator).tolist()
+    return noise, [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -138,6 +160,10 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         raise ValueError(f"--images-per-prompt must be at least 1, got {options.images_per_prompt}")
     if options.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.steps is not None and options.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {options.steps}")
+    if not math.isfinite(guidance_default):
+        raise ValueError(f"--guidance-scale must be a finite number, got {guidance_default}")
     start, end = options.steer_window
     if not 0 <= start <= end <= 1:
         raise ValueError(f"--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), "
@@ -203,17 +229,19 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
 
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=options.quiet or not is_main,
                dynamic_ncols=True)
-    noise_cache: dict[str, torch.Tensor] = {}
+    noise_cache: dict[str, tuple[torch.Tensor, list[torch.Generator]]] = {}
     with contextlib.closing(bar):
         for batch in batches(todo, options.batch_size):
-            latents = []
+            latents, generators = [], []
             for row, k in batch:
                 if row.case not in noise_cache:
                     noise_cache = {row.case: initial_noise(pipe, row.seed, n, height, width)}
-                latents.append(noise_cache[row.case][k])
+                noise, step_generators = noise_cache[row.case]
+                latents.append(noise[k])
+                generators.append(step_generators[k])
             out = pipe([row.prompt for row, _ in batch], num_inference_steps=steps,
                        guidance_scale=[row.guidance_scale for row, _ in batch], latents=torch.stack(latents),
-                       height=height, width=width, output_type="pil")
+                       generator=generators, height=height, width=width, output_type="pil")
             for i, (row, k) in enumerate(batch):
                 atomic_save_image(folder.image_path(row.case, k, n), out.images[i])
                 record = {

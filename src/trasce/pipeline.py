@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ import torch
 
 from trasce import presets
 from trasce.models import Adapter, adapter_for
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, discards_steering, sample
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -36,8 +37,8 @@ class TraSCEOutput:
 
     ``max_kernel``: the largest kernel value any step saw (near 1: the image came near the
     concept); ``min_distance``: the smallest ``||eps_p - eps_c||``; ``steered_steps``: how many
-    steps ran the backward pass for the image. All are ``(B,)`` CPU tensors, or ``None`` in modes
-    that have no concept branch.
+    steps ran the backward pass for the image. All are ``(B,)`` CPU tensors; the first two are
+    ``None`` in mode ``none`` (no concept branch), ``steered_steps`` in modes that do not steer.
     """
 
     images: object
@@ -124,14 +125,25 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """Swap ``pipe``'s scheduler for ``name`` (see ``SCHEDULERS``), keeping its noise schedule."""
+    """Swap ``pipe``'s scheduler for ``name`` (see ``SCHEDULERS``), keeping its noise schedule.
+
+    The names are discrete-time schedulers for SD 1.x/2.x and SDXL: flow-matching families (SD3,
+    FLUX) predict a velocity that they would read as noise, so they refuse. A latent model gets
+    ``clip_sample=False`` (what diffusers' latent pipelines use), whatever the old config said.
+    """
     import diffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    current = type(pipe.scheduler).__name__
+    if current.startswith("FlowMatch"):
+        raise ValueError(f"scheduler {name!r} is for noise- and velocity-predicting models (SD 1.x/2.x, SDXL); "
+                         f"this pipeline's {current} is flow matching (SD3, FLUX): leave the scheduler as it is")
     cls = getattr(diffusers, SCHEDULERS[name])
     if type(pipe.scheduler) is not cls:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        latent = getattr(pipe, "vae", None) is not None
+        clips = "clip_sample" in inspect.signature(cls.__init__).parameters
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"clip_sample": False} if latent and clips else {}))
 
 
 class TraSCEPipeline:
@@ -170,8 +182,14 @@ class TraSCEPipeline:
         """Load ``model`` (hub id, folder, or ``"toy"``) the diffusers way, then wrap it.
 
         ``settings`` are ``TraSCEPipeline``'s own arguments (``concept``, ``preset``, ``mode``...).
+        ``scheduler`` names one of ``SCHEDULERS``; by default the model's own is kept, except PNDM
+        (SD v1.x's), which loses the steering update at some steps (``discards_steering``): it is
+        replaced by DDIM, the scheduler of TraSCE's published settings, in every mode, so that
+        methods compared on one model share a scheduler.
         """
         pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, **(pipeline_kwargs or {}))
+        if scheduler is None and discards_steering(pipe.scheduler):
+            scheduler = "ddim"
         if scheduler is not None:
             set_scheduler(pipe, scheduler)
         if device is not None:

@@ -59,6 +59,9 @@ IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.jsonl"
 RUN_JSON_NAME = "run.json"
 IMAGE_SUFFIX = ".png"
+# What `trasce evaluate JUDGE` writes into a run folder; judgements of images that --overwrite deletes.
+VERDICTS_NAME = "verdicts-{judge}.jsonl"
+SUMMARY_NAME = "summary-{judge}.json"
 
 # Settings that may change between the sessions of one run without changing any image: which slice
 # or shard a process works on, how many prompts share a batch or a denoiser call, whether the backward
@@ -427,13 +430,17 @@ class RunFolder:
     # -- housekeeping --------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget all finished work: delete the manifest, ``images/*.png`` and temporary files.
+        """Forget all finished work: delete the manifest, ``images/*.png``, temporary files, and the
+        verdicts and summaries that ``trasce evaluate`` wrote about those images.
 
         For ``--overwrite``. The manifest goes first, so a crash half-way leaves a folder in which
         nothing counts as done (the safe direction). ``run.json`` is left for
         :meth:`write_run_json` with ``force=True`` to replace.
         """
         self.manifest_path.unlink(missing_ok=True)
+        for name in (VERDICTS_NAME, SUMMARY_NAME):
+            for judged in self.path.glob(name.format(judge="*")):
+                judged.unlink(missing_ok=True)
         if self.images_dir.is_dir():
             for entry in self.images_dir.iterdir():
                 if entry.is_file() and (entry.suffix == IMAGE_SUFFIX or _is_temp(entry)):

@@ -157,6 +157,15 @@ def _step_kwargs(scheduler, generator) -> dict:
     return kwargs
 
 
+def discards_steering(scheduler) -> bool:
+    """Whether ``scheduler.step`` ignores the latent it is given at some steps, losing TraSCE's update.
+
+    diffusers' ``PNDMScheduler`` (SD v1.x's default) continues some steps (its Runge-Kutta steps,
+    and the second step of its linear multistep method) from a sample it stored at an earlier step.
+    """
+    return type(scheduler).__name__ == "PNDMScheduler"
+
+
 class CompiledGradientError(RuntimeError):
     """A compiled denoiser's backward pass disagrees with the uncompiled denoiser's."""
 
@@ -256,6 +265,12 @@ def sample(
     ``gradient_check``, given when ``denoise`` is compiled, holds each new shape of the steering
     call to the uncompiled denoiser (:class:`CompiledGradientError` if they disagree).
     """
+    if settings.steers and discards_steering(scheduler):
+        raise ValueError(
+            "PNDMScheduler (Stable Diffusion v1.x's default) continues some steps from a sample it stored "
+            "earlier and ignores the steered latent it is given, so TraSCE's steering would be lost there; use "
+            "DDIM, the published setting (--scheduler ddim, or pipe.scheduler = "
+            "DDIMScheduler.from_config(pipe.scheduler.config))")
     if not timesteps_set:
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
@@ -281,7 +296,7 @@ def sample(
             with torch.no_grad():
                 preds = dict(zip(names, denoise(model_input, t, all_cond).chunk(len(names)), strict=True))
             steered_latents = latents
-            if "c" in preds and "0" in preds:
+            if "c" in preds:  # d and the kernel are defined wherever the concept branch is
                 step.distance = guidance.distance(preds["p"], preds["c"]) * factor
                 step.kernel = guidance.kernel(step.distance, settings.sigma, settings.kernel)
         else:

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from trasce.eval.base import Context, Judge, run_concept
-from trasce.runs import MANIFEST_NAME, RunFolder, append_lines, atomic_write_bytes, package_versions
+from trasce.runs import (
+    MANIFEST_NAME,
+    SUMMARY_NAME,
+    VERDICTS_NAME,
+    RunFolder,
+    append_lines,
+    atomic_write_bytes,
+    package_versions,
+)
 
 try:
     import fcntl
@@ -77,11 +85,11 @@ VERDICT_FIELDS: tuple[str, ...] = ("file", "case", "k", "prompt")
 
 
 def verdicts_path(folder: str | Path, judge: str) -> Path:
-    return Path(folder) / f"verdicts-{judge}.jsonl"
+    return Path(folder) / VERDICTS_NAME.format(judge=judge)
 
 
 def summary_path(folder: str | Path, judge: str) -> Path:
-    return Path(folder) / f"summary-{judge}.json"
+    return Path(folder) / SUMMARY_NAME.format(judge=judge)
 
 
 def _flag(option: str) -> str:
@@ -255,7 +263,9 @@ def evaluate_folder(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-    todo = [record for record in records if record["file"] not in done][state.process_index :: state.num_processes]
+    # Shard first, then drop what is done: processes that read the verdicts file at different moments
+    # (another one may have appended since) still split the images the same way.
+    todo = [record for record in records[state.process_index :: state.num_processes] if record["file"] not in done]
     batch_size = max(1, int(options.get("batch_size") or getattr(judge, "batch_size", 8)))
     from tqdm.auto import tqdm
 
