@@ -185,6 +185,30 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     assert "'sigma' was 1.0, now 3.0" in result.output and "--overwrite" in result.output
 
 
+def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folder, tmp_path):
+    out = tmp_path / "out"
+    first = _write(tmp_path / "p.csv", "case_number,prompt,evaluation_seed\n1,a red apple,1\n2,a blue car,2\n")
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", first, "--out", out, *BASE).exit_code == 0
+    made = {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in _manifest(out)}
+
+    # The same rows from another path, plus a new row: only the new row is generated.
+    (tmp_path / "copy").mkdir()
+    longer = _write(tmp_path / "copy" / "p.csv", first.read_text() + "3,a green tree,3\n")
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", longer, "--out", out, *BASE).exit_code == 0
+    assert [r["file"] for r in _manifest(out)] == ["images/1.png", "images/2.png", "images/3.png"]
+    assert all((out / file).stat().st_mtime_ns == mtime for file, mtime in made.items())
+
+    # A row whose prompt or seed changed since its image was made is refused, naming the row.
+    for edited, now in (("2,a blue bus,2", "'a blue bus' (seed 2, CFG 7.5)"),
+                        ("2,a blue car,5", "'a blue car' (seed 5, CFG 7.5)")):
+        longer.write_text(first.read_text().replace("2,a blue car,2", edited))
+        result = _run("generate", "--model", tiny_sd_folder, "--prompts", longer, "--out", out, *BASE)
+        assert result.exit_code == 2
+        assert (f"images/2.png was made from prompt 'a blue car' (seed 2, CFG 7.5), but row 3 of {longer} (case 2) "
+                f"now gives {now}; use a new output folder or --overwrite") in result.output
+    assert len(_manifest(out)) == 3
+
+
 @pytest.mark.parametrize("content, args, message", [
     (None, ("--prompts", "{tmp}/missing.csv"), "missing.csv"),
     ("text,id\nhello,1\n", (), "no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt'"),
@@ -202,6 +226,8 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     ("prompt\na car\n", ("--steer-window", 0.5, 0.2),
      "--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), got 0.5 0.2"),
     ("prompt\na car\n", ("--lazy-tolerance", -1), "--lazy-tolerance must be at least 0 (or give --exact), got -1"),
+    ("prompt\na car\n", ("--seed", -1), "Invalid value for '--seed': -1 is not in the range x>=0"),
+    ("prompt\na car\nbus\n", ("--start", 2), "--start 2 --end None selects none of the 2 prompts of "),
     ("prompt\na car\n", ("--steps", 0), "--steps must be at least 1, got 0"),
     ("prompt\na car\n", ("--steps", -3), "--steps must be at least 1, got -3"),
     (None, ("--prompt", "a car", "--guidance-scale", "nan"), "--guidance-scale must be a finite number, got nan"),
@@ -251,3 +277,14 @@ def test_generate_without_prompts_says_what_to_give(tiny_sd_folder, tmp_path):
                                        "--concept", "x", "--quiet"])
     assert result.exit_code == 2, result.output
     assert "nothing to generate: give --prompt TEXT or --prompts FILE" in result.output
+
+
+def test_the_cli_drops_transformers_advice_to_install_torchvision():
+    import logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    CliRunner().invoke(main, ["demo", "--help"])
+    advice = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "`CLIPImageProcessor` requires torchvision "
+                               "(not installed); falling back to `CLIPImageProcessorPil` ...", (), None)
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", (), None)
+    assert not logger.filter(advice) and logger.filter(other)

@@ -267,6 +267,8 @@ def test_jsonl_bad_types(tmp_path: Path) -> None:
     assert error_of(path) == f"{path}, row 1, column 'evaluation_seed': True is not an integer seed"
     path = write(tmp_path, "q.jsonl", '{"prompt": 3}\n')
     assert "column 'prompt': 3 is not text" in error_of(path)
+    path = write(tmp_path, "r.jsonl", '{"prompt": null}\n')
+    assert error_of(path) == f"{path}, row 1, column 'prompt': null is an empty prompt"
 
 
 def test_duplicate_case_names_both_rows(tmp_path: Path) -> None:

@@ -346,7 +346,7 @@ class OneOfTwoProcesses:
     def __init__(self, index: int, runs_first: bool):
         self.process_index = index
         self.is_main_process = index == 0
-        self.barriers_left = 1 if runs_first else None
+        self.barriers_left = 2 if runs_first else None
 
     def wait_for_everyone(self) -> None:
         if self.barriers_left == 0:
@@ -360,7 +360,8 @@ class BarrierReached(Exception):
 
 
 def test_processes_split_the_images_whatever_verdicts_each_saw(toy_folder: Path, monkeypatch) -> None:
-    """Process 1 finishes before process 0 reads the verdicts: process 0 must still judge all of its share."""
+    """Were process 0 to read the verdicts after process 1 appended its own (the barrier after reading is
+    there to prevent it), it must still judge all of its share."""
     made: list[CountingJudge] = []
     build = JUDGES["toy"]
     monkeypatch.setitem(JUDGES, "toy", lambda options, context: made.append(
@@ -373,6 +374,7 @@ def test_processes_split_the_images_whatever_verdicts_each_saw(toy_folder: Path,
     assert made[0].calls == ["images/00001.png", "images/00003.png"]
     assert made[1].calls == ["images/00000.png", "images/00002.png"]
     assert summary["images"] == 4 and len(read_verdicts(verdicts_path(toy_folder, "toy"))[1]) == 4
+    assert summary["judged_now"] == 2  # what this process found missing: process 1 had judged the rest
 
 
 def test_two_judges_share_a_folder(tmp_path: Path, monkeypatch) -> None:

@@ -39,7 +39,8 @@ def test_two_processes_generate_every_prompt_exactly_once(tiny_sd_folder, tmp_pa
     verdict_lines = [json.loads(line) for line in (out / "verdicts-toy.jsonl").read_text().splitlines()]
     assert sum(1 for v in verdict_lines if v.get("header")) == 1
     assert collections.Counter(v["case"] for v in verdict_lines if not v.get("header")) == counts
-    assert json.loads((out / "summary-toy.json").read_text())["images"] == 7
+    summary = json.loads((out / "summary-toy.json").read_text())
+    assert summary["images"] == 7 and summary["judged_now"] == 7  # by both processes
     # a rerun across the same two processes has nothing left to do
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -394,6 +394,8 @@ def test_bad_arguments(tiny_sd):
         trasce(["a", "b"], guidance_scale=[1, 2, 3], num_inference_steps=1)
     with pytest.raises(ValueError, match="got 1 generators for 2 images"):
         trasce(["a", "b"], generator=[torch.Generator()], num_inference_steps=1)
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        trasce("a car", num_inference_steps=0)
     with pytest.raises(ValueError, match="unknown mode 'erase'"):
         TraSCEPipeline.from_pipe(tiny_sd, concept="x", mode="erase")
     with pytest.raises(ValueError, match="preset 'style' needs the concept named"):

@@ -54,6 +54,14 @@ def toy_pipe():
     return TraSCEPipeline.from_pretrained("toy", mode="none")
 
 
+def test_a_model_that_is_neither_a_folder_nor_cached_says_what_to_give():
+    from trasce.pipeline import load_diffusers_pipeline
+
+    with pytest.raises(OSError, match=r"^cannot load model 'no-such-org/no-such-model': no such folder, and no "
+                                      r"such hub id in the local cache .*; give a diffusers folder, a cached hub id"):
+        load_diffusers_pipeline("no-such-org/no-such-model", local_files_only=True)  # never asks the network
+
+
 def test_shipped_model_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from diffusers import DiffusionPipeline
@@ -111,3 +119,14 @@ def test_demo_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "TraSCE" in html and "negative prompt" in html and html.count("<img") >= 24 + 1
     assert "report:" in result.output
+
+
+def test_demo_refuses_a_concept_the_judge_cannot_see(tmp_path):
+    from click.testing import CliRunner
+
+    from trasce.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--concept", "dog"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: concept 'dog' is not one value of the toy world; valid: shape circle")
+    assert not (tmp_path / "demo").exists()

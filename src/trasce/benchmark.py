@@ -46,7 +46,15 @@ import torch
 
 from trasce.bench import synchronize
 from trasce.eval.base import rate_entry
-from trasce.generate import batches, initial_noise, model_defaults, pick_device, pick_dtype
+from trasce.generate import (
+    batches,
+    check_done_images_match,
+    hide_loading_bars,
+    initial_noise,
+    model_defaults,
+    pick_device,
+    pick_dtype,
+)
 from trasce.pipeline import TraSCEPipeline, resolve_model
 from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions
 
@@ -695,6 +703,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
 
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)
+    if options.quiet:
+        hide_loading_bars()
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(options.model, torch_dtype=dtype, scheduler=options.scheduler,
                                               concept=concept, preset=preset, loss_scale=options.loss_scale,
@@ -727,6 +737,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
                                    "prompt_set": split}, force=options.overwrite, volatile=VOLATILE)
             folders[method][split] = folder
     done = {(m, s): folders[m][s].done() for m in methods for s in sets}  # each reads a manifest: once per folder
+    for (method, split), files in done.items():
+        check_done_images_match(folders[method][split], files, sets[split], 1,
+                                lambda p, split=split: f"case {p.case} of prompt set {split}")
     todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in done[m, s]]
             for m in methods for s in sets}
 

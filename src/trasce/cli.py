@@ -6,6 +6,7 @@ accepted, with exit status 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -58,6 +59,16 @@ class _Commands(click.Group):
 @click.version_option(package_name="trasce")
 def main() -> None:
     """Training-free concept erasure for diffusers text-to-image models (TraSCE)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_advice)  # once: same object
+
+
+def _not_torchvision_advice(record: logging.LogRecord) -> bool:
+    """Drop transformers' notice that its image processors fall back to PIL without torchvision.
+
+    trasce wants that fallback, and the notice's advice (install torchvision) breaks diffusers beside a
+    CPU-only torch; it would be printed on every command.
+    """
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
 
 def _choice(values) -> click.Choice:
@@ -95,7 +106,7 @@ def _choice(values) -> click.Choice:
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
-@click.option("--seed", type=int, default=42, show_default=True, help="seed where the file has none")
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True, help="seed where the file has none")
 @click.option("--images-per-prompt", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per denoiser batch")
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True,
@@ -231,7 +242,8 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where a prompt has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
-@click.option("--seed", type=int, default=42, show_default=True, help="base seed of the prompts and their noise")
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True,
+              help="base seed of the prompts and their noise")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per generation call")
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps")

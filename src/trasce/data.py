@@ -251,7 +251,8 @@ def _rows_from_records(
         else:
             prompt = (raw_prompt or "").strip()
             if not prompt:
-                collector.add(row_number, prompt_key, f"{_show(raw_prompt or '')} is an empty prompt")
+                shown = "null" if raw_prompt is None else _show(raw_prompt)
+                collector.add(row_number, prompt_key, f"{shown} is an empty prompt")
                 ok = False
 
         seed = default_seed

@@ -30,22 +30,26 @@ METHODS = (("none", "unprotected"), ("negative_prompt", "negative prompt"), ("tr
 
 def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO_PROMPTS, steps: int | None = None,
          seed: int = 1, device: str = "auto", quiet: bool = False) -> Path:
-    """Run the demo into ``out``; return the report's path."""
+    """Run the demo into ``out``; return the report's path.
+
+    ``concept`` must be a value of the embedded world (a shape, colour, fill or background, or an
+    alias of one), which the judge can see: ``ValueError`` listing them otherwise.
+    """
     from PIL import Image
 
-    from trasce.toy import captions
+    from trasce.benchmark import PRESET_FOR_ATTRIBUTE, toy_target
     from trasce.toy.judge import Judge
 
+    attribute, value = toy_target(concept)
     folders = {}
     for mode, _ in METHODS:
-        options = GenerateOptions(out=out / mode, model="toy", concept=concept, preset="toy-shape", mode=mode,
+        options = GenerateOptions(out=out / mode, model="toy", concept=concept,
+                                  preset=PRESET_FOR_ATTRIBUTE.get(attribute, "toy-shape"), mode=mode,
                                   prompt=list(prompts), seed=seed, steps=steps, device=device, quiet=quiet,
                                   batch_size=len(prompts))
         folders[mode] = run(options)
 
     judge = Judge.load()
-    target = captions.mentioned(concept)
-    attribute, value = next(iter(target.items())) if target else (None, None)
     cells, rows = [], []
     counts = {mode: 0 for mode, _ in METHODS}
     records = {mode: {r["case"]: r for r in folders[mode].read_manifest()} for mode, _ in METHODS}
@@ -56,7 +60,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
             path = folders[mode].path / record["file"]
             image = Image.open(path).convert("RGB")
             verdict = judge.classify_pil([image])[0]
-            present = attribute is not None and verdict[attribute] == value
+            present = verdict[attribute] == value
             counts[mode] += present
             images.append(image)
             words = f"{verdict['color']} {verdict['fill']} {verdict['shape']} on {verdict['background']}"

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline
-from trasce.runs import RunFolder, atomic_save_image
+from trasce.runs import RunFolder, RunFolderError, atomic_save_image
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
 # The run settings that each manifest line repeats, so that an image's line alone says how it was made.
@@ -96,6 +97,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def hide_loading_bars() -> None:
+    """Turn off diffusers' and transformers' progress bars of model loading ("Loading ...")."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def model_defaults(model: str) -> dict:
     """Recommended settings a model folder ships in ``trasce_toy.json`` (the embedded model does)."""
     import json
@@ -121,7 +131,12 @@ def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptR
                                   guidance_scale=default_guidance, row=i + 1, extra={}))
     else:
         raise ValueError("nothing to generate: give --prompt TEXT or --prompts FILE")
-    return data.select(rows, options.start, options.end)
+    selected = data.select(rows, options.start, options.end)
+    if not selected:
+        source = options.prompts or "--prompt"
+        raise ValueError(f"--start {options.start} --end {options.end} selects none of the {len(rows)} prompts of "
+                         f"{source} (they count from 0, header excluded)")
+    return selected
 
 
 def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, width: int
@@ -136,6 +151,31 @@ def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, widt
     noise = torch.randn(shape, generator=generator, dtype=pipe.adapter.dtype)
     seeds = torch.randint(0, 2**62, (count,), generator=generator).tolist()
     return noise, [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def check_done_images_match(folder: RunFolder, done: set[str], rows: Sequence, n: int,
+                             describe: Callable[[Any], str]) -> None:
+    """Refuse to resume where a done image was made from another prompt, seed or CFG scale than its row's now.
+
+    ``rows`` have ``case``, ``prompt``, ``seed`` and ``guidance_scale``; ``describe(row)`` says where a
+    row comes from. Which rows a run holds may change between sessions (a longer file, another
+    ``--start``/``--end``), so ``run.json`` does not pin the prompt file: each image made is held to
+    its row instead.
+    """
+    records = {record["file"]: record for record in folder.read_manifest()}
+    for row in rows:
+        for k in range(n):
+            file = folder.image_file(row.case, k, n)
+            record = records.get(file) if file in done else None
+            if record is None:
+                continue
+            now = {"prompt": row.prompt, "seed": row.seed, "guidance_scale": row.guidance_scale}
+            then = {key: record.get(key) for key in now}
+            if then != now:
+                raise RunFolderError(
+                    f"{folder.path / file} was made from prompt {then['prompt']!r} (seed {then['seed']}, CFG "
+                    f"{then['guidance_scale']}), but {describe(row)} now gives {row.prompt!r} (seed {row.seed}, "
+                    f"CFG {row.guidance_scale}); use a new output folder or --overwrite")
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -176,11 +216,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
 
     if options.quiet:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()  # the "Loading ..." bars of model loading
-        transformers_logging.disable_progress_bar()
+        hide_loading_bars()
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(
             options.model, torch_dtype=dtype, scheduler=options.scheduler, concept=options.concept,
@@ -220,10 +256,11 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         folder.write_run_json(settings, force=options.overwrite)
         folder.remove_stale_temp_files()  # what a killed run left half-written
     state.wait_for_everyone()
-    rows = data.shard(rows, state.process_index, state.num_processes)
-
     n = options.images_per_prompt
     done = folder.done()
+    check_done_images_match(folder, done, rows, n, lambda row: f"row {row.row} of {options.prompts} (case {row.case})"
+                            if options.prompts else f"--prompt number {row.row}")
+    rows = data.shard(rows, state.process_index, state.num_processes)
     todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
     from tqdm.auto import tqdm
 

@@ -92,8 +92,14 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
         # StableDiffusionPipeline warns (and prints the whole config) about clip_sample, which
         # the pixel model needs on and gets back below.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(model),
-                                                 torch_dtype=torch_dtype, **kwargs)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else str(model),
+                                                     torch_dtype=torch_dtype, **kwargs)
+        except OSError as error:
+            if path.exists():
+                raise
+            raise OSError(f"cannot load model {str(model)!r}: no such folder, and no such hub id in the local cache "
+                          "(nor could it be downloaded); give a diffusers folder, a cached hub id, or 'toy'") from error
     if pixel_space:
         from diffusers.image_processor import VaeImageProcessor
 
@@ -279,6 +285,8 @@ class TraSCEPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         n = num_images_per_prompt
         images_prompts = [p for p in prompts for _ in range(n)]
         batch = len(images_prompts)

@@ -55,7 +55,8 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
     concept = concept if concept is not None else base.concept
     if not concept or not concept.strip():
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
-        raise ValueError(f"no concept to erase: {hint} (e.g. --concept 'Van Gogh')")
+        raise ValueError(f"no concept to erase: {hint} (e.g. concept='Van Gogh'; on the command line, "
+                         "--concept 'Van Gogh')")
     return (
         concept,
         base.loss_scale if loss_scale is None else float(loss_scale),

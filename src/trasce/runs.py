@@ -66,7 +66,13 @@ SUMMARY_NAME = "summary-{judge}.json"
 # Settings that may change between the sessions of one run without changing any image: which slice
 # or shard a process works on, how many prompts share a batch or a denoiser call, whether the backward
 # pass recomputes activations, whether the denoiser is compiled, where it runs, how much it prints.
+# Also where the rows come from and their default seed and CFG scale: the prompt, seed and scale
+# that made each image are in its manifest line, and `trasce generate` holds them to its row.
 VOLATILE_SETTINGS: tuple[str, ...] = (
+    "prompts",
+    "prompt",
+    "seed",
+    "guidance_scale",
     "start",
     "end",
     "batch_size",

@@ -263,8 +263,10 @@ def evaluate_folder(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-    # Shard first, then drop what is done: processes that read the verdicts file at different moments
-    # (another one may have appended since) still split the images the same way.
+    state.wait_for_everyone()  # every process has read the verdicts before any appends: all saw the same
+    missing = [record for record in records if record["file"] not in done]
+    # Shard first, then drop what is done, so the processes split the images the same way whatever
+    # verdicts each has read.
     todo = [record for record in records[state.process_index :: state.num_processes] if record["file"] not in done]
     batch_size = max(1, int(options.get("batch_size") or getattr(judge, "batch_size", 8)))
     from tqdm.auto import tqdm
@@ -297,7 +299,7 @@ def evaluate_folder(
         "folder": str(folder),
         "concept": context.concept,
         "images": len(records),
-        "judged_now": len(todo),
+        "judged_now": len(missing),  # by every process
         "settings": settings,
         **{key: value for key, value in result.items() if key not in ("judge", "folder", "settings")},
         "verdicts_file": verdict_file.name,
