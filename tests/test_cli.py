@@ -207,6 +207,14 @@ def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folde
         assert (f"images/2.png was made from prompt 'a blue car' (seed 2, CFG 7.5), but row 3 of {longer} (case 2) "
                 f"now gives {now}; use a new output folder or --overwrite") in result.output
     assert len(_manifest(out)) == 3
+    # ... and so is a source that lacks a done image's row (another file, or --prompt instead of --prompts).
+    other = _write(tmp_path / "other.csv", "case_number,prompt,evaluation_seed\n2,a blue car,2\n")
+    result = _run("generate", "--model", tiny_sd_folder, "--prompts", other, "--out", out, *BASE)
+    assert result.exit_code == 2
+    assert (f"images/1.png was made from prompt 'a red apple' (seed 1, CFG 7.5), which is in none of the rows of "
+            f"{other}; use a new output folder or --overwrite") in result.output
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", out, *BASE)
+    assert result.exit_code == 2 and "which is in none of the rows of the --prompt values" in result.output
 
 
 @pytest.mark.parametrize("content, args, message", [
@@ -227,7 +235,7 @@ def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folde
      "--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), got 0.5 0.2"),
     ("prompt\na car\n", ("--lazy-tolerance", -1), "--lazy-tolerance must be at least 0 (or give --exact), got -1"),
     ("prompt\na car\n", ("--seed", -1), "Invalid value for '--seed': -1 is not in the range x>=0"),
-    ("prompt\na car\nbus\n", ("--start", 2), "--start 2 --end None selects none of the 2 prompts of "),
+    ("prompt\na car\nbus\n", ("--start", 2), "--start 2 selects none of the 2 prompts of "),
     ("prompt\na car\n", ("--steps", 0), "--steps must be at least 1, got 0"),
     ("prompt\na car\n", ("--steps", -3), "--steps must be at least 1, got -3"),
     (None, ("--prompt", "a car", "--guidance-scale", "nan"), "--guidance-scale must be a finite number, got nan"),

@@ -335,48 +335,6 @@ def test_resume_judges_only_missing_images(toy_folder: Path, monkeypatch) -> Non
     assert json.loads(path.read_text().splitlines()[0])["settings"]["extra"] == "changed"
 
 
-class OneOfTwoProcesses:
-    """accelerate's PartialState as process ``index`` of two sees it, run one process after the other.
-
-    The first process to run stops at its last barrier (where it would wait for the other to finish).
-    """
-
-    num_processes = 2
-
-    def __init__(self, index: int, runs_first: bool):
-        self.process_index = index
-        self.is_main_process = index == 0
-        self.barriers_left = 2 if runs_first else None
-
-    def wait_for_everyone(self) -> None:
-        if self.barriers_left == 0:
-            raise BarrierReached
-        if self.barriers_left is not None:
-            self.barriers_left -= 1
-
-
-class BarrierReached(Exception):
-    pass
-
-
-def test_processes_split_the_images_whatever_verdicts_each_saw(toy_folder: Path, monkeypatch) -> None:
-    """Were process 0 to read the verdicts after process 1 appended its own (the barrier after reading is
-    there to prevent it), it must still judge all of its share."""
-    made: list[CountingJudge] = []
-    build = JUDGES["toy"]
-    monkeypatch.setitem(JUDGES, "toy", lambda options, context: made.append(
-        CountingJudge(build(options, context), None)) or made[-1])
-    monkeypatch.setattr(ev, "process_state", lambda: OneOfTwoProcesses(1, runs_first=True))
-    with pytest.raises(BarrierReached):
-        evaluate_folder(toy_folder, "toy", quiet=True)
-    monkeypatch.setattr(ev, "process_state", lambda: OneOfTwoProcesses(0, runs_first=False))
-    summary = evaluate_folder(toy_folder, "toy", quiet=True)
-    assert made[0].calls == ["images/00001.png", "images/00003.png"]
-    assert made[1].calls == ["images/00000.png", "images/00002.png"]
-    assert summary["images"] == 4 and len(read_verdicts(verdicts_path(toy_folder, "toy"))[1]) == 4
-    assert summary["judged_now"] == 2  # what this process found missing: process 1 had judged the rest
-
-
 def test_two_judges_share_a_folder(tmp_path: Path, monkeypatch) -> None:
     folder = make_folder(tmp_path / "run", TOY_CAPTIONS[:2], toy_images()[:2], concept="circle")
     monkeypatch.setitem(JUDGES, "nudenet", lambda options, context: NudeNetJudge(detector=lambda a: []))

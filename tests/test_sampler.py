@@ -128,12 +128,17 @@ def test_pndm_is_refused_where_it_would_lose_the_steering_update(tmp_path):
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple")
     kwargs = dict(num_inference_steps=2, output_type="latent", latents=_latents(pipe))
-    with pytest.raises(ValueError, match=r"^PNDMScheduler \(Stable Diffusion v1.x's default\) continues .* "
-                                         r"ignores the steered latent .*--scheduler ddim"):
+    with pytest.raises(ValueError, match=r"^PNDMScheduler is not among the schedulers known to step from the "
+                                         r"latent they are given \(DDIMScheduler, .*\); .*--scheduler ddim"):
         trasce("a red apple", **kwargs)
-    # modes that do not steer have nothing to lose
-    for mode in ("negation", "none", "negative_prompt"):
-        assert torch.isfinite(trasce.with_settings(mode=mode)("a red apple", **kwargs).images).all()
+    # modes that do not steer, or a window without steps, have nothing to lose
+    for settings in ({"mode": "negation"}, {"mode": "none"}, {"mode": "negative_prompt"}, {"steer_window": (1, 1)}):
+        assert torch.isfinite(trasce.with_settings(**settings)("a red apple", **kwargs).images).all()
+    from diffusers import UniPCMultistepScheduler  # its corrector rebuilds the sample from the previous one
+
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"^UniPCMultistepScheduler is not among the schedulers known"):
+        trasce("a red apple", **kwargs)
 
 
 def test_from_pretrained_replaces_pndm_by_ddim_unless_named(tmp_path):
@@ -150,6 +155,10 @@ def test_from_pretrained_replaces_pndm_by_ddim_unless_named(tmp_path):
         assert loaded.config.steps_offset == 1 and loaded.config.beta_schedule == "scaled_linear"
     named = TraSCEPipeline.from_pretrained(tmp_path / "sd", mode="none", scheduler="pndm").pipe.scheduler
     assert type(named).__name__ == "PNDMScheduler"
+    from trasce.bench import load_for_bench  # trasce bench loads real models too
+
+    assert type(load_for_bench(str(tmp_path / "sd"), torch.float32, torch.device("cpu")).scheduler).__name__ == \
+        "DDIMScheduler"
 
 
 def test_negative_prompt_mode_reports_the_distance_to_the_concept(tiny_sd):
@@ -384,6 +393,27 @@ def test_a_compiled_denoiser_steers_with_the_right_gradient_or_stops(tiny_sd):
     finally:
         tiny_sd.unet = unet
         torch._dynamo.reset()
+
+
+def test_half_precision_denoisers_steer_float32_latents(tmp_path):
+    """A steering update below bf16's rounding step (4e-3 near 1, 3e-2 near 8) still moves the latent, by eta.
+
+    After the first step, latents steered with step size eta, 2 eta and 3 eta differ by equal increments:
+    the denoiser's inputs and outputs are the same in the three calls, and only the update changes.
+    """
+    pipe = make_tiny_sd(tmp_path).to(dtype=torch.bfloat16)
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", loss_scale=3.0, sigma=20.0, lazy_tolerance=None)
+    after_first_step, eta = [], 0.1
+    for step_size in (eta, 2 * eta, 3 * eta):
+        out = trasce.with_settings(step_size=step_size)(
+            "a red apple", num_inference_steps=2, output_type="latent", latents=_latents(pipe),
+            callback=lambda step: after_first_step.append(step.latents) if step.index == 0 else None)
+    assert out.images.dtype == torch.bfloat16  # returned as diffusers returns latents
+    assert all(x.dtype == torch.float32 for x in after_first_step)
+    one, two, three = after_first_step
+    increment = two - one
+    assert 1e-4 < increment.abs().max() < 4e-3
+    assert torch.allclose(three - two, increment, rtol=1e-2, atol=5e-6)  # float32 rounding of latents up to 10
 
 
 def test_bad_arguments(tiny_sd):

@@ -57,8 +57,8 @@ def toy_pipe():
 def test_a_model_that_is_neither_a_folder_nor_cached_says_what_to_give():
     from trasce.pipeline import load_diffusers_pipeline
 
-    with pytest.raises(OSError, match=r"^cannot load model 'no-such-org/no-such-model': no such folder, and no "
-                                      r"such hub id in the local cache .*; give a diffusers folder, a cached hub id"):
+    with pytest.raises(OSError, match=r"^cannot load model 'no-such-org/no-such-model': it is no folder here, and "
+                                      r"as a hub id: .* \(give a diffusers folder, a cached hub id, or 'toy'\)$"):
         load_diffusers_pipeline("no-such-org/no-such-model", local_files_only=True)  # never asks the network
 
 

@@ -48,7 +48,6 @@ from trasce.bench import synchronize
 from trasce.eval.base import rate_entry
 from trasce.generate import (
     batches,
-    check_done_images_match,
     hide_loading_bars,
     initial_noise,
     model_defaults,
@@ -87,7 +86,8 @@ PRESET_FOR_ATTRIBUTE = {"shape": "toy-shape", "fill": "toy-fill"}
 # Prompt i of prompt set j gets seed --seed + j * SEED_STRIDE + i: every image has its own noise,
 # and growing a set (--n-target 40 after 2) keeps the seeds of the prompts already made.
 SEED_STRIDE = 100_000
-VOLATILE = ("batch_size", "device", "quiet", "grid_rows")
+# Settings that change no image; the prompt source is held image by image instead (RunFolder.done_for).
+VOLATILE = ("batch_size", "device", "quiet", "grid_rows", "prompt_source")
 
 
 @dataclass
@@ -736,10 +736,10 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
             folder.write_run_json({**shared, "method": method, "method_settings": per_method[method],
                                    "prompt_set": split}, force=options.overwrite, volatile=VOLATILE)
             folders[method][split] = folder
-    done = {(m, s): folders[m][s].done() for m in methods for s in sets}  # each reads a manifest: once per folder
-    for (method, split), files in done.items():
-        check_done_images_match(folders[method][split], files, sets[split], 1,
-                                lambda p, split=split: f"case {p.case} of prompt set {split}")
+    # Each reads its folder's manifest once; a done image must still match its prompt.
+    done = {(m, s): folders[m][s].done_for(sets[s], 1, f"prompt set {s}",
+                                           lambda p, s=s: f"case {p.case} of prompt set {s}")
+            for m in methods for s in sets}
     todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in done[m, s]]
             for m in methods for s in sets}
 
@@ -813,7 +813,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     if any(m in SLD_LEVELS for m in methods):
         protocol["sld"] = ("diffusers' StableDiffusionPipelineSafe (deprecated in diffusers, run as is) on the same "
                            "components, safety_concept = the concept, SafetyConfig's sld_* arguments; its final "
-                           "latents are decoded by the same adapter as the other methods'")
+                           "latents are decoded by the same adapter as the other methods'; it holds its latents "
+                           "in the denoiser's dtype, as diffusers does, where the other methods hold them in float32")
     if toy:
         protocol["preset"] = (f"TraSCE settings of preset {preset!r} (auto-picked from the concept's attribute)"
                               if options.preset is None else f"TraSCE settings of preset {preset!r}")

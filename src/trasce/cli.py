@@ -192,10 +192,9 @@ def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_re
           benign_prompt, near_prompt, compile_mode, channels_last, json_path) -> None:
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
     from trasce.bench import format_rows, run_bench, write_result
-    from trasce.generate import pick_device
 
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
-                    width=width, device=str(pick_device(device)), repeats=repeats, released=not no_released,
+                    width=width, device=device, repeats=repeats, released=not no_released,
                     concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt,
                     compile_mode=compile_mode, channels_last=channels_last)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline
-from trasce.runs import RunFolder, RunFolderError, atomic_save_image
+from trasce.runs import RunFolder, atomic_save_image
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
 # The run settings that each manifest line repeats, so that an image's line alone says how it was made.
@@ -117,7 +116,7 @@ def model_defaults(model: str) -> dict:
 
 
 def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptRow]:
-    """Prompt rows from ``--prompts`` or ``--prompt``, validated, before anything is generated."""
+    """Every prompt row of ``--prompts`` or ``--prompt``, validated, before anything is generated."""
     if options.prompts is not None and options.prompt:
         raise ValueError("give --prompt or --prompts, not both")
     if options.prompts is not None:
@@ -131,11 +130,17 @@ def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptR
                                   guidance_scale=default_guidance, row=i + 1, extra={}))
     else:
         raise ValueError("nothing to generate: give --prompt TEXT or --prompts FILE")
+    return rows
+
+
+def select_rows(rows: list[PromptRow], options: GenerateOptions) -> list[PromptRow]:
+    """The rows ``--start``/``--end`` select; refused when none."""
     selected = data.select(rows, options.start, options.end)
     if not selected:
-        source = options.prompts or "--prompt"
-        raise ValueError(f"--start {options.start} --end {options.end} selects none of the {len(rows)} prompts of "
-                         f"{source} (they count from 0, header excluded)")
+        bounds = " ".join(f"--{name} {value}" for name, value in (("start", options.start), ("end", options.end))
+                          if value is not None)
+        raise ValueError(f"{bounds} selects none of the {len(rows)} prompts of {options.prompts or '--prompt'} "
+                         "(they count from 0, header excluded)")
     return selected
 
 
@@ -151,31 +156,6 @@ def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, widt
     noise = torch.randn(shape, generator=generator, dtype=pipe.adapter.dtype)
     seeds = torch.randint(0, 2**62, (count,), generator=generator).tolist()
     return noise, [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def check_done_images_match(folder: RunFolder, done: set[str], rows: Sequence, n: int,
-                             describe: Callable[[Any], str]) -> None:
-    """Refuse to resume where a done image was made from another prompt, seed or CFG scale than its row's now.
-
-    ``rows`` have ``case``, ``prompt``, ``seed`` and ``guidance_scale``; ``describe(row)`` says where a
-    row comes from. Which rows a run holds may change between sessions (a longer file, another
-    ``--start``/``--end``), so ``run.json`` does not pin the prompt file: each image made is held to
-    its row instead.
-    """
-    records = {record["file"]: record for record in folder.read_manifest()}
-    for row in rows:
-        for k in range(n):
-            file = folder.image_file(row.case, k, n)
-            record = records.get(file) if file in done else None
-            if record is None:
-                continue
-            now = {"prompt": row.prompt, "seed": row.seed, "guidance_scale": row.guidance_scale}
-            then = {key: record.get(key) for key in now}
-            if then != now:
-                raise RunFolderError(
-                    f"{folder.path / file} was made from prompt {then['prompt']!r} (seed {then['seed']}, CFG "
-                    f"{then['guidance_scale']}), but {describe(row)} now gives {row.prompt!r} (seed {row.seed}, "
-                    f"CFG {row.guidance_scale}); use a new output folder or --overwrite")
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -195,7 +175,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     defaults = model_defaults(options.model)
     guidance_default = options.guidance_scale if options.guidance_scale is not None else defaults.get(
         "guidance_scale", 7.5)
-    rows = read_rows(options, guidance_default)
+    all_rows = read_rows(options, guidance_default)
+    rows = select_rows(all_rows, options)
     if options.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {options.images_per_prompt}")
     if options.batch_size < 1:
@@ -257,9 +238,9 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         folder.remove_stale_temp_files()  # what a killed run left half-written
     state.wait_for_everyone()
     n = options.images_per_prompt
-    done = folder.done()
-    check_done_images_match(folder, done, rows, n, lambda row: f"row {row.row} of {options.prompts} (case {row.case})"
-                            if options.prompts else f"--prompt number {row.row}")
+    done = folder.done_for(all_rows, n, options.prompts or "the --prompt values",
+                           lambda row: f"row {row.row} of {options.prompts} (case {row.case})" if options.prompts
+                           else f"--prompt number {row.row}")
     rows = data.shard(rows, state.process_index, state.num_processes)
     todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
     from tqdm.auto import tqdm

@@ -98,8 +98,9 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
         except OSError as error:
             if path.exists():
                 raise
-            raise OSError(f"cannot load model {str(model)!r}: no such folder, and no such hub id in the local cache "
-                          "(nor could it be downloaded); give a diffusers folder, a cached hub id, or 'toy'") from error
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OSError(f"cannot load model {str(model)!r}: it is no folder here, and as a hub id: {cause} (give a "
+                          "diffusers folder, a cached hub id, or 'toy')") from error
     if pixel_space:
         from diffusers.image_processor import VaeImageProcessor
 
@@ -130,26 +131,45 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
+def flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` samples a flow-matching model (SD3, FLUX), by its class or its config."""
+    config = scheduler.config
+    return (type(scheduler).__name__.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction"
+            or bool(config.get("use_flow_sigmas")))
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Swap ``pipe``'s scheduler for ``name`` (see ``SCHEDULERS``), keeping its noise schedule.
 
     The names are discrete-time schedulers for SD 1.x/2.x and SDXL: flow-matching families (SD3,
-    FLUX) predict a velocity that they would read as noise, so they refuse. A latent model gets
-    ``clip_sample=False`` (what diffusers' latent pipelines use), whatever the old config said.
+    FLUX) predict a velocity that they would read as noise, so they refuse. When the scheduler
+    changes, a latent model's new one gets ``clip_sample=False`` (what diffusers' latent pipelines
+    use), whatever the old config said.
     """
     import diffusers
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
-    current = type(pipe.scheduler).__name__
-    if current.startswith("FlowMatch"):
+    if flow_matching(pipe.scheduler):
         raise ValueError(f"scheduler {name!r} is for noise- and velocity-predicting models (SD 1.x/2.x, SDXL); "
-                         f"this pipeline's {current} is flow matching (SD3, FLUX): leave the scheduler as it is")
+                         f"this pipeline's {type(pipe.scheduler).__name__} is flow matching (SD3, FLUX): leave the "
+                         "scheduler as it is")
     cls = getattr(diffusers, SCHEDULERS[name])
     if type(pipe.scheduler) is not cls:
         latent = getattr(pipe, "vae", None) is not None
         clips = "clip_sample" in inspect.signature(cls.__init__).parameters
         pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"clip_sample": False} if latent and clips else {}))
+
+
+def use_a_steerable_scheduler(pipe) -> None:
+    """Replace a scheduler that would drop TraSCE's steering update (``discards_steering``: PNDM,
+    SD v1.x's default) by DDIM, the scheduler of TraSCE's published settings.
+
+    For pipelines trasce loads, in every mode, so that the methods compared on one model share a
+    scheduler. A pipeline the user wraps keeps its scheduler (the steering modes then refuse it).
+    """
+    if discards_steering(pipe.scheduler) and not flow_matching(pipe.scheduler):
+        set_scheduler(pipe, "ddim")
 
 
 class TraSCEPipeline:
@@ -188,16 +208,14 @@ class TraSCEPipeline:
         """Load ``model`` (hub id, folder, or ``"toy"``) the diffusers way, then wrap it.
 
         ``settings`` are ``TraSCEPipeline``'s own arguments (``concept``, ``preset``, ``mode``...).
-        ``scheduler`` names one of ``SCHEDULERS``; by default the model's own is kept, except PNDM
-        (SD v1.x's), which loses the steering update at some steps (``discards_steering``): it is
-        replaced by DDIM, the scheduler of TraSCE's published settings, in every mode, so that
-        methods compared on one model share a scheduler.
+        ``scheduler`` names one of ``SCHEDULERS``; by default the model's own is kept unless it would
+        lose steering updates (see ``use_a_steerable_scheduler``).
         """
         pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, **(pipeline_kwargs or {}))
-        if scheduler is None and discards_steering(pipe.scheduler):
-            scheduler = "ddim"
         if scheduler is not None:
             set_scheduler(pipe, scheduler)
+        else:
+            use_a_steerable_scheduler(pipe)
         if device is not None:
             pipe.to(device)
         return cls(pipe, **settings)
@@ -318,7 +336,8 @@ class TraSCEPipeline:
         with frozen_parameters(self.adapter.denoiser_module):
             x, max_kernel, min_distance, steered = self._denoise(x, cond_0, cond_p, cond_c, scale_arg,
                                                                  num_inference_steps, generator, callback, progress)
-        images = x if output_type == "latent" else self.adapter.decode(x, output_type)
+        # Latents are returned in the denoiser's dtype, as diffusers returns them.
+        images = x.to(self.adapter.dtype) if output_type == "latent" else self.adapter.decode(x, output_type)
         return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,
                             steered_steps=steered)
 
@@ -326,7 +345,7 @@ class TraSCEPipeline:
         """Run the sampler over ``x``; return the final latents and the per-image statistics (on the CPU)."""
         scheduler = self.pipe.scheduler
         max_kernel = min_distance = steered = None
-        steps = sample(self.adapter.denoise, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,
+        steps = sample(self.adapter.denoise_latents, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,
                        num_inference_steps, generator=generator, timesteps_set=True,
                        gradient_check=self.adapter.gradient_check())
         if progress:

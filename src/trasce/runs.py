@@ -26,7 +26,7 @@ import platform
 import secrets
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -359,6 +359,32 @@ class RunFolder:
         without a manifest line is not done either and will be overwritten by the next run.
         """
         return {r["file"] for r in self.read_manifest() if (self.path / r["file"]).is_file()}
+
+    def done_for(self, rows: Sequence[Any], n: int, source: str, describe: Callable[[Any], str]) -> set[str]:
+        """:meth:`done`, after holding every done image to the row it was made for.
+
+        ``rows`` are all the rows of the run's prompt source (with ``case``, ``prompt``, ``seed`` and
+        ``guidance_scale``), ``n`` images each; ``source`` names it and ``describe(row)`` names a row.
+        Which rows a run holds may change between sessions (a prompt file that moved or grew, another
+        ``--start``/``--end``), so ``run.json`` does not pin the source. Instead, a done image whose
+        row is gone, or whose row now gives another prompt, seed or CFG scale, is a
+        :class:`RunFolderError`.
+        """
+        records = {record["file"]: record for record in self.read_manifest()}
+        done = {file for file in records if (self.path / file).is_file()}
+        rows_by_file = {self.image_file(row.case, k, n): row for row in rows for k in range(n)}
+        for file in sorted(done):
+            record, row = records[file], rows_by_file.get(file)
+            then = f"{record.get('prompt')!r} (seed {record.get('seed')}, CFG {record.get('guidance_scale')})"
+            if row is None:
+                raise RunFolderError(f"{self.path / file} was made from prompt {then}, which is in none of the rows "
+                                     f"of {source}; use a new output folder or --overwrite")
+            now = {"prompt": row.prompt, "seed": row.seed, "guidance_scale": row.guidance_scale}
+            if {key: record.get(key) for key in now} != now:
+                raise RunFolderError(
+                    f"{self.path / file} was made from prompt {then}, but {describe(row)} now gives {row.prompt!r} "
+                    f"(seed {row.seed}, CFG {row.guidance_scale}); use a new output folder or --overwrite")
+        return done
 
     # -- run.json ------------------------------------------------------------------------------
 

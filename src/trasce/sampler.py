@@ -157,13 +157,19 @@ def _step_kwargs(scheduler, generator) -> dict:
     return kwargs
 
 
-def discards_steering(scheduler) -> bool:
-    """Whether ``scheduler.step`` ignores the latent it is given at some steps, losing TraSCE's update.
+#: diffusers schedulers whose ``step`` continues from the latent it is given. Others continue some
+#: steps from a sample they stored at an earlier step, which drops TraSCE's update to the latent:
+#: PNDM (SD v1.x's default: its Runge-Kutta steps and its second multistep step), UniPC (its
+#: corrector), Heun, KDPM2 and single-step DPM-Solver (their second stages).
+STEERABLE_SCHEDULERS = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+})
 
-    diffusers' ``PNDMScheduler`` (SD v1.x's default) continues some steps (its Runge-Kutta steps,
-    and the second step of its linear multistep method) from a sample it stored at an earlier step.
-    """
-    return type(scheduler).__name__ == "PNDMScheduler"
+
+def discards_steering(scheduler) -> bool:
+    """Whether ``scheduler`` is not known to step from the latent it is given (``STEERABLE_SCHEDULERS``)."""
+    return type(scheduler).__name__ not in STEERABLE_SCHEDULERS
 
 
 class CompiledGradientError(RuntimeError):
@@ -265,15 +271,17 @@ def sample(
     ``gradient_check``, given when ``denoise`` is compiled, holds each new shape of the steering
     call to the uncompiled denoiser (:class:`CompiledGradientError` if they disagree).
     """
-    if settings.steers and discards_steering(scheduler):
-        raise ValueError(
-            "PNDMScheduler (Stable Diffusion v1.x's default) continues some steps from a sample it stored "
-            "earlier and ignores the steered latent it is given, so TraSCE's steering would be lost there; use "
-            "DDIM, the published setting (--scheduler ddim, or pipe.scheduler = "
-            "DDIMScheduler.from_config(pipe.scheduler.config))")
     if not timesteps_set:
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
+    first, last = settings.window_steps(len(timesteps))
+    if settings.steers and first < last and discards_steering(scheduler):
+        raise ValueError(
+            f"{type(scheduler).__name__} is not among the schedulers known to step from the latent they are given "
+            f"({', '.join(sorted(STEERABLE_SCHEDULERS))}); others, like PNDM (SD v1.x's default) and UniPC, "
+            "continue some steps from a sample stored earlier, which drops TraSCE's steering update. Use DDIM, "
+            "the published setting (--scheduler ddim, or pipe.scheduler = "
+            "DDIMScheduler.from_config(pipe.scheduler.config))")
     batch = latents.shape[0]
     scale = guidance_scale
     if isinstance(scale, torch.Tensor):
@@ -281,7 +289,6 @@ def sample(
     step_kwargs = _step_kwargs(scheduler, generator)
     estimate = _GradientNormEstimate(batch, latents.device)
     everyone = torch.arange(batch, device=latents.device)
-    first, last = settings.window_steps(len(timesteps))
     # The unsteered steps' branches and their conditioning, the same at every step.
     names = settings.branches
     all_cond = cat_cond(*({"0": cond_0, "p": cond_p, "c": cond_c}[b] for b in names))
@@ -305,7 +312,9 @@ def sample(
                 gradient_check,
             )
 
-        guided = _combine(settings.mode, preds, scale)
+        # In the latents' dtype: some schedulers (Euler, flow matching) return their step in the
+        # prediction's dtype, which would put half-precision latents back.
+        guided = _combine(settings.mode, preds, scale).to(steered_latents.dtype)
         latents = scheduler.step(guided, t, steered_latents, **step_kwargs, return_dict=False)[0]
         step.latents = latents
         yield step

@@ -265,9 +265,7 @@ def evaluate_folder(
 
     state.wait_for_everyone()  # every process has read the verdicts before any appends: all saw the same
     missing = [record for record in records if record["file"] not in done]
-    # Shard first, then drop what is done, so the processes split the images the same way whatever
-    # verdicts each has read.
-    todo = [record for record in records[state.process_index :: state.num_processes] if record["file"] not in done]
+    todo = missing[state.process_index :: state.num_processes]
     batch_size = max(1, int(options.get("batch_size") or getattr(judge, "batch_size", 8)))
     from tqdm.auto import tqdm
 
