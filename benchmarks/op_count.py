@@ -9,7 +9,7 @@ passes alike. On a GPU each is one or more kernel launches, except those that on
 a tensor (``is_view``, and ``_unsafe_view``), which are counted apart. The count does not depend
 on the weights, and only by a few calls on the image size and dtype: it follows the architecture's
 topology and the batch's branches. ``sd14-narrow`` has SD v1.4's blocks, layers and heads with
-narrow layers, so it counts what SD v1.4 launches in minutes on a CPU.
+narrow layers, so it counts what SD v1.4 launches in seconds on a CPU.
 
 Each row is called at ``--steps`` and twice as many steps, with ``output_type="latent"`` (no VAE
 decoding); the difference gives the calls per step, the rest is what a call does once (text
