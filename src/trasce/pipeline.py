@@ -19,7 +19,7 @@ import torch
 
 from trasce import presets
 from trasce.models import Adapter, adapter_for
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, discards_steering, sample
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -162,13 +162,15 @@ def set_scheduler(pipe, name: str) -> None:
 
 
 def use_a_steerable_scheduler(pipe) -> None:
-    """Replace a scheduler that would drop TraSCE's steering update (``discards_steering``: PNDM,
-    SD v1.x's default) by DDIM, the scheduler of TraSCE's published settings.
+    """Replace PNDM (SD v1.x's default), which would drop TraSCE's steering updates
+    (``trasce.sampler.discards_steering``), by DDIM, the scheduler of TraSCE's published settings.
 
     For pipelines trasce loads, in every mode, so that the methods compared on one model share a
-    scheduler. A pipeline the user wraps keeps its scheduler (the steering modes then refuse it).
+    scheduler. Other schedulers that would drop them are left for the steering modes to refuse with
+    what to set instead (DDIM's config need not fit them), and so is any scheduler of a pipeline the
+    user wraps.
     """
-    if discards_steering(pipe.scheduler) and not flow_matching(pipe.scheduler):
+    if type(pipe.scheduler).__name__ == "PNDMScheduler":
         set_scheduler(pipe, "ddim")
 
 
