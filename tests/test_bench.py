@@ -69,6 +69,12 @@ def test_bench_refuses_real_prompts_with_random_weights():
     assert "--benign-prompt and --near-prompt need a trained model; 'tiny-sd' has random weights" in result.output
 
 
+def test_bench_refuses_a_device_this_machine_lacks():
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--device", "bogus"])
+    assert result.exit_code == 2
+    assert result.output == "error: unknown device 'bogus'; expected auto, cpu, cuda, cuda:N or mps\n"
+
+
 def test_bench_channels_last_rows(monkeypatch):
     import trasce.bench
 
