@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -347,7 +348,8 @@ class TraSCEPipeline:
         """Run the sampler over ``x``; return the final latents and the per-image statistics (on the CPU)."""
         scheduler = self.pipe.scheduler
         max_kernel = min_distance = steered = None
-        steps = sample(self.adapter.denoise_latents, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,
+        denoise = partial(self.adapter.denoise_latents, dtype=self.adapter.dtype)  # the dtype asked once per call
+        steps = sample(denoise, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,
                        num_inference_steps, generator=generator, timesteps_set=True,
                        gradient_check=self.adapter.gradient_check())
         if progress:
