@@ -417,7 +417,7 @@ def test_half_precision_denoisers_steer_float32_latents(tmp_path):
 
 
 def test_the_denoiser_dtype_is_asked_per_call_not_per_step(tiny_sd, monkeypatch):
-    """diffusers' ``ModelMixin.dtype`` walks the module (1.4 ms for SD v1.4's UNet): not in the loop."""
+    """diffusers' ``ModelMixin.dtype`` walks the module (over a millisecond for SD v1.4's UNet): not in the loop."""
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", lazy_tolerance=None)
     adapter_class = type(trasce.adapter)
     asked = []

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from trasce.models import StableDiffusionAdapter
-from trasce.pipeline import DTYPES, TraSCEPipeline, load_diffusers_pipeline, use_a_steerable_scheduler
+from trasce.pipeline import DTYPES, TraSCEPipeline, load_diffusers_pipeline
 from trasce.reference import released_loop
 from trasce.sampler import CompiledGradientError
 
@@ -134,9 +134,7 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 
     if model in random_models.BUILDERS:
         return random_models.build(model, dtype=dtype, device=device)
-    pipe = load_diffusers_pipeline(model, torch_dtype=dtype)
-    use_a_steerable_scheduler(pipe)
-    return pipe.to(device)
+    return load_diffusers_pipeline(model, torch_dtype=dtype).to(device)  # SD v1.x's PNDM becomes DDIM there
 
 
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,

@@ -68,13 +68,21 @@ def resolve_model(model: str | Path) -> str:
     return str(embedded_model_path()) if str(model) == "toy" else str(model)
 
 
-def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, **kwargs):
+def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
+                            **kwargs):
     """Load a diffusers pipeline from a hub id (cache) or a folder, including VAE-less ones.
 
     A folder whose ``model_index.json`` lists no VAE is a pixel-space model (like the embedded
     one): diffusers needs ``vae=None`` passed explicitly for it. Its scheduler is reloaded from
     its own config because ``StableDiffusionPipeline`` turns ``clip_sample`` off on load, which
     only latent models want.
+
+    ``scheduler`` names one of ``SCHEDULERS``. By default the model's own is kept, except PNDM
+    (SD v1.x's), which would drop TraSCE's steering updates (``trasce.sampler.discards_steering``):
+    it becomes DDIM, the scheduler of TraSCE's published settings, in every mode, so that the methods
+    compared on one model share a scheduler. Other schedulers that would drop them are left for the
+    steering modes to refuse with what to set instead (DDIM's config need not fit them), and so is
+    any scheduler of a pipeline the user wraps.
     """
     from diffusers import DiffusionPipeline
 
@@ -110,6 +118,10 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
         # which diffusers' own __call__ then needs to draw latents of the right size.
         pipe.vae_scale_factor = 1
         pipe.image_processor = VaeImageProcessor(vae_scale_factor=1)
+    if scheduler is None and type(pipe.scheduler).__name__ == "PNDMScheduler":
+        scheduler = "ddim"
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
     return pipe
 
 
@@ -162,19 +174,6 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"clip_sample": False} if latent and clips else {}))
 
 
-def use_a_steerable_scheduler(pipe) -> None:
-    """Replace PNDM (SD v1.x's default), which would drop TraSCE's steering updates
-    (``trasce.sampler.discards_steering``), by DDIM, the scheduler of TraSCE's published settings.
-
-    For pipelines trasce loads, in every mode, so that the methods compared on one model share a
-    scheduler. Other schedulers that would drop them are left for the steering modes to refuse with
-    what to set instead (DDIM's config need not fit them), and so is any scheduler of a pipeline the
-    user wraps.
-    """
-    if type(pipe.scheduler).__name__ == "PNDMScheduler":
-        set_scheduler(pipe, "ddim")
-
-
 class TraSCEPipeline:
     """Erase ``concept`` from what ``pipe`` generates; every call is diffusers-shaped.
 
@@ -211,14 +210,9 @@ class TraSCEPipeline:
         """Load ``model`` (hub id, folder, or ``"toy"``) the diffusers way, then wrap it.
 
         ``settings`` are ``TraSCEPipeline``'s own arguments (``concept``, ``preset``, ``mode``...).
-        ``scheduler`` names one of ``SCHEDULERS``; by default the model's own is kept unless it would
-        lose steering updates (see ``use_a_steerable_scheduler``).
+        ``scheduler``: see ``load_diffusers_pipeline``.
         """
-        pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, **(pipeline_kwargs or {}))
-        if scheduler is not None:
-            set_scheduler(pipe, scheduler)
-        else:
-            use_a_steerable_scheduler(pipe)
+        pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, scheduler=scheduler, **(pipeline_kwargs or {}))
         if device is not None:
             pipe.to(device)
         return cls(pipe, **settings)

@@ -51,7 +51,7 @@ class Adapter:
         smaller than its rounding step (about 4e-3 per element near 1 in bf16, 5e-4 in fp16); the
         released loop runs in float32 throughout. Gradients flow back through the cast. ``dtype``
         is the denoiser's, given by callers in the denoising loop: diffusers' ``ModelMixin.dtype``
-        walks the module (1.4 ms for SD v1.4's UNet on this CPU), too slow to ask at every call.
+        walks the module (over a millisecond for SD v1.4's UNet on this CPU), too slow to ask at every call.
         """
         return self.denoise(model_input.to(dtype or self.dtype), t, cond)
 
