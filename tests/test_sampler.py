@@ -235,6 +235,45 @@ def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny
         assert torch.allclose(split.min_distance, fused.min_distance, atol=1e-5)
 
 
+def test_a_batch_known_to_be_cold_skips_the_question_and_still_catches_a_surprise(tiny_sd, monkeypatch):
+    """After a step where every image was cold and none surprised, the next step knows it on the host.
+
+    That step asks the GPU nothing about which images are cold (one wait fewer per step) and must
+    give the numbers that asking gives, a surprise at step 3 included.
+    """
+    import trasce.sampler as sampler
+
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
+    lazy = exact.with_settings(lazy_tolerance=1e9)
+    asked = []  # the estimate's bound is asked once per step that has cold images
+
+    def bound(self):
+        asked.append(None)
+        return self.value * (float("inf") if len(asked) == 3 else 1.0)
+
+    monkeypatch.setattr(sampler._GradientNormEstimate, "bound", bound)
+    known_cold = []
+    steering_step = sampler._steering_step
+
+    def recording_step(*args, **kwargs):
+        known_cold.append(args[9].all_cold)
+        return steering_step(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "_steering_step", recording_step)
+    fast = lazy(prompts, **kwargs)
+    # step 0 measures; 1 asks and finds both cold; 2 and 3 know it (3 is surprised); 4 asks; 5 knows
+    assert known_cold == [False, False, True, True, False, True]
+    assert fast.steered_steps.tolist() == [2, 2]
+
+    asked.clear()
+    monkeypatch.setattr(sampler._GradientNormEstimate, "all_cold", property(lambda self: False, lambda self, v: None),
+                        raising=False)
+    asking = lazy(prompts, **kwargs)
+    assert torch.equal(asking.steered_steps, fast.steered_steps)
+    assert torch.allclose(asking.images, fast.images, atol=1e-6)
+    assert not torch.allclose(asking.images, exact(prompts, **kwargs).images, atol=1e-3)  # the skips mattered
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, monkeypatch):
     import torch.utils.checkpoint
 

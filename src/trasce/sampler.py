@@ -240,6 +240,9 @@ class _GradientNormEstimate:
         self.margin = margin
         # The update size estimated (or measured) at the previous step; NaN until known.
         self.last_bound = torch.full((batch,), float("nan"), device=device)
+        # Known on the host without asking the GPU: every image was cold, and none surprised, at
+        # the previous steering step, so every ``last_bound`` is below the tolerance.
+        self.all_cold = False
 
     def bound(self) -> torch.Tensor:
         return self.value * self.margin
@@ -349,9 +352,13 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     lazy = settings.lazy_tolerance is not None
     # Bounds are L2 norms over a whole latent; the tolerance is per element (RMS).
     tolerance = settings.lazy_tolerance * latents[0].numel() ** 0.5 if lazy else 0.0
-    if lazy:
+    if lazy and estimate.all_cold:  # a benign batch's usual step: no need to ask the GPU
+        cold, hot = everyone, everyone[:0]
+    elif lazy:
         cold_mask = estimate.last_bound < tolerance
         cold, hot = everyone[cold_mask], everyone[~cold_mask]
+        # Masks keep the order, so a mask that holds every image gives ``everyone``: say so.
+        cold, hot = (everyone if len(cold) == batch else cold), (everyone if len(hot) == batch else hot)
     else:  # no mask: indexing by one would make the CPU wait for the GPU
         cold, hot = everyone[:0], everyone
     # With ``one_call`` the hot images' empty-prompt branch rides in the gradient call.
@@ -359,7 +366,18 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     zero_rows = cold if settings.one_call else everyone
     preds: dict[str, torch.Tensor] = {}
 
+    # ``everyone`` itself as the index (not merely every image: ``hot`` may be out of order) needs
+    # no gather or scatter.
+    def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return values if index is everyone else values[index]
+
+    def take_c(cond: Cond, index: torch.Tensor) -> Cond:
+        return cond if index is everyone else take_cond(cond, index)
+
     def put(branch: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        if index is everyone:
+            preds[branch] = values
+            return
         if branch not in preds:
             preds[branch] = values.new_empty((batch, *values.shape[1:]))
         preds[branch][index] = values.to(preds[branch].dtype)
@@ -369,33 +387,40 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         with torch.no_grad():
             # Branch 0 for every image not in the gradient call, plus prompt and concept for the
             # cold images, in one call.
-            x_cold = latents[cold]
-            x_zero, cond_zero = (x_cold, take_cond(cond_0, cold)) if settings.one_call else (latents, cond_0)
+            x_cold = take(latents, cold)
+            x_zero, cond_zero = (x_cold, take_c(cond_0, cold)) if settings.one_call else (latents, cond_0)
             model_input = scale_model_input(scheduler, torch.cat([x_zero, x_cold, x_cold]), t)
-            cond = cat_cond(cond_zero, take_cond(cond_p, cold), take_cond(cond_c, cold))
+            cond = cat_cond(cond_zero, take_c(cond_p, cold), take_c(cond_c, cold))
             p0, cold_p, cold_c = denoise(model_input, t, cond).split([len(zero_rows), len(cold), len(cold)])
             put("0", zero_rows, p0)
         if len(cold):
             put("p", cold, cold_p)
             put("c", cold, cold_c)
-            d[cold] = guidance.distance(cold_p, cold_c) * factor
-            bound = guidance.update_bound(d[cold], settings.loss_scale, settings.step_size, settings.sigma,
-                                          estimate.bound()[cold], settings.kernel)
+            cold_d = guidance.distance(cold_p, cold_c) * factor
+            if cold is everyone:
+                d = cold_d
+            else:
+                d[cold] = cold_d
+            bound = guidance.update_bound(cold_d, settings.loss_scale, settings.step_size, settings.sigma,
+                                          take(estimate.bound(), cold), settings.kernel)
             estimate.last_bound[cold] = bound
+            # The one question a benign batch asks the GPU per step: did any image surprise?
             surprise = cold[~(bound < tolerance)]
             hot = torch.cat([hot, surprise])
+    if lazy:
+        estimate.all_cold = len(hot) == 0
 
-    grad = torch.zeros_like(latents)
+    steered = latents  # without a backward pass the update is zero
     if len(hot):
         # hot0 comes first in hot: surprises, whose branch 0 is known, were appended after it.
         def rows(x: torch.Tensor) -> torch.Tensor:
             return scale_model_input(scheduler, torch.cat([x[:len(hot0)], x, x]), t)
 
-        cond = cat_cond(take_cond(cond_0, hot0), take_cond(cond_p, hot), take_cond(cond_c, hot))
+        cond = cat_cond(take_c(cond_0, hot0), take_c(cond_p, hot), take_c(cond_c, hot))
         if check is not None:
-            check.verify(denoise, latents[hot], rows, t, cond)
+            check.verify(denoise, take(latents, hot), rows, t, cond)
         with torch.enable_grad():
-            x = latents[hot].detach().requires_grad_(True)
+            x = take(latents, hot).detach().requires_grad_(True)
             h0, hp, hc = denoise(rows(x), t, cond).split([len(hot0), len(hot), len(hot)])
             hot_d = guidance.distance(hp, hc) * factor
             # Each image's d depends on its own latent only, so the gradient of the sum gives every
@@ -406,7 +431,12 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         hot_d = hot_d.detach()
         dL_dd = guidance.loss_slope(hot_d, settings.loss_scale, settings.sigma, settings.kernel)
         hot_grad = dL_dd.reshape(-1, *([1] * (x.ndim - 1))) * grad_d.float()
-        grad[hot] = hot_grad.to(grad.dtype)
+        if hot is everyone:
+            grad = hot_grad
+        else:
+            grad = torch.zeros_like(latents)
+            grad[hot] = hot_grad.to(grad.dtype)
+        steered = guidance.steer(latents, grad, settings.step_size)
         if len(hot0):
             put("0", hot0, h0.detach())
         put("p", hot, hp.detach())
@@ -416,7 +446,6 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             estimate.update(hot, grad_d.float().flatten(1).norm(dim=1))
             estimate.last_bound[hot] = settings.step_size * hot_grad.flatten(1).norm(dim=1)
 
-    steered = guidance.steer(latents, grad, settings.step_size)
     step.distance = d
     step.kernel = guidance.kernel(d, settings.sigma, settings.kernel)
     step.steered = torch.zeros(batch, dtype=torch.bool, device=latents.device)
