@@ -2,8 +2,9 @@
 # One lease of a GPU machine, used for everything that needs one (README "Speed"): time the SD v1.4
 # and (unless SDXL=0) SDXL architectures with `trasce bench`, gradient checkpointing's memory, and (PROFILE=1) the
 # launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model. COMPILE=MODE (e.g. reduce-overhead)
-# adds the SD v1.4 bench's torch.compile rows, after trasce's check of the compiled gradient (compiling takes minutes).
-# The SD v1.4 bench includes its channels-last rows.
+# ends with a second SD v1.4 bench of the torch.compile rows alone, after trasce's check of the compiled gradient
+# (compiling takes minutes; COMPILE_LIMIT seconds at most, default 330), so that the uncompiled rows are saved
+# first. The SD v1.4 bench includes its channels-last rows; REPEATS (default 3) sets its timed rounds.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -22,9 +23,9 @@ if [ "$TOY_MINUTES" != "0" ]; then
   (cd /tmp/toy2 && tar cf - pipeline | split -b 15M - "$OLDPWD/$OUT/toy.tar.part-")
 fi
 
-python3 -m trasce bench --model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats 3 \
-  --channels-last ${COMPILE:+--compile "$COMPILE"} --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14.txt" \
-  | tail -n 26
+SD14="--model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats ${REPEATS:-3}"
+python3 -m trasce bench $SD14 --channels-last --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn \
+  | tee "$OUT/bench_sd14.txt" | tail -n 20
 if [ "${SDXL:-1}" != "0" ]; then
   python3 -m trasce bench --model sdxl --dtype fp16 --batch-size 1 --steps 20 --device cuda --repeats 1 \
     --no-released --json "$OUT/bench_sdxl.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt" | tail -n 10
@@ -34,4 +35,8 @@ python3 benchmarks/checkpoint_memory.py --model sd14 --dtype fp16 --device cuda 
 if [ "${PROFILE:-0}" != "0" ]; then
   python3 benchmarks/launch_profile.py --model sd14 --dtype fp16 --device cuda --steps 20 --batch-size 4 \
     > "$OUT/launch_profile.txt" 2>&1; grep round "$OUT/launch_profile.txt"
+fi
+if [ -n "${COMPILE:-}" ]; then
+  timeout "${COMPILE_LIMIT:-330}" python3 -m trasce bench $SD14 --no-released --compile "$COMPILE" --compiled-only \
+    --json "$OUT/bench_sd14_compiled.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14_compiled.txt" | tail -n 10
 fi

@@ -69,6 +69,15 @@ def test_bench_refuses_real_prompts_with_random_weights():
     assert "--benign-prompt and --near-prompt need a trained model; 'tiny-sd' has random weights" in result.output
 
 
+@pytest.mark.parametrize("extra", [[], ["--compile", "default"], ["--compile", "default", "--no-released",
+                                                                   "--channels-last"]])
+def test_bench_compiled_only_needs_compile_and_no_uncompiled_rows(extra):
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--compiled-only", *extra])
+    assert result.exit_code == 2
+    assert result.output == ("error: --compiled-only times the compiled rows alone: it needs --compile and "
+                             "--no-released, and takes neither --channels-last nor real prompts (uncompiled rows)\n")
+
+
 def test_bench_refuses_a_device_this_machine_lacks():
     result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--device", "bogus"])
     assert result.exit_code == 2
@@ -125,6 +134,10 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     exact = compiled[("trasce exact", "any")]
     assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against compiled plain CFG
     assert "| trasce exact, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
+    alone = run_bench(**kwargs, compiled_only=True)
+    assert [(r["method"], r["compile_mode"]) for r in alone["rows"]] == [
+        (method, "default") for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact", "trasce lazy")]
+    assert alone["compile"]["gradient_check"] == "passed"
 
     monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
     torch._dynamo.reset()

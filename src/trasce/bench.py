@@ -18,6 +18,8 @@ With ``compile_mode``, plain CFG and trasce's rows run once more with the denois
 ``torch.compile(denoiser, mode=...)`` during each call, and their ratios are to compiled plain CFG.
 The compiled steering rows are timed only if a compiled exact call passes trasce's gradient check
 first, and no compiled row if that call fails otherwise; the result's ``compile`` entry says which.
+``compiled_only`` leaves the uncompiled rows out (a second run beside an uncompiled one, when the
+device time is short: compiling takes minutes).
 
 With ``channels_last``, plain CFG, the exact path and benign lazy rows run once more with the
 denoiser's weights in channels-last memory format during each call (converting them is part of the
@@ -142,7 +144,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
               released: bool = True, prompt: str = PROMPT,
               concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
               near_prompt: str | None = None, compile_mode: str | None = None, channels_last: bool = False,
-              quiet: bool = False) -> dict:
+              compiled_only: bool = False, quiet: bool = False) -> dict:
     """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
 
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
@@ -151,6 +153,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     from trasce.generate import pick_device
     from trasce.models import random as random_models
 
+    if compiled_only and (compile_mode is None or channels_last or released or benign_prompt or near_prompt):
+        raise ValueError("--compiled-only times the compiled rows alone: it needs --compile and --no-released, "
+                         "and takes neither --channels-last nor real prompts (uncompiled rows)")
     if model in random_models.BUILDERS and (benign_prompt or near_prompt):
         raise ValueError(f"--benign-prompt and --near-prompt need a trained model; {model!r} has random weights, "
                          "whose benign and concept-near rows are emulated")
@@ -216,28 +221,30 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
             settings=asdict(variant.settings), compiled=compiled, memory_format=memory_format)
 
-    add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
-    add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
-                                                generator=generator(), **common), batch_size)
     variants = trasce_variants(trasce)
-    for method in ("trasce negation", "trasce exact", "trasce exact, one call"):
-        add_trasce(method, "any", variants[method, "any"])
     exact, benign = variants["trasce exact", "any"], variants["trasce lazy", "benign"]
-    if getattr(trasce.adapter.denoiser_module, "_supports_gradient_checkpointing", False):
-        def checkpointed():
-            exact.enable_gradient_checkpointing()
-            try:
-                return exact(prompts, generator=generator(), **common)
-            finally:
-                exact.disable_gradient_checkpointing()
+    if not compiled_only:
+        add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
+        add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
+                                                    generator=generator(), **common), batch_size)
+        for method in ("trasce negation", "trasce exact", "trasce exact, one call"):
+            add_trasce(method, "any", variants[method, "any"])
+        if getattr(trasce.adapter.denoiser_module, "_supports_gradient_checkpointing", False):
+            def checkpointed():
+                exact.enable_gradient_checkpointing()
+                try:
+                    return exact(prompts, generator=generator(), **common)
+                finally:
+                    exact.disable_gradient_checkpointing()
 
-        add("trasce exact, checkpointed", "any", checkpointed, batch_size, settings=asdict(exact.settings),
-            note="gradient checkpointing in the denoiser")
-    for kind, real_prompt, state in (("benign", benign_prompt, "off"), ("concept-near", near_prompt, "on")):
-        if real_prompt:
-            add_trasce("trasce lazy", kind, trasce, note=f"prompt {real_prompt!r}", texts=[real_prompt] * batch_size)
-        else:
-            add_trasce("trasce lazy", kind, variants["trasce lazy", kind], note=EMULATED.format(state))
+            add("trasce exact, checkpointed", "any", checkpointed, batch_size, settings=asdict(exact.settings),
+                note="gradient checkpointing in the denoiser")
+        for kind, real_prompt, state in (("benign", benign_prompt, "off"), ("concept-near", near_prompt, "on")):
+            if real_prompt:
+                add_trasce("trasce lazy", kind, trasce, note=f"prompt {real_prompt!r}",
+                           texts=[real_prompt] * batch_size)
+            else:
+                add_trasce("trasce lazy", kind, variants["trasce lazy", kind], note=EMULATED.format(state))
 
     compile_check = None
     if compile_mode is not None:

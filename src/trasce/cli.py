@@ -187,16 +187,18 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
               help="also time plain CFG and trasce's rows with the denoiser torch.compiled in this mode")
 @click.option("--channels-last", is_flag=True,
               help="also time plain CFG and trasce's exact and benign rows with the denoiser in channels-last format")
+@click.option("--compiled-only", is_flag=True,
+              help="time the --compile rows alone (with --no-released), beside an uncompiled run")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the result here")
 def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, concept, preset,
-          benign_prompt, near_prompt, compile_mode, channels_last, json_path) -> None:
+          benign_prompt, near_prompt, compile_mode, channels_last, compiled_only, json_path) -> None:
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
     from trasce.bench import format_rows, run_bench, write_result
 
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
                     width=width, device=device, repeats=repeats, released=not no_released,
                     concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt,
-                    compile_mode=compile_mode, channels_last=channels_last)
+                    compile_mode=compile_mode, channels_last=channels_last, compiled_only=compiled_only)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
                f"{result['height']}x{result['width']}\n")
     click.echo(format_rows(result))
