@@ -4,7 +4,8 @@
 # launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model. COMPILE=MODE (e.g. reduce-overhead)
 # ends with a second SD v1.4 bench of the torch.compile rows alone, after trasce's check of the compiled gradient
 # (compiling takes minutes; COMPILE_LIMIT seconds at most, default 330), so that the uncompiled rows are saved
-# first. The SD v1.4 bench includes its channels-last rows; REPEATS (default 3) sets its timed rounds.
+# first; with DEADLINE, the compiled bench also ends DEADLINE seconds after this script started. The SD v1.4
+# bench includes its channels-last rows; REPEATS (default 3) sets its timed rounds.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -37,6 +38,9 @@ if [ "${PROFILE:-0}" != "0" ]; then
     > "$OUT/launch_profile.txt" 2>&1; grep round "$OUT/launch_profile.txt"
 fi
 if [ -n "${COMPILE:-}" ]; then
-  timeout "${COMPILE_LIMIT:-330}" python3 -m trasce bench $SD14 --no-released --compile "$COMPILE" --compiled-only \
+  limit=${COMPILE_LIMIT:-330}
+  if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - SECONDS)) -lt "$limit" ]; then limit=$((DEADLINE - SECONDS)); fi
+  echo "compiled bench: at most $limit s"
+  timeout "$limit" python3 -m trasce bench $SD14 --no-released --compile "$COMPILE" --compiled-only \
     --json "$OUT/bench_sd14_compiled.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14_compiled.txt" | tail -n 10
 fi
