@@ -24,19 +24,22 @@ def test_bench_rows_ratios_and_backward_passes(tmp_path):
     assert backward == {
         ("plain CFG (diffusers)", "any", 2): None, ("negative prompt", "any", 2): None,
         ("trasce negation", "any", 2): None,
-        ("trasce exact", "any", 2): STEPS,  # exact: a backward pass at every step, whatever the prompt
+        ("trasce exact, two calls", "any", 2): STEPS,  # exact: a backward pass at every step, whatever the prompt
         ("trasce exact, one call", "any", 2): STEPS,
-        ("trasce exact, checkpointed", "any", 2): STEPS,
+        ("trasce exact, two calls, checkpointed", "any", 2): STEPS,
         ("trasce lazy", "benign", 2): 1,  # the first step measures ||dd/dx||, then the kernel is "off"
         ("trasce lazy", "concept-near", 2): STEPS,
         ("released loop", "any", 1): STEPS, ("plain CFG (diffusers)", "any", 1): None,
     }
-    settings = by_name[("trasce exact", "any", 2)]["settings"]
+    settings = by_name[("trasce exact, two calls", "any", 2)]["settings"]
     assert settings["lazy_tolerance"] is None
+    # the lazy rows record the number of calls trasce chose for this device (two, on a CPU)
+    assert [by_name[key]["settings"]["one_call"] for key in (("trasce lazy", "benign", 2),
+            ("trasce lazy", "concept-near", 2), ("trasce exact, one call", "any", 2))] == [False, False, True]
     for r in rows:
         plain = by_name[("plain CFG (diffusers)", "any", r["batch_size"])]["seconds_per_image"]
         assert abs(r["ratio_to_plain"] - r["seconds_per_image"] / plain) < 1e-3
-    assert "| trasce exact | any | fp32 | 2 |" in result.output
+    assert "| trasce exact, two calls | any | fp32 | 2 |" in result.output
 
 
 def test_weights_gib_counts_parameters_and_buffers_of_every_module():
@@ -102,11 +105,11 @@ def test_bench_channels_last_rows(monkeypatch):
                                     repeats=1, released=False, quiet=True, channels_last=True)
     rows = {(r["method"], r["prompts"]): r for r in result["rows"] if r["memory_format"] == "channels_last"}
     assert {key: r["backward_passes"] for key, r in rows.items()} == {
-        ("plain CFG (diffusers)", "any"): None, ("trasce exact", "any"): STEPS, ("trasce lazy", "benign"): 1}
+        ("plain CFG (diffusers)", "any"): None, ("trasce exact, two calls", "any"): STEPS, ("trasce lazy", "benign"): 1}
     plain = rows[("plain CFG (diffusers)", "any")]["seconds_per_image"]
-    exact = rows[("trasce exact", "any")]
+    exact = rows[("trasce exact, two calls", "any")]
     assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against channels-last plain
-    assert "| trasce exact, channels-last | any | fp32 | 2 |" in trasce.bench.format_rows(result)
+    assert "| trasce exact, two calls, channels-last | any | fp32 | 2 |" in trasce.bench.format_rows(result)
     # the channels-last rows ran in that format, the other rows did not, and the format is restored
     assert True in formats and False in formats
     assert not loaded[0].unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -129,14 +132,15 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     compiled = {(r["method"], r["prompts"]): r for r in result["rows"] if r["compile_mode"] == "default"}
     assert {key: r["backward_passes"] for key, r in compiled.items()} == {
         ("plain CFG (diffusers)", "any"): None, ("trasce negation", "any"): None,
-        ("trasce exact", "any"): STEPS, ("trasce lazy", "benign"): 1}
+        ("trasce exact, two calls", "any"): STEPS, ("trasce lazy", "benign"): 1}
     plain = compiled[("plain CFG (diffusers)", "any")]["seconds_per_image"]
-    exact = compiled[("trasce exact", "any")]
+    exact = compiled[("trasce exact, two calls", "any")]
     assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against compiled plain CFG
-    assert "| trasce exact, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
+    assert "| trasce exact, two calls, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
     alone = run_bench(**kwargs, compiled_only=True)
     assert [(r["method"], r["compile_mode"]) for r in alone["rows"]] == [
-        (method, "default") for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact", "trasce lazy")]
+        (method, "default")
+        for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact, two calls", "trasce lazy")]
     assert alone["compile"]["gradient_check"] == "passed"
 
     monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
@@ -154,5 +158,5 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     assert result["compile"]["gradient_check"].startswith("did not run: ")
     assert "no C++ compiler" in result["compile"]["gradient_check"]
     assert not [r for r in result["rows"] if r["compile_mode"]]  # the other rows are all there
-    assert {r["method"] for r in result["rows"]} >= {"plain CFG (diffusers)", "trasce exact", "trasce lazy"}
+    assert {r["method"] for r in result["rows"]} >= {"plain CFG (diffusers)", "trasce exact, two calls", "trasce lazy"}
     torch._dynamo.reset()

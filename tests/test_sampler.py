@@ -274,6 +274,29 @@ def test_a_batch_known_to_be_cold_skips_the_question_and_still_catches_a_surpris
     assert not torch.allclose(asking.images, exact(prompts, **kwargs).images, atol=1e-3)  # the skips mattered
 
 
+def test_steered_images_take_one_call_on_cuda_and_two_elsewhere_unless_told(tiny_sd):
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
+    assert exact.settings.one_call is None
+    assert exact.settings.uses_one_call(torch.device("cuda:1")) is True
+    assert exact.settings.uses_one_call("cpu") is False
+    assert replace(exact.settings, one_call=False).uses_one_call("cuda") is False
+    assert replace(exact.settings, one_call=True).uses_one_call("cpu") is True
+    unet_forward, calls = tiny_sd.unet.forward, []
+
+    def counting(*args, **kw):
+        calls.append(None)
+        return unet_forward(*args, **kw)
+
+    tiny_sd.unet.forward = counting
+    try:
+        for one_call, per_step in ((None, 2), (False, 2), (True, 1)):  # on this CPU the default is two calls
+            calls.clear()
+            exact.with_settings(one_call=one_call)(prompts, **kwargs)
+            assert len(calls) == per_step * STEPS, one_call
+    finally:
+        tiny_sd.unet.forward = unet_forward
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, monkeypatch):
     import torch.utils.checkpoint
 
@@ -356,6 +379,35 @@ def test_a_compiled_denoiser_is_detected_however_it_was_compiled(tiny_sd):
         unet.up_blocks[0]._compiled_call_impl = None
         unet.__dict__.pop("forward", None)
     assert not trasce.adapter.compiled
+
+
+@pytest.mark.parametrize("margin", [0.0, 1e6])  # cold images that stay cold; cold images that surprise
+def test_the_sampler_never_reads_a_denoiser_output_after_the_next_denoiser_call(tiny_sd, monkeypatch, margin):
+    """A denoiser compiled with CUDA graphs (mode "reduce-overhead") reuses its output memory at its
+    next call; here every output turns to NaN then, and every path must give the same numbers."""
+    import trasce.sampler as sampler
+
+    monkeypatch.setattr(sampler._GradientNormEstimate, "bound", lambda self: self.value * margin)
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=1e-3)
+    adapter, scheduler = trasce.adapter, tiny_sd.scheduler
+    prompts = ["a red apple", "a blue car", "an apple"]
+    x = _latents(tiny_sd, batch=3)
+    conds = adapter.encode_unconditional(3), adapter.encode(prompts), adapter.encode(["an apple"] * 3)
+    live = []
+
+    def reusing(model_input, t, cond):
+        for output in live:
+            output.detach().fill_(float("nan"))
+        live.clear()
+        live.append(adapter.denoise(model_input, t, cond))
+        return live[-1]
+
+    for settings in (trasce.settings, replace(trasce.settings, one_call=True),
+                     replace(trasce.settings, lazy_tolerance=None), replace(trasce.settings, mode="negation")):
+        expected = list(sample(adapter.denoise, scheduler, x, *conds, 7.5, settings, STEPS))[-1].latents
+        got = list(sample(reusing, scheduler, x, *conds, 7.5, settings, STEPS))[-1].latents
+        assert torch.equal(got, expected), settings
 
 
 def test_every_new_shape_of_the_steering_call_is_checked_once_against_the_reference(tiny_sd, monkeypatch):

@@ -55,11 +55,12 @@ EMULATED = "emulated: the lazy decision forced {}"
 def trasce_variants(trasce: TraSCEPipeline) -> dict[tuple[str, str], TraSCEPipeline]:
     """trasce's own paths as ``trasce bench`` times them, by ``(method, prompts)`` row.
 
-    The lazy rows are the emulated ones; checkpointing is a switch on the model, not a variant.
+    The lazy rows are the emulated ones, with trasce's default number of calls for the device; the
+    exact rows name theirs. Checkpointing is a switch on the model, not a variant.
     """
     return {
         ("trasce negation", "any"): trasce.with_settings(mode="negation"),
-        ("trasce exact", "any"): trasce.with_settings(lazy_tolerance=None),
+        ("trasce exact, two calls", "any"): trasce.with_settings(lazy_tolerance=None, one_call=False),
         ("trasce exact, one call", "any"): trasce.with_settings(lazy_tolerance=None, one_call=True),
         **{("trasce lazy", kind): trasce.with_settings(lazy_tolerance=tolerance)
            for kind, tolerance in FORCED_TOLERANCE.items()},
@@ -218,16 +219,17 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
                    compiled: str | None = None, memory_format: str | None = None) -> None:
+        settings = asdict(variant.settings) | {"one_call": variant.settings.uses_one_call(dev)}
         add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
-            settings=asdict(variant.settings), compiled=compiled, memory_format=memory_format)
+            settings=settings, compiled=compiled, memory_format=memory_format)
 
     variants = trasce_variants(trasce)
-    exact, benign = variants["trasce exact", "any"], variants["trasce lazy", "benign"]
+    exact, benign = variants["trasce exact, two calls", "any"], variants["trasce lazy", "benign"]
     if not compiled_only:
         add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
         add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
                                                     generator=generator(), **common), batch_size)
-        for method in ("trasce negation", "trasce exact", "trasce exact, one call"):
+        for method in ("trasce negation", "trasce exact, two calls", "trasce exact, one call"):
             add_trasce(method, "any", variants[method, "any"])
         if getattr(trasce.adapter.denoiser_module, "_supports_gradient_checkpointing", False):
             def checkpointed():
@@ -237,8 +239,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
                 finally:
                     exact.disable_gradient_checkpointing()
 
-            add("trasce exact, checkpointed", "any", checkpointed, batch_size, settings=asdict(exact.settings),
-                note="gradient checkpointing in the denoiser")
+            add("trasce exact, two calls, checkpointed", "any", checkpointed, batch_size,
+                settings=asdict(exact.settings), note="gradient checkpointing in the denoiser")
         for kind, real_prompt, state in (("benign", benign_prompt, "off"), ("concept-near", near_prompt, "on")):
             if real_prompt:
                 add_trasce("trasce lazy", kind, trasce, note=f"prompt {real_prompt!r}",
@@ -261,14 +263,14 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
                 compiled=compile_mode)
             add_trasce("trasce negation", "any", variants["trasce negation", "any"], compiled=compile_mode)
         if compile_check == "passed":
-            add_trasce("trasce exact", "any", exact, compiled=compile_mode)
+            add_trasce("trasce exact, two calls", "any", exact, compiled=compile_mode)
             add_trasce("trasce lazy", "benign", benign, note=EMULATED.format("off"), compiled=compile_mode)
 
     if channels_last:
         format_ = "channels_last"
         add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
             memory_format=format_)
-        add_trasce("trasce exact", "any", exact, memory_format=format_)
+        add_trasce("trasce exact, two calls", "any", exact, memory_format=format_)
         add_trasce("trasce lazy", "benign", benign, note=EMULATED.format("off"), memory_format=format_)
 
     if released and isinstance(trasce.adapter, StableDiffusionAdapter):

@@ -92,9 +92,10 @@ def _choice(values) -> click.Choice:
 @click.option("--lazy-tolerance", type=float, default=DEFAULT_LAZY_TOLERANCE, show_default=True,
               help="skip backward passes whose latent update is estimated below this RMS per latent element")
 @click.option("--exact", is_flag=True, help="run every backward pass (the released maths, no skipping)")
-@click.option("--one-call", is_flag=True,
-              help="a steered image's three branches in one call under gradients (same images; fewer kernel "
-                   "launches, more backward work)")
+@click.option("--one-call/--two-calls", default=None,
+              help="a steered image's three branches in one call under gradients, or in two (same images; one "
+                   "call launches fewer kernels and does more backward work) [default: one call on CUDA devices, "
+                   "two elsewhere]")
 @click.option("--steer-window", type=(float, float), default=(0.0, 1.0), show_default=True, metavar="START END",
               help="steer only in this fraction of the steps: step i of n when START*n <= i < END*n "
                    "(0 1: every step, as released)")

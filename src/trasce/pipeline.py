@@ -183,13 +183,14 @@ class TraSCEPipeline:
     ``discriminator_guidance_scale``/``sigma``; a ``preset`` fills them and the concept.
     ``lazy_tolerance`` skips backward passes whose update would be smaller, as an RMS per latent
     element (``None``: exact, every backward pass runs). ``one_call``: a steered image's three
-    branches in one denoiser call under gradients (same numbers, fewer kernel launches).
+    branches in one denoiser call under gradients (same numbers, fewer kernel launches), or in two
+    (``False``); ``None`` chooses one call on CUDA devices, two elsewhere.
     """
 
     def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",
                  loss_scale: float | None = None, step_size: float | None = None, sigma: float | None = None,
                  kernel: str = "exp", lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE,
-                 steer_window: tuple[float, float] = (0.0, 1.0), one_call: bool = False):
+                 steer_window: tuple[float, float] = (0.0, 1.0), one_call: bool | None = None):
         self.pipe = pipe
         self.adapter: Adapter = adapter_for(pipe)
         if concept is None and preset is None and mode == "none":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -51,7 +51,8 @@ class EraseSettings:
     ``one_call``: evaluate a steered image's three branches in one denoiser call under gradients
     instead of two calls (the empty prompt without gradients, prompt and concept with). The same
     numbers; one call's kernel launches fewer, but the backward pass also runs through the empty
-    prompt's rows. It can pay where launching kernels, not running them, limits a GPU.
+    prompt's rows. It pays where launching kernels, not running them, limits a GPU; ``None`` (the
+    default) is one call on CUDA devices and two elsewhere (see :meth:`uses_one_call`).
     """
 
     mode: Mode = "trasce"
@@ -61,7 +62,7 @@ class EraseSettings:
     kernel: Kernel = "exp"
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     steer_window: tuple[float, float] = (0.0, 1.0)
-    one_call: bool = False
+    one_call: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +84,14 @@ class EraseSettings:
         point, and step 7 belongs to the window that starts at 0.14.
         """
         return tuple(math.ceil(round(fraction * n, 9)) for fraction in self.steer_window)
+
+    def uses_one_call(self, device: torch.device) -> bool:
+        """Whether steered images take one denoiser call on ``device``: ``one_call``, or by default one
+        call on CUDA. Measured on an H200 (SD v1.4, fp16, batch 4): one call 2.35x plain CFG against
+        two calls' 3.19x, its launches being what the GPU waits for; on a 2-core CPU, which computes
+        every row it is given, one call 3.45x against 2.84x (README "Speed").
+        """
+        return self.one_call if self.one_call is not None else torch.device(device).type == "cuda"
 
     @property
     def steers(self) -> bool:
@@ -285,6 +294,7 @@ def sample(
             "continue some steps from a sample stored earlier, which drops TraSCE's steering update. Use DDIM, "
             "the published setting (--scheduler ddim, or pipe.scheduler = "
             "DDIMScheduler.from_config(pipe.scheduler.config))")
+    settings = replace(settings, one_call=settings.uses_one_call(latents.device))
     batch = latents.shape[0]
     scale = guidance_scale
     if isinstance(scale, torch.Tensor):
@@ -415,6 +425,9 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
 
     steered = latents  # without a backward pass the update is zero
     if len(hot):
+        # The no-gradient call's outputs must outlive the gradient call, and a denoiser compiled with
+        # CUDA graphs ("reduce-overhead") reuses its output memory at its next call.
+        preds = {branch: values.clone() for branch, values in preds.items()}
         # hot0 comes first in hot: surprises, whose branch 0 is known, were appended after it.
         def rows(x: torch.Tensor) -> torch.Tensor:
             return scale_model_input(scheduler, torch.cat([x[:len(hot0)], x, x]), t)
