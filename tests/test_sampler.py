@@ -274,13 +274,19 @@ def test_a_batch_known_to_be_cold_skips_the_question_and_still_catches_a_surpris
     assert not torch.allclose(asking.images, exact(prompts, **kwargs).images, atol=1e-3)  # the skips mattered
 
 
-def test_steered_images_take_one_call_on_cuda_and_two_elsewhere_unless_told(tiny_sd):
+def test_steered_images_take_one_call_on_cuda_for_a_few_latents_and_two_otherwise_unless_told(tiny_sd):
+    from trasce.sampler import ONE_CALL_MAX_ELEMENTS
+
     exact, prompts, kwargs = _exact_two_images(tiny_sd)
-    assert exact.settings.one_call is None
-    assert exact.settings.uses_one_call(torch.device("cuda:1")) is True
-    assert exact.settings.uses_one_call("cpu") is False
-    assert replace(exact.settings, one_call=False).uses_one_call("cuda") is False
-    assert replace(exact.settings, one_call=True).uses_one_call("cpu") is True
+    settings = exact.settings
+    assert settings.one_call is None
+    assert ONE_CALL_MAX_ELEMENTS == 4 * (4 * 64 * 64)  # four SD v1.4 latents at 512 px
+    assert settings.uses_one_call(torch.device("cuda:1"), 4 * 4 * 64 * 64) is True
+    assert settings.uses_one_call("cuda", 5 * 4 * 64 * 64) is False
+    assert settings.uses_one_call("cuda", 16 * 128 * 128) is False  # one SD3 latent at 1024 px
+    assert settings.uses_one_call("cpu", 1) is False
+    assert replace(settings, one_call=False).uses_one_call("cuda", 1) is False
+    assert replace(settings, one_call=True).uses_one_call("cpu", 10**9) is True
     unet_forward, calls = tiny_sd.unet.forward, []
 
     def counting(*args, **kw):
@@ -295,6 +301,30 @@ def test_steered_images_take_one_call_on_cuda_and_two_elsewhere_unless_told(tiny
             assert len(calls) == per_step * STEPS, one_call
     finally:
         tiny_sd.unet.forward = unet_forward
+
+
+def test_the_default_chooses_one_or_two_calls_at_each_step_by_the_steered_images(tiny_sd, monkeypatch):
+    """As on CUDA with a limit of two latents: two calls where three images steer, one where two do."""
+    from trasce.sampler import EraseSettings
+
+    asked = []
+
+    def choice(self, device, elements):
+        asked.append(elements)
+        return self.one_call if self.one_call is not None else elements <= 2 * 4 * 8 * 8
+
+    monkeypatch.setattr(EraseSettings, "uses_one_call", choice)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", latents=_latents(tiny_sd, batch=3))
+    prompts = ["a red apple", "a blue car", "an apple"]
+    lazy = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                    lazy_tolerance=1e-3)
+    chosen = lazy(prompts, **kwargs)
+    hot = [elements // (4 * 8 * 8) for elements in asked]
+    assert hot[0] == 3 and 2 in hot  # both choices were made
+    assert len(asked) == STEPS
+    two = lazy.with_settings(one_call=False)(prompts, **kwargs)
+    assert torch.allclose(chosen.images, two.images, atol=1e-4), (chosen.images - two.images).abs().max()
+    assert torch.equal(chosen.steered_steps, two.steered_steps)
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_images(tiny_sd, monkeypatch):

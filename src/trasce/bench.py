@@ -30,6 +30,7 @@ the first such row's time against the ordinary plain CFG row's says whether the 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -171,6 +172,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     concept, erasing = trasce.concept, trasce.settings
     h, w = height or trasce.adapter.default_size()[0], width or trasce.adapter.default_size()[1]
     prompts = [prompt] * batch_size
+    batch_elements = batch_size * math.prod(trasce.adapter.latent_shape(h, w))
     # Pixel-space models (the embedded one) have no VAE: their latents are the images.
     pixel_space = getattr(pipe, "vae", None) is None
     common = dict(num_inference_steps=steps, height=h, width=w, output_type="latent" if pixel_space else "pil")
@@ -219,7 +221,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
                    compiled: str | None = None, memory_format: str | None = None) -> None:
-        settings = asdict(variant.settings) | {"one_call": variant.settings.uses_one_call(dev)}
+        # with one_call=None, the choice for a step that steers every image
+        settings = asdict(variant.settings) | {"one_call": variant.settings.uses_one_call(dev, batch_elements)}
         add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
             settings=settings, compiled=compiled, memory_format=memory_format)
 

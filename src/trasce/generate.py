@@ -44,7 +44,7 @@ class GenerateOptions:
     kernel: str = "exp"
     lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
     exact: bool = False
-    one_call: bool | None = None  # None: one call on CUDA, two elsewhere
+    one_call: bool | None = None  # None: chosen per step (EraseSettings.uses_one_call)
     steer_window: tuple[float, float] = (0.0, 1.0)
     gradient_checkpointing: bool = False
     compile_mode: str | None = None  # torch.compile's mode ("default" for its default), None: not compiled
@@ -219,7 +219,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
         "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
-        "one_call": pipe.settings.uses_one_call(device), "steer_window": list(pipe.settings.steer_window),
+        "one_call": pipe.settings.one_call, "steer_window": list(pipe.settings.steer_window),
         "gradient_checkpointing": options.gradient_checkpointing,
         "compile_mode": options.compile_mode or ("compiled by the caller" if pipe.adapter.compiled else None),
         "steps": steps,

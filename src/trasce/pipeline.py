@@ -184,7 +184,8 @@ class TraSCEPipeline:
     ``lazy_tolerance`` skips backward passes whose update would be smaller, as an RMS per latent
     element (``None``: exact, every backward pass runs). ``one_call``: a steered image's three
     branches in one denoiser call under gradients (same numbers, fewer kernel launches), or in two
-    (``False``); ``None`` chooses one call on CUDA devices, two elsewhere.
+    (``False``); ``None`` chooses one call on CUDA for a few images' latents, else two
+    (``EraseSettings.uses_one_call``).
     """
 
     def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,6 +37,11 @@ Cond = dict[str, torch.Tensor]
 #: pass. Measured on the embedded model (benchmarks/lazy_accuracy.py, README "Speed").
 DEFAULT_LAZY_TOLERANCE = 1e-4
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+#: The most latent numbers a step's steered images may hold for ``one_call=None`` to evaluate them in
+#: one call on CUDA: four SD v1.4 latents at 512 px (4x64x64 each). On an H200 (README "Speed"), four
+#: such images took 14-26 % less time in one call than in two, sixteen 17 % more: there the GPU's
+#: arithmetic, not its kernel launches, sets the pace. On a CPU one call never paid.
+ONE_CALL_MAX_ELEMENTS = 4 * 4 * 64 * 64
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class EraseSettings:
     instead of two calls (the empty prompt without gradients, prompt and concept with). The same
     numbers; one call's kernel launches fewer, but the backward pass also runs through the empty
     prompt's rows. It pays where launching kernels, not running them, limits a GPU; ``None`` (the
-    default) is one call on CUDA devices and two elsewhere (see :meth:`uses_one_call`).
+    default) chooses at each step (see :meth:`uses_one_call`).
     """
 
     mode: Mode = "trasce"
@@ -85,13 +90,14 @@ class EraseSettings:
         """
         return tuple(math.ceil(round(fraction * n, 9)) for fraction in self.steer_window)
 
-    def uses_one_call(self, device: torch.device) -> bool:
-        """Whether steered images take one denoiser call on ``device``: ``one_call``, or by default one
-        call on CUDA. Measured on an H200 (SD v1.4, fp16, batch 4): one call 2.35x plain CFG against
-        two calls' 3.19x, its launches being what the GPU waits for; on a 2-core CPU, which computes
-        every row it is given, one call 3.45x against 2.84x (README "Speed").
+    def uses_one_call(self, device: torch.device | str, elements: int) -> bool:
+        """Whether steered images whose latents hold ``elements`` numbers in all take one denoiser call
+        on ``device``: ``one_call``, or by default one call on CUDA while ``elements`` is at most
+        ``ONE_CALL_MAX_ELEMENTS``, where kernel launches rather than the kernels limit the GPU.
         """
-        return self.one_call if self.one_call is not None else torch.device(device).type == "cuda"
+        if self.one_call is not None:
+            return self.one_call
+        return torch.device(device).type == "cuda" and elements <= ONE_CALL_MAX_ELEMENTS
 
     @property
     def steers(self) -> bool:
@@ -294,7 +300,6 @@ def sample(
             "continue some steps from a sample stored earlier, which drops TraSCE's steering update. Use DDIM, "
             "the published setting (--scheduler ddim, or pipe.scheduler = "
             "DDIMScheduler.from_config(pipe.scheduler.config))")
-    settings = replace(settings, one_call=settings.uses_one_call(latents.device))
     batch = latents.shape[0]
     scale = guidance_scale
     if isinstance(scale, torch.Tensor):
@@ -357,9 +362,9 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     gradients; if its update estimate is still below the tolerance, it skips the backward pass,
     else (a rare surprise) its prompt and concept branches are evaluated again with gradients.
     Images above the tolerance, or not yet measured, take the gradient path directly, so an image
-    near the concept costs what it costs in the exact path. With ``one_call`` the gradient call
-    also evaluates those images' empty-prompt branch, and the no-gradient call holds the cold
-    images only.
+    near the concept costs what it costs in the exact path. With one call (``one_call``, or its
+    default's choice for the hot images) the gradient call also evaluates those images'
+    empty-prompt branch, and the no-gradient call holds the cold images only.
     """
     batch = latents.shape[0]
     lazy = settings.lazy_tolerance is not None
@@ -374,9 +379,10 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         cold, hot = (everyone if len(cold) == batch else cold), (everyone if len(hot) == batch else hot)
     else:  # no mask: indexing by one would make the CPU wait for the GPU
         cold, hot = everyone[:0], everyone
-    # With ``one_call`` the hot images' empty-prompt branch rides in the gradient call.
-    hot0 = hot if settings.one_call else hot[:0]
-    zero_rows = cold if settings.one_call else everyone
+    # With one call the hot images' empty-prompt branch rides in the gradient call.
+    one_call = settings.uses_one_call(latents.device, len(hot) * latents[0].numel())
+    hot0 = hot if one_call else hot[:0]
+    zero_rows = cold if one_call else everyone
     preds: dict[str, torch.Tensor] = {}
 
     # ``everyone`` itself as the index (not merely every image: ``hot`` may be out of order) needs
@@ -401,7 +407,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             # Branch 0 for every image not in the gradient call, plus prompt and concept for the
             # cold images, in one call.
             x_cold = take(latents, cold)
-            x_zero, cond_zero = (x_cold, take_c(cond_0, cold)) if settings.one_call else (latents, cond_0)
+            x_zero, cond_zero = (x_cold, take_c(cond_0, cold)) if one_call else (latents, cond_0)
             model_input = scale_model_input(scheduler, torch.cat([x_zero, x_cold, x_cold]), t)
             cond = cat_cond(cond_zero, take_c(cond_p, cold), take_c(cond_c, cold))
             p0, cold_p, cold_c = denoise(model_input, t, cond).split([len(zero_rows), len(cold), len(cold)])
