@@ -123,7 +123,7 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
 
     # aot_eager traces and differentiates the denoiser as inductor does, in seconds and without its CPU bugs.
     compile_ = torch.compile
-    monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
+    monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, **_: compile_(module, backend="aot_eager"))
     torch._dynamo.reset()
     kwargs = dict(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu", repeats=1,
                   released=False, quiet=True, compile_mode="default")
@@ -152,7 +152,7 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, mode: compile_(module, backend=no_compiler))
+    monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, **_: compile_(module, backend=no_compiler))
     torch._dynamo.reset()
     result = run_bench(**kwargs)
     assert result["compile"]["gradient_check"].startswith("did not run: ")

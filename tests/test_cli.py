@@ -118,7 +118,7 @@ def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradie
                 *BASE).exit_code == 0
     # aot_eager traces and differentiates the UNet as inductor does, in seconds and without its CPU bugs.
     compile_ = torch.compile
-    monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
+    monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, **_: compile_(module, backend="aot_eager"))
     torch._dynamo.reset()
     monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails
     result = CliRunner().invoke(main, [str(a) for a in ("generate", "--model", tiny_sd_folder, "--prompts", prompts,
@@ -127,10 +127,13 @@ def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradie
     assert result.output.startswith("error: the compiled denoiser's backward pass differs from the uncompiled")
     assert [r["prompt"] for r in _manifest(out)] == ["a red apple"]  # nothing written with a wrong gradient
     monkeypatch.undo()
-    monkeypatch.setattr(trasce.pipeline.torch, "compile", lambda module, mode: compile_(module, backend="aot_eager"))
+    asked = []  # torch.compile's arguments
+    monkeypatch.setattr(trasce.pipeline.torch, "compile",
+                        lambda module, **options: asked.append(options) or compile_(module, backend="aot_eager"))
     torch._dynamo.reset()
-    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--compile", "default",
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--compile", "cudagraphs",
                 *BASE).exit_code == 0  # the same images up to rounding: compiling does not block resuming
+    assert asked == [{"backend": "cudagraphs"}]
     assert [r["prompt"] for r in _manifest(out)] == ["a red apple", "a blue car"]
     torch._dynamo.reset()
     monkeypatch.undo()

@@ -388,6 +388,17 @@ def test_the_denoiser_parameters_are_frozen_during_a_call_and_restored_after(tin
     assert [p.requires_grad for p in tiny_sd.unet.parameters()] == flags
 
 
+def test_compile_choices_map_to_torch_compile_arguments():
+    from trasce.pipeline import compile_options
+
+    assert compile_options("default") == {}
+    assert compile_options("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert compile_options("cudagraphs") == {"backend": "cudagraphs"}
+    with pytest.raises(ValueError, match="unknown compile choice 'inductor'; expected one of default, "
+                                         "reduce-overhead, max-autotune, max-autotune-no-cudagraphs, cudagraphs"):
+        compile_options("inductor")
+
+
 def test_a_compiled_denoiser_is_detected_however_it_was_compiled(tiny_sd):
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
     unet = tiny_sd.unet

@@ -14,8 +14,9 @@ norm, no backward pass) and ``lazy_tolerance=0`` (the kernel is "on": a backward
 The exact path does not depend on the prompt. With a trained model, ``benign_prompt`` and
 ``near_prompt`` replace the emulation: those rows then run the default lazy path on those prompts.
 
-With ``compile_mode``, plain CFG and trasce's rows run once more with the denoiser swapped for
-``torch.compile(denoiser, mode=...)`` during each call, and their ratios are to compiled plain CFG.
+With ``compile_mode`` (a ``COMPILE_CHOICES`` name), plain CFG and trasce's rows run once more with the
+denoiser swapped for ``torch.compile(denoiser, ...)`` during each call, and their ratios are to
+compiled plain CFG.
 The compiled steering rows are timed only if a compiled exact call passes trasce's gradient check
 first, and no compiled row if that call fails otherwise; the result's ``compile`` entry says which.
 ``compiled_only`` leaves the uncompiled rows out (a second run beside an uncompiled one, when the
@@ -41,7 +42,7 @@ from types import SimpleNamespace
 import torch
 
 from trasce.models import StableDiffusionAdapter
-from trasce.pipeline import DTYPES, TraSCEPipeline, load_diffusers_pipeline
+from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, load_diffusers_pipeline
 from trasce.reference import released_loop
 from trasce.sampler import CompiledGradientError
 
@@ -186,8 +187,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     attribute = trasce.adapter.denoiser_attribute
     eager_denoiser = getattr(pipe, attribute)
-    compiled_denoiser = None if compile_mode is None else torch.compile(
-        eager_denoiser, mode=None if compile_mode == "default" else compile_mode)
+    compiled_denoiser = None if compile_mode is None else torch.compile(eager_denoiser, **compile_options(compile_mode))
 
     def with_compiled(fn):
         """``fn`` with the pipeline's denoiser swapped for the compiled one while it runs."""

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import click
 
-from trasce.pipeline import SCHEDULERS
+from trasce.pipeline import COMPILE_CHOICES, SCHEDULERS
 from trasce.presets import PRESETS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULER_HELP = "default: the model's own, except PNDM (SD v1.x's), which loses steering updates: DDIM then"
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class _Fail(click.ClickException):
@@ -101,9 +100,9 @@ def _choice(values) -> click.Choice:
                    "(0 1: every step, as released)")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="recompute the denoiser's activations in the steering backward pass (less memory, slower)")
-@click.option("--compile", "compile_mode", type=_choice(COMPILE_MODES),
-              help="torch.compile the denoiser in this mode (its backward pass is checked against the uncompiled "
-                   "denoiser's once per shape)")
+@click.option("--compile", "compile_mode", type=_choice(COMPILE_CHOICES),
+              help="torch.compile the denoiser in this mode, or with the cudagraphs backend (its backward pass is "
+                   "checked against the uncompiled denoiser's once per shape)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
@@ -184,7 +183,7 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
 @click.option("--preset", type=_choice(PRESETS), help="TraSCE settings [default: lambda = eta = sigma = 1]")
 @click.option("--benign-prompt", help="trained models: time the benign row on this prompt instead of emulating it")
 @click.option("--near-prompt", help="trained models: time the concept-near row on this prompt instead of emulating it")
-@click.option("--compile", "compile_mode", type=_choice(COMPILE_MODES),
+@click.option("--compile", "compile_mode", type=_choice(COMPILE_CHOICES),
               help="also time plain CFG and trasce's rows with the denoiser torch.compiled in this mode")
 @click.option("--channels-last", is_flag=True,
               help="also time plain CFG and trasce's exact and benign rows with the denoiser in channels-last format")

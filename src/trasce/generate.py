@@ -19,7 +19,7 @@ import torch
 
 from trasce import data
 from trasce.data import PromptRow
-from trasce.pipeline import DTYPES, TraSCEPipeline
+from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options
 from trasce.runs import RunFolder, atomic_save_image
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
@@ -47,7 +47,7 @@ class GenerateOptions:
     one_call: bool | None = None  # None: chosen per step (EraseSettings.uses_one_call)
     steer_window: tuple[float, float] = (0.0, 1.0)
     gradient_checkpointing: bool = False
-    compile_mode: str | None = None  # torch.compile's mode ("default" for its default), None: not compiled
+    compile_mode: str | None = None  # a pipeline.COMPILE_CHOICES name; None: not compiled
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -209,7 +209,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     if options.gradient_checkpointing:
         pipe.enable_gradient_checkpointing()
     if options.compile_mode and not pipe.adapter.compiled:
-        pipe.compile(mode=None if options.compile_mode == "default" else options.compile_mode)
+        pipe.compile(**compile_options(options.compile_mode))
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
     steps = options.steps if options.steps is not None else defaults.get("steps", 50)

@@ -151,6 +151,20 @@ def flow_matching(scheduler) -> bool:
             or bool(config.get("use_flow_sigmas")))
 
 
+#: ``--compile`` choices: ``torch.compile``'s modes, and ``cudagraphs``, its backend that replays CUDA
+#: graphs of the uncompiled kernels (no code generation by inductor, so it compiles faster).
+COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
+
+
+def compile_options(choice: str) -> dict:
+    """``torch.compile``'s keyword arguments for a ``--compile`` choice (``COMPILE_CHOICES``)."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"unknown compile choice {choice!r}; expected one of {', '.join(COMPILE_CHOICES)}")
+    if choice == "cudagraphs":
+        return {"backend": "cudagraphs"}
+    return {} if choice == "default" else {"mode": choice}
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Swap ``pipe``'s scheduler for ``name`` (see ``SCHEDULERS``), keeping its noise schedule.
 
