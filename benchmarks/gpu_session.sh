@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, used for everything that needs one (README "Speed"): time the SD v1.4
 # and (unless SDXL=0) SDXL architectures with `trasce bench`, gradient checkpointing's memory, and (PROFILE=1) the
-# launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model. COMPILE=MODE (e.g. reduce-overhead)
-# ends with a second SD v1.4 bench of the torch.compile rows alone, after trasce's check of the compiled gradient
-# (compiling takes minutes; COMPILE_LIMIT seconds at most, default 330), so that the uncompiled rows are saved
-# first; with DEADLINE, the compiled bench also ends DEADLINE seconds after this script started. The SD v1.4
-# bench includes its channels-last rows; REPEATS (default 3) sets its timed rounds.
+# launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model. COMPILE="CHOICE ..." (e.g.
+# "cudagraphs reduce-overhead") ends with one more SD v1.4 bench per choice, of the torch.compile rows alone, after
+# trasce's check of the compiled gradient (compiling takes minutes; COMPILE_LIMIT seconds at most each, default
+# 330), so that the uncompiled rows are saved first; with DEADLINE, the compiled benches also end DEADLINE
+# seconds after this script started. The SD v1.4 bench includes its channels-last rows unless CHANNELS_LAST=0;
+# REPEATS (default 3) sets its timed rounds.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -25,7 +26,8 @@ if [ "$TOY_MINUTES" != "0" ]; then
 fi
 
 SD14="--model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats ${REPEATS:-3}"
-python3 -m trasce bench $SD14 --channels-last --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn \
+CL=$([ "${CHANNELS_LAST:-1}" = 0 ] || echo --channels-last)
+python3 -m trasce bench $SD14 $CL --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn \
   | tee "$OUT/bench_sd14.txt" | tail -n 20
 if [ "${SDXL:-1}" != "0" ]; then
   python3 -m trasce bench --model sdxl --dtype fp16 --batch-size 1 --steps 20 --device cuda --repeats 1 \
@@ -37,10 +39,11 @@ if [ "${PROFILE:-0}" != "0" ]; then
   python3 benchmarks/launch_profile.py --model sd14 --dtype fp16 --device cuda --steps 20 --batch-size 4 \
     > "$OUT/launch_profile.txt" 2>&1; grep round "$OUT/launch_profile.txt"
 fi
-if [ -n "${COMPILE:-}" ]; then
+for mode in ${COMPILE:-}; do
   limit=${COMPILE_LIMIT:-330}
   if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - SECONDS)) -lt "$limit" ]; then limit=$((DEADLINE - SECONDS)); fi
-  echo "compiled bench: at most $limit s"
-  timeout "$limit" python3 -m trasce bench $SD14 --no-released --compile "$COMPILE" --compiled-only \
-    --json "$OUT/bench_sd14_compiled.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14_compiled.txt" | tail -n 10
-fi
+  [ "$limit" -gt 30 ] || { echo "no time left for the $mode bench"; continue; }
+  echo "compiled bench ($mode): at most $limit s"
+  timeout "$limit" python3 -m trasce bench $SD14 --no-released --compile "$mode" --compiled-only \
+    --json "$OUT/bench_sd14_$mode.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14_$mode.txt" | tail -n 10
+done
