@@ -334,7 +334,7 @@ def sample(
         # prediction's dtype, which would put half-precision latents back.
         guided = _combine(settings.mode, preds, scale).to(steered_latents.dtype)
         # No reference to the denoiser's outputs outlives the step: a denoiser compiled with CUDA
-        # graphs (mode "reduce-overhead") reuses their memory at its next call.
+        # graphs (--compile reduce-overhead or cudagraphs) reuses their memory at its next call.
         del preds
         latents = scheduler.step(guided, t, steered_latents, **step_kwargs, return_dict=False)[0]
         step.latents = latents
@@ -432,7 +432,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
     steered = latents  # without a backward pass the update is zero
     if len(hot):
         # The no-gradient call's outputs must outlive the gradient call, and a denoiser compiled with
-        # CUDA graphs ("reduce-overhead") reuses its output memory at its next call.
+        # CUDA graphs (--compile reduce-overhead or cudagraphs) reuses its output memory at its next call.
         preds = {branch: values.clone() for branch, values in preds.items()}
         # hot0 comes first in hot: surprises, whose branch 0 is known, were appended after it.
         def rows(x: torch.Tensor) -> torch.Tensor:
