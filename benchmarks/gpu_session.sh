@@ -5,8 +5,8 @@
 # "cudagraphs reduce-overhead") ends with one more SD v1.4 bench per choice, of the torch.compile rows alone, after
 # trasce's check of the compiled gradient (compiling takes minutes; COMPILE_LIMIT seconds at most each, default
 # 330), so that the uncompiled rows are saved first; with DEADLINE, the compiled benches also end DEADLINE
-# seconds after this script started. The SD v1.4 bench includes its channels-last rows unless CHANNELS_LAST=0;
-# REPEATS (default 3) sets its timed rounds.
+# seconds after this script started (a bench stopped there writes no JSON). The SD v1.4 bench includes its
+# channels-last rows unless CHANNELS_LAST=0; REPEATS (default 3) sets its timed rounds.
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -44,6 +44,6 @@ for mode in ${COMPILE:-}; do
   if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - SECONDS)) -lt "$limit" ]; then limit=$((DEADLINE - SECONDS)); fi
   [ "$limit" -gt 30 ] || { echo "no time left for the $mode bench"; continue; }
   echo "compiled bench ($mode): at most $limit s"
-  timeout "$limit" python3 -m trasce bench $SD14 --no-released --compile "$mode" --compiled-only \
+  timeout -k 15 "$limit" python3 -m trasce bench $SD14 --no-released --compile "$mode" --compiled-only \
     --json "$OUT/bench_sd14_$mode.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sd14_$mode.txt" | tail -n 10
 done

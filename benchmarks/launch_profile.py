@@ -38,10 +38,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     trasce = TraSCEPipeline.from_pipe(pipe, concept="naked, nude", loss_scale=1.0, step_size=1.0, sigma=1.0)
     rows = {"plain CFG": None, "negation": trasce.with_settings(mode="negation"),
-            "exact": trasce.with_settings(lazy_tolerance=None),
+            "exact": trasce.with_settings(lazy_tolerance=None, one_call=False),
             "exact, one call": trasce.with_settings(lazy_tolerance=None, one_call=True),
-            "lazy on": trasce.with_settings(lazy_tolerance=0.0),
-            "lazy off": trasce.with_settings(lazy_tolerance=float("inf"))}
+            "lazy on": trasce.with_settings(lazy_tolerance=0.0, one_call=False),
+            "lazy off": trasce.with_settings(lazy_tolerance=float("inf"), one_call=False)}
     prompts = ["a photo of a mountain lake"] * args.batch_size
 
     def call(variant):

@@ -132,15 +132,16 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     compiled = {(r["method"], r["prompts"]): r for r in result["rows"] if r["compile_mode"] == "default"}
     assert {key: r["backward_passes"] for key, r in compiled.items()} == {
         ("plain CFG (diffusers)", "any"): None, ("trasce negation", "any"): None,
-        ("trasce exact, two calls", "any"): STEPS, ("trasce lazy", "benign"): 1}
+        ("trasce exact, two calls", "any"): STEPS, ("trasce exact, one call", "any"): STEPS,
+        ("trasce lazy", "benign"): 1}
     plain = compiled[("plain CFG (diffusers)", "any")]["seconds_per_image"]
     exact = compiled[("trasce exact, two calls", "any")]
     assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against compiled plain CFG
     assert "| trasce exact, two calls, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
     alone = run_bench(**kwargs, compiled_only=True)
     assert [(r["method"], r["compile_mode"]) for r in alone["rows"]] == [
-        (method, "default")
-        for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact, two calls", "trasce lazy")]
+        (method, "default") for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact, two calls",
+                                           "trasce exact, one call", "trasce lazy")]
     assert alone["compile"]["gradient_check"] == "passed"
 
     monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails

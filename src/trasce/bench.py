@@ -221,8 +221,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     def add_trasce(method: str, kind: str, variant: TraSCEPipeline, note: str = "", texts: list[str] = prompts,
                    compiled: str | None = None, memory_format: str | None = None) -> None:
-        # with one_call=None, the choice for a step that steers every image
-        settings = asdict(variant.settings) | {"one_call": variant.settings.uses_one_call(dev, batch_elements)}
+        settings = asdict(variant.settings)
+        if variant.settings.steers:  # with one_call=None, the choice for a step that steers every image
+            settings["one_call"] = variant.settings.uses_one_call(dev, batch_elements)
         add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
             settings=settings, compiled=compiled, memory_format=memory_format)
 
@@ -267,6 +268,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             add_trasce("trasce negation", "any", variants["trasce negation", "any"], compiled=compile_mode)
         if compile_check == "passed":
             add_trasce("trasce exact, two calls", "any", exact, compiled=compile_mode)
+            add_trasce("trasce exact, one call", "any", variants["trasce exact, one call", "any"],
+                       compiled=compile_mode)
             add_trasce("trasce lazy", "benign", benign, note=EMULATED.format("off"), compiled=compile_mode)
 
     if channels_last:
