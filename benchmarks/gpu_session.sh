@@ -6,7 +6,8 @@
 # trasce's check of the compiled gradient (compiling takes minutes; COMPILE_LIMIT seconds at most each, default
 # 330), so that the uncompiled rows are saved first; with DEADLINE, the compiled benches also end DEADLINE
 # seconds after this script started (a bench stopped there writes no JSON). The SD v1.4 bench includes its
-# channels-last rows unless CHANNELS_LAST=0; REPEATS (default 3) sets its timed rounds.
+# channels-last rows unless CHANNELS_LAST=0; REPEATS (default 3) sets its timed rounds. EAGER=0 leaves out the
+# uncompiled SD v1.4 bench and the checkpointing measurement (when earlier leases have them).
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -27,14 +28,18 @@ fi
 
 SD14="--model sd14 --dtype fp16 --batch-size 4 --steps 50 --device cuda --repeats ${REPEATS:-3}"
 CL=$([ "${CHANNELS_LAST:-1}" = 0 ] || echo --channels-last)
-python3 -m trasce bench $SD14 $CL --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn \
-  | tee "$OUT/bench_sd14.txt" | tail -n 20
+if [ "${EAGER:-1}" != "0" ]; then
+  python3 -m trasce bench $SD14 $CL --json "$OUT/bench_sd14.json" 2>&1 | grep -v -i warn \
+    | tee "$OUT/bench_sd14.txt" | tail -n 20
+fi
 if [ "${SDXL:-1}" != "0" ]; then
   python3 -m trasce bench --model sdxl --dtype fp16 --batch-size 1 --steps 20 --device cuda --repeats 1 \
     --no-released --json "$OUT/bench_sdxl.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt" | tail -n 10
 fi
-python3 benchmarks/checkpoint_memory.py --model sd14 --dtype fp16 --device cuda --size 512 --batch-size 4 --steps 2 \
-  --out "$OUT/checkpoint_sd14.json" 2>&1 | grep -v -i warn | tail -n 2
+if [ "${EAGER:-1}" != "0" ]; then
+  python3 benchmarks/checkpoint_memory.py --model sd14 --dtype fp16 --device cuda --size 512 --batch-size 4 \
+    --steps 2 --out "$OUT/checkpoint_sd14.json" 2>&1 | grep -v -i warn | tail -n 2
+fi
 if [ "${PROFILE:-0}" != "0" ]; then
   python3 benchmarks/launch_profile.py --model sd14 --dtype fp16 --device cuda --steps 20 --batch-size 4 \
     > "$OUT/launch_profile.txt" 2>&1; grep round "$OUT/launch_profile.txt"
