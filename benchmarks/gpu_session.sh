@@ -5,9 +5,10 @@
 # "cudagraphs reduce-overhead") ends with one more SD v1.4 bench per choice, of the torch.compile rows alone, after
 # trasce's check of the compiled gradient (compiling takes minutes; COMPILE_LIMIT seconds at most each, default
 # 330), so that the uncompiled rows are saved first; with DEADLINE, the compiled benches also end DEADLINE
-# seconds after this script started (a bench stopped there writes no JSON). The SD v1.4 bench includes its
-# channels-last rows unless CHANNELS_LAST=0; REPEATS (default 3) sets its timed rounds. EAGER=0 leaves out the
-# uncompiled SD v1.4 bench and the checkpointing measurement (when earlier leases have them).
+# seconds after this script started (a bench stopped there keeps the rounds it finished in its JSON, none if
+# it was still compiling). The SD v1.4 bench includes its channels-last rows unless CHANNELS_LAST=0; REPEATS
+# (default 3) sets its timed rounds. EAGER=0 leaves out the uncompiled SD v1.4 bench and the checkpointing
+# measurement (when earlier leases have them).
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail

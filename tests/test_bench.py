@@ -18,7 +18,9 @@ def test_bench_rows_ratios_and_backward_passes(tmp_path):
                                        "--steps", str(STEPS), "--device", "cpu", "--repeats", "1",
                                        "--json", str(out)])
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["rows"]
+    written = json.loads(out.read_text())
+    assert written["rounds_done"] == written["repeats"] == 1
+    rows = written["rows"]
     by_name = {(r["method"], r["prompts"], r["batch_size"]): r for r in rows}
     backward = {key: r["backward_passes"] for key, r in by_name.items()}
     assert backward == {
@@ -79,6 +81,35 @@ def test_bench_compiled_only_needs_compile_and_no_uncompiled_rows(extra):
     assert result.exit_code == 2
     assert result.output == ("error: --compiled-only times the compiled rows alone: it needs --compile and "
                              "--no-released, and takes neither --channels-last nor real prompts (uncompiled rows)\n")
+
+
+def test_bench_writes_its_rounds_as_they_end_and_keeps_them_when_stopped(tmp_path, monkeypatch):
+    import trasce.bench
+    from trasce.bench import run_bench
+
+    out, timed = tmp_path / "bench.json", []
+    seconds = trasce.bench._seconds
+
+    def stopping(fn, device):
+        if len(timed) == 8:  # the 8 rows' first round is done: stop the run in its second round
+            raise RuntimeError("the lease ended")
+        timed.append(seconds(fn, device))
+        return timed[-1]
+
+    monkeypatch.setattr(trasce.bench, "_seconds", stopping)
+    with pytest.raises(RuntimeError, match="the lease ended"):
+        run_bench(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu", repeats=3,
+                  released=False, quiet=True, json_path=out)
+    kept = json.loads(out.read_text())
+    assert kept["rounds_done"] == 1 and kept["repeats"] == 3
+    assert [r["seconds_per_image"] for r in kept["rows"]] == pytest.approx([t / 2 for t in timed])
+    assert kept["rows"][0]["method"] == "plain CFG (diffusers)" and kept["rows"][0]["ratio_to_plain"] == 1.0
+
+
+def test_bench_needs_a_timed_round():
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--repeats", "0"])
+    assert result.exit_code == 2
+    assert result.output == "error: --repeats must be at least 1 (timed rounds after the warm-up), got 0\n"
 
 
 def test_bench_refuses_a_device_this_machine_lacks():

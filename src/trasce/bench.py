@@ -122,15 +122,17 @@ def weights_gib(pipe) -> float:
 def time_round_robin(calls: list, device: torch.device, repeats: int,
                      progress=None) -> list[tuple[float, float | None, object]]:
     """``(median seconds, working GiB, warm-up result)`` of each call: one warm-up each, then ``repeats``
-    rounds in turn."""
+    rounds in turn. ``progress(rounds_done, measured)`` hears after each round, with the medians so far."""
     warm = [_warm_up(fn, device) for fn in calls]
     times: list[list[float]] = [[] for _ in calls]
+    measured = []
     for round_ in range(repeats):
         for i, fn in enumerate(calls):
             times[i].append(_seconds(fn, device))
+        measured = [(statistics.median(t), peak, result) for t, (result, peak) in zip(times, warm, strict=True)]
         if progress:
-            progress(round_ + 1)
-    return [(statistics.median(t), peak, result) for t, (result, peak) in zip(times, warm, strict=True)]
+            progress(round_ + 1, measured)
+    return measured
 
 
 def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
@@ -147,8 +149,11 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
               released: bool = True, prompt: str = PROMPT,
               concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
               near_prompt: str | None = None, compile_mode: str | None = None, channels_last: bool = False,
-              compiled_only: bool = False, quiet: bool = False) -> dict:
+              compiled_only: bool = False, quiet: bool = False, json_path: Path | None = None) -> dict:
     """Time every row; return ``{"machine": ..., "rows": [...]}`` (see ``BenchRow``).
+
+    With ``json_path`` the result so far is written there after every round (``rounds_done``), so a
+    run stopped on a short GPU lease keeps what it measured.
 
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
     the nudity concept text); ``prompt`` is the prompt of the rows that do not depend on it.
@@ -156,6 +161,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     from trasce.generate import pick_device
     from trasce.models import random as random_models
 
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1 (timed rounds after the warm-up), got {repeats}")
     if compiled_only and (compile_mode is None or channels_last or released or benign_prompt or near_prompt):
         raise ValueError("--compiled-only times the compiled rows alone: it needs --compile and --no-released, "
                          "and takes neither --channels-last nor real prompts (uncompiled rows)")
@@ -302,33 +309,39 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         add("plain CFG (diffusers)", "any", lambda: pipe32(prompt, generator=torch.Generator().manual_seed(0),
                                                              **common), 1, "fp32")
 
-    def progress(round_: int) -> None:
-        if not quiet:
-            print(f"timed round {round_}/{repeats}", flush=True)
-
-    measured = time_round_robin(calls, dev, repeats, progress)
-    for row, (seconds, working, output) in zip(rows, measured, strict=True):
-        row.seconds_per_image = seconds / row.batch_size
-        row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
-        steered = getattr(output, "steered_steps", None)
-        row.backward_passes = None if steered is None else steered.float().mean().item()
-    def setup(r: BenchRow) -> tuple:
-        """What a row's plain CFG baseline must share with it."""
-        return r.dtype, r.batch_size, r.compile_mode, r.memory_format
-
-    plain = {setup(r): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
-    for r in rows:
-        base = plain.get(setup(r))
-        r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base else None
     machine = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    result = {"model": model, "steps": steps, "height": h, "width": w, "repeats": repeats, "machine": machine,
-              "rows": [asdict(r) for r in rows]}
-    if compile_mode is not None:
-        result["compile"] = {"mode": compile_mode, "gradient_check": compile_check}
-    return result
+
+    def setup(r: BenchRow) -> tuple:
+        """What a row's plain CFG baseline must share with it."""
+        return r.dtype, r.batch_size, r.compile_mode, r.memory_format
+
+    def summary(rounds_done: int, measured: list) -> dict:
+        for row, (seconds, working, output) in zip(rows, measured, strict=True):
+            row.seconds_per_image = seconds / row.batch_size
+            row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
+            steered = getattr(output, "steered_steps", None)
+            row.backward_passes = None if steered is None else steered.float().mean().item()
+        plain = {setup(r): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
+        for r in rows:
+            base = plain.get(setup(r))
+            r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base else None
+        result = {"model": model, "steps": steps, "height": h, "width": w, "repeats": repeats,
+                  "rounds_done": rounds_done, "machine": machine, "rows": [asdict(r) for r in rows]}
+        if compile_mode is not None:
+            result["compile"] = {"mode": compile_mode, "gradient_check": compile_check}
+        return result
+
+    def progress(rounds_done: int, measured: list) -> None:
+        if json_path is not None:  # a run stopped later keeps its rounds so far
+            write_result(summary(rounds_done, measured), json_path)
+        if not quiet:
+            print(f"timed round {rounds_done}/{repeats}", flush=True)
+
+    measured = time_round_robin(calls, dev, repeats, progress)
+    return summary(repeats, measured)
 
 
 def format_rows(result: dict) -> str:

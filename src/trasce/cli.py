@@ -193,19 +193,19 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
 def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, concept, preset,
           benign_prompt, near_prompt, compile_mode, channels_last, compiled_only, json_path) -> None:
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
-    from trasce.bench import format_rows, run_bench, write_result
+    from trasce.bench import format_rows, run_bench
 
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
                     width=width, device=device, repeats=repeats, released=not no_released,
                     concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt,
-                    compile_mode=compile_mode, channels_last=channels_last, compiled_only=compiled_only)
+                    compile_mode=compile_mode, channels_last=channels_last, compiled_only=compiled_only,
+                    json_path=json_path)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
                f"{result['height']}x{result['width']}\n")
     click.echo(format_rows(result))
     if "compile" in result:
         click.echo(f"\ncompiled ({result['compile']['mode']}): gradient check {result['compile']['gradient_check']}")
     if json_path:
-        write_result(result, json_path)
         click.echo(f"\nwrote {json_path}")
 
 
