@@ -275,13 +275,10 @@ def test_a_batch_known_to_be_cold_skips_the_question_and_still_catches_a_surpris
 
 
 def test_steered_images_take_one_call_on_cuda_for_a_few_latents_and_two_otherwise_unless_told(tiny_sd):
-    from trasce.sampler import ONE_CALL_MAX_ELEMENTS
-
     exact, prompts, kwargs = _exact_two_images(tiny_sd)
     settings = exact.settings
     assert settings.one_call is None
-    assert ONE_CALL_MAX_ELEMENTS == 4 * (4 * 64 * 64)  # four SD v1.4 latents at 512 px
-    assert settings.uses_one_call(torch.device("cuda:1"), 4 * 4 * 64 * 64) is True
+    assert settings.uses_one_call(torch.device("cuda:1"), 4 * 4 * 64 * 64) is True  # four SD v1.4 latents, 512 px
     assert settings.uses_one_call("cuda", 5 * 4 * 64 * 64) is False
     assert settings.uses_one_call("cuda", 16 * 128 * 128) is False  # one SD3 latent at 1024 px
     assert settings.uses_one_call("cpu", 1) is False

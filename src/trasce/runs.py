@@ -358,7 +358,11 @@ class RunFolder:
         A manifest line whose image is missing is not done (the image was deleted or lost); an image
         without a manifest line is not done either and will be overwritten by the next run.
         """
-        return {r["file"] for r in self.read_manifest() if (self.path / r["file"]).is_file()}
+        return set(self._done_records())
+
+    def _done_records(self) -> dict[str, dict[str, Any]]:
+        """The manifest lines of :meth:`done`'s images, by ``file``."""
+        return {r["file"]: r for r in self.read_manifest() if (self.path / r["file"]).is_file()}
 
     def done_for(self, rows: Sequence[Any], n: int, source: str, describe: Callable[[Any], str]) -> set[str]:
         """:meth:`done`, after holding every done image to the row it was made for.
@@ -370,10 +374,9 @@ class RunFolder:
         row is gone, or whose row now gives another prompt, seed or CFG scale, is a
         :class:`RunFolderError`.
         """
-        records = {record["file"]: record for record in self.read_manifest()}
-        done = {file for file in records if (self.path / file).is_file()}
+        records = self._done_records()
         rows_by_file = {self.image_file(row.case, k, n): row for row in rows for k in range(n)}
-        for file in sorted(done):
+        for file in sorted(records):
             record, row = records[file], rows_by_file.get(file)
             then = f"{record.get('prompt')!r} (seed {record.get('seed')}, CFG {record.get('guidance_scale')})"
             if row is None:
@@ -384,7 +387,7 @@ class RunFolder:
                 raise RunFolderError(
                     f"{self.path / file} was made from prompt {then}, but {describe(row)} now gives {row.prompt!r} "
                     f"(seed {row.seed}, CFG {row.guidance_scale}); use a new output folder or --overwrite")
-        return done
+        return set(records)
 
     # -- run.json ------------------------------------------------------------------------------
 

@@ -333,9 +333,6 @@ def sample(
         # In the latents' dtype: some schedulers (Euler, flow matching) return their step in the
         # prediction's dtype, which would put half-precision latents back.
         guided = _combine(settings.mode, preds, scale).to(steered_latents.dtype)
-        # No reference to the denoiser's outputs outlives the step: a denoiser compiled with CUDA
-        # graphs (--compile reduce-overhead or cudagraphs) reuses their memory at its next call.
-        del preds
         latents = scheduler.step(guided, t, steered_latents, **step_kwargs, return_dict=False)[0]
         step.latents = latents
         yield step
