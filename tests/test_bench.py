@@ -74,13 +74,12 @@ def test_bench_refuses_real_prompts_with_random_weights():
     assert "--benign-prompt and --near-prompt need a trained model; 'tiny-sd' has random weights" in result.output
 
 
-@pytest.mark.parametrize("extra", [[], ["--compile", "default"], ["--compile", "default", "--no-released",
-                                                                   "--channels-last"]])
+@pytest.mark.parametrize("extra", [[], ["--no-released"], ["--compile", "default", "--channels-last"]])
 def test_bench_compiled_only_needs_compile_and_no_uncompiled_rows(extra):
     result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--compiled-only", *extra])
     assert result.exit_code == 2
-    assert result.output == ("error: --compiled-only times the compiled rows alone: it needs --compile and "
-                             "--no-released, and takes neither --channels-last nor real prompts (uncompiled rows)\n")
+    assert result.output == ("error: --compiled-only times the compiled rows (and the released loop) alone: it needs "
+                             "--compile, and takes neither --channels-last nor real prompts (uncompiled rows)\n")
 
 
 def test_bench_writes_its_rounds_as_they_end_and_keeps_them_when_stopped(tmp_path, monkeypatch):

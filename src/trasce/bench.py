@@ -19,8 +19,8 @@ denoiser swapped for ``torch.compile(denoiser, ...)`` during each call, and thei
 compiled plain CFG.
 The compiled steering rows are timed only if a compiled exact call passes trasce's gradient check
 first, and no compiled row if that call fails otherwise; the result's ``compile`` entry says which.
-``compiled_only`` leaves the uncompiled rows out (a second run beside an uncompiled one, when the
-device time is short: compiling takes minutes).
+``compiled_only`` leaves out the uncompiled rows other than the released loop and its fp32 plain CFG
+(a second run beside an uncompiled one, when the device time is short: compiling takes minutes).
 
 With ``channels_last``, plain CFG, the exact path and benign lazy rows run once more with the
 denoiser's weights in channels-last memory format during each call (converting them is part of the
@@ -163,8 +163,8 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1 (timed rounds after the warm-up), got {repeats}")
-    if compiled_only and (compile_mode is None or channels_last or released or benign_prompt or near_prompt):
-        raise ValueError("--compiled-only times the compiled rows alone: it needs --compile and --no-released, "
+    if compiled_only and (compile_mode is None or channels_last or benign_prompt or near_prompt):
+        raise ValueError("--compiled-only times the compiled rows (and the released loop) alone: it needs --compile, "
                          "and takes neither --channels-last nor real prompts (uncompiled rows)")
     if model in random_models.BUILDERS and (benign_prompt or near_prompt):
         raise ValueError(f"--benign-prompt and --near-prompt need a trained model; {model!r} has random weights, "

@@ -188,7 +188,7 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -
 @click.option("--channels-last", is_flag=True,
               help="also time plain CFG and trasce's exact and benign rows with the denoiser in channels-last format")
 @click.option("--compiled-only", is_flag=True,
-              help="time the --compile rows alone (with --no-released), beside an uncompiled run")
+              help="time the --compile rows (and the released loop) alone, beside an uncompiled run")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the result here")
 def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_released, concept, preset,
           benign_prompt, near_prompt, compile_mode, channels_last, compiled_only, json_path) -> None:
