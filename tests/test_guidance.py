@@ -74,6 +74,10 @@ def test_steering_step_decreases_distance_by_hand():
     assert torch.allclose(slope * x.detach() / 5.0, grad)
     bound = guidance.update_bound(torch.tensor([5.0]), lam, eta, sigma, torch.tensor([1.0]))
     assert torch.allclose(bound, (eta * grad).norm().reshape(1))
+    # a negative lambda or eta reverses the update, not its size
+    for signs in ((-1, 1), (1, -1), (-1, -1)):
+        flipped = guidance.update_bound(torch.tensor([5.0]), signs[0] * lam, signs[1] * eta, sigma, torch.tensor([1.0]))
+        assert torch.allclose(flipped, bound)
 
 
 def test_batched_gradient_gives_each_image_its_own():

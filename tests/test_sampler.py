@@ -214,6 +214,20 @@ def test_lazy_with_zero_tolerance_is_exact_and_large_tolerance_skips(tiny_sd):
                           .images, atol=1e-5)
 
 
+@pytest.mark.parametrize("sign", [(-1.0, 1.0), (1.0, -1.0)])
+def test_lazy_bounds_the_size_of_an_update_that_pushes_away(tiny_sd, sign):
+    """A negative lambda or eta moves the latent away from where the branches agree; lazy steering
+    must still see how large that update is, and with a tolerance of 0 take every backward pass."""
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
+    away = exact.with_settings(loss_scale=sign[0] * exact.settings.loss_scale,
+                               step_size=sign[1] * exact.settings.step_size)
+    reference = away(prompts, **kwargs)
+    assert not torch.allclose(reference.images, exact(prompts, **kwargs).images, atol=1e-3)
+    lazy = away.with_settings(lazy_tolerance=0.0)(prompts, **kwargs)
+    assert lazy.steered_steps.tolist() == [STEPS, STEPS]
+    assert torch.allclose(lazy.images, reference.images, atol=1e-5)
+
+
 def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny_sd, monkeypatch):
     import trasce.sampler as sampler
 

@@ -109,7 +109,8 @@ def update_bound(d: torch.Tensor, loss_scale: float, step_size: float, sigma: fl
                  kind: Kernel = "exp") -> torch.Tensor:
     """Size of the steering update ``||step_size * dL/dx||`` from ``d`` and ``||dd/dx||``, ``(B,)``.
 
-    By the chain rule it is ``step_size * dL/dd * ||dd/dx||``; given an upper bound on
-    ``||dd/dx||`` this bounds the update before any backward pass is paid for.
+    By the chain rule it is ``|step_size * dL/dd| * ||dd/dx||``; given an upper bound on
+    ``||dd/dx||`` this bounds the update before any backward pass is paid for. (A negative
+    ``loss_scale`` or ``step_size`` reverses the update, not its size.)
     """
-    return step_size * loss_slope(d, loss_scale, sigma, kind) * grad_d_norm
+    return (step_size * loss_slope(d, loss_scale, sigma, kind)).abs() * grad_d_norm

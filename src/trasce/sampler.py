@@ -463,7 +463,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         d[hot] = hot_d
         if lazy:
             estimate.update(hot, grad_d.float().flatten(1).norm(dim=1))
-            estimate.last_bound[hot] = settings.step_size * hot_grad.flatten(1).norm(dim=1)
+            estimate.last_bound[hot] = abs(settings.step_size) * hot_grad.flatten(1).norm(dim=1)
 
     step.distance = d
     step.kernel = guidance.kernel(d, settings.sigma, settings.kernel)
