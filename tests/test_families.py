@@ -165,19 +165,21 @@ def test_flux_distilled_guidance_is_diffusers_guidance_scale(pipes):
 # Each transcription: encode the three branches with the pipeline's own encode_prompt, one
 # denoiser call on [x, x] with gradients for the prompt and concept (the empty branch without),
 # d = global L2 norm of the prediction difference (noise for SDXL, velocity for SD3/FLUX), the exp
-# kernel loss, one gradient step on x, the modified negation from the old x's predictions, and
-# scheduler.step from the steered latent.
+# kernel loss, one gradient step on the latent the denoiser sees (x / c, where a scheduler such as
+# SDXL's Euler scales its sample x by c = sqrt(sigma^2 + 1); c = 1 for flow matching), the
+# modified negation from the old latent's predictions, and scheduler.step from the steered latent.
 
-def _steer_literally(model, x, scheduler, t, conds_0, conds_pc, lam, eta, sigma):
+def _steer_literally(model, x, scheduler, t, conds_0, conds_pc, lam, eta, sigma, c=1.0):
+    x_in = x / c
     with torch.no_grad():
-        pred_0 = model(x, *conds_0)
-    xg = x.detach().clone().requires_grad_(True)
+        pred_0 = model(x_in, *conds_0)
+    xg = x_in.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         pred_p, pred_c = model(torch.cat([xg, xg]), *conds_pc).chunk(2)
         d = (pred_p - pred_c).norm()
         loss = -lam * torch.exp(-d / sigma)
         (grad,) = torch.autograd.grad(loss, xg)
-    steered = x - eta * grad
+    steered = c * (x_in - eta * grad)
     guided = pred_0 + SCALE * (pred_p.detach() - pred_c.detach())
     return scheduler.step(guided, t, steered, return_dict=False)[0]
 
@@ -192,14 +194,15 @@ def _literal_sdxl(pipe, prompt, concept, latents, lam, eta, sigma):
     time_ids = pipe._get_add_time_ids((HEIGHT, WIDTH), (0, 0), (HEIGHT, WIDTH), dtype=e_p.dtype,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
 
-    def unet(x, embeds, pooled):
-        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(x), 1)}
-        return pipe.unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=embeds,
-                         added_cond_kwargs=added).sample
+    def unet(x_in, embeds, pooled):
+        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(x_in), 1)}
+        return pipe.unet(x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler"
+    c = float(scheduler.sigmas[0] ** 2 + 1) ** 0.5
     x = latents * scheduler.init_noise_sigma
     return _steer_literally(unet, x, scheduler, t, (e_0, pooled_0),
-                            (torch.cat([e_p, e_c]), torch.cat([pooled_p, pooled_c])), lam, eta, sigma)
+                            (torch.cat([e_p, e_c]), torch.cat([pooled_p, pooled_c])), lam, eta, sigma, c)
 
 
 def _literal_sd3(pipe, prompt, concept, latents, lam, eta, sigma):

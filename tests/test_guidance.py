@@ -48,7 +48,7 @@ def test_kernels_by_hand():
     assert torch.allclose(guidance.kernel(d, 2.0), torch.tensor([1.0, math.exp(-0.5), math.exp(-1.0)]))
     assert torch.allclose(guidance.kernel(d, 2.0, "gaussian"),
                           torch.tensor([1.0, math.exp(-1 / 8), math.exp(-4 / 8)]))
-    with pytest.raises(ValueError, match="sigma must be positive, got 0"):
+    with pytest.raises(ValueError, match="sigma must be a positive finite number, got 0"):
         guidance.kernel(d, 0.0)
     with pytest.raises(ValueError, match="unknown kernel 'box'"):
         guidance.kernel(d, 1.0, "box")

@@ -270,7 +270,7 @@ def test_a_batch_known_to_be_cold_skips_the_question_and_still_catches_a_surpris
     steering_step = sampler._steering_step
 
     def recording_step(*args, **kwargs):
-        known_cold.append(args[9].all_cold)
+        known_cold.append(args[10].all_cold)
         return steering_step(*args, **kwargs)
 
     monkeypatch.setattr(sampler, "_steering_step", recording_step)
@@ -602,3 +602,47 @@ def test_bad_arguments(tiny_sd):
 ])
 def test_steer_window_steps(window, steps, expected):
     assert EraseSettings(steer_window=window).window_steps(steps) == expected
+
+
+def test_a_zero_terminal_snr_first_step_leaves_lazy_steering_and_the_statistics_alone(tiny_sd):
+    """At alpha-bar 0 (zero terminal SNR, v-prediction) the prompt and concept predict the same noise:
+    d is 0 at every latent and its gradient too. That step must neither teach the lazy path's
+    gradient-norm estimate 0 (which would skip every later backward pass) nor count as the image
+    coming as near the concept as it can (kernel 1)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, prediction_type="v_prediction",
+                                          rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe = type(tiny_sd)(**{**tiny_sd.components, "scheduler": scheduler})
+    exact, prompts, kwargs = _exact_two_images(pipe)
+    reference = exact(prompts, **kwargs)
+    assert reference.steered_steps.tolist() == [STEPS, STEPS]
+    assert (reference.max_kernel < 0.999).all(), reference.max_kernel
+    lazy = exact.with_settings(lazy_tolerance=1e-7)(prompts, **kwargs)
+    assert lazy.steered_steps.tolist() == [STEPS, STEPS]
+    assert torch.allclose(lazy.images, reference.images, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_image_does_not_depend_on_its_batch_sharing_one_cfg_scale(tmp_path, dtype):
+    """Per-image CFG scales go in as a tensor; a half-precision model must not round them (7.3 is
+    7.3125 in bf16), nor the guided prediction, where one shared scale stays a Python float."""
+    pipe = make_tiny_sd(tmp_path).to(dtype=dtype)
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    latents = _latents(pipe, batch=2)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent")
+    both = trasce(["a red apple", "a blue car"], guidance_scale=[7.3, 3.0], latents=latents, **kwargs).images
+    for i, (prompt, scale) in enumerate((("a red apple", 7.3), ("a blue car", 3.0))):
+        alone = trasce(prompt, guidance_scale=scale, latents=latents[i : i + 1], **kwargs).images
+        assert torch.allclose(both[i : i + 1].float(), alone.float(), atol=1e-6), (both[i] - alone[0]).abs().max()
+
+
+def test_a_zero_dimensional_cfg_scale_is_one_scale(tiny_sd):
+    import numpy as np
+
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", lazy_tolerance=None)
+    kwargs = dict(num_inference_steps=2, output_type="latent", latents=_latents(tiny_sd, batch=2))
+    expected = trasce(["a red apple", "a car"], guidance_scale=5.0, **kwargs).images
+    for scale in (torch.tensor(5.0), np.float32(5.0), np.array(5.0)):
+        assert torch.equal(trasce(["a red apple", "a car"], guidance_scale=scale, **kwargs).images, expected)

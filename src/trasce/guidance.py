@@ -17,6 +17,7 @@ is its ``sigma``.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -71,8 +72,8 @@ def kernel(d: torch.Tensor, sigma: float, kind: Kernel = "exp") -> torch.Tensor:
     ``"gaussian"`` is ``exp(-d**2 / (2 sigma**2))`` (the paper's Algorithm 1); the published
     settings belong to ``"exp"``, the released code's kernel.
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
     if kind == "exp":
         return torch.exp(-d / sigma)
     if kind == "gaussian":

@@ -386,7 +386,7 @@ class TraSCEPipeline:
     @staticmethod
     def _per_image(value, n_prompts: int, per_prompt: int, name: str, kind: type) -> list:
         """Expand a scalar or per-prompt sequence to one value per image."""
-        if isinstance(value, (str, int, float)):
+        if isinstance(value, (str, int, float)) or getattr(value, "ndim", None) == 0:  # (0-d tensors, numpy)
             return [kind(value)] * (n_prompts * per_prompt)
         values = list(value)
         if len(values) != n_prompts:

@@ -72,8 +72,11 @@ class EraseSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.sigma <= 0:
-            raise ValueError(f"sigma must be positive, got {self.sigma}")
+        if not 0 < self.sigma < math.inf:
+            raise ValueError(f"sigma must be a positive finite number, got {self.sigma}")
+        for name in ("loss_scale", "step_size"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.kernel not in ("exp", "gaussian"):
             raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
         if self.lazy_tolerance is not None and not self.lazy_tolerance >= 0:
@@ -161,6 +164,17 @@ def scale_model_input(scheduler, sample: torch.Tensor, t: torch.Tensor) -> torch
     return sample if scale is None else scale(sample, t)
 
 
+def input_scale(scheduler, t: torch.Tensor) -> float:
+    """``c`` such that the denoiser sees ``x / c`` for the scheduler's sample ``x`` at ``t``.
+
+    1 for DDIM, DDPM, DPM-Solver and flow matching; ``sqrt(sigma**2 + 1)`` for Euler and LMS,
+    whose samples carry the noise level's scale. TraSCE's update belongs to the latent the denoiser
+    sees (the released loop's DDIM latent), so the sampler steers in that space: on ``x`` the
+    update is ``c**2`` times the gradient step with respect to ``x`` (see ``_steering_step``).
+    """
+    return 1.0 / float(scale_model_input(scheduler, torch.ones(()), t))
+
+
 def _step_kwargs(scheduler, generator) -> dict:
     """Optional arguments of ``scheduler.step`` that diffusers' pipelines pass (eta, generator)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -244,7 +258,8 @@ class GradientCheck:
 
 
 class _GradientNormEstimate:
-    """Per-image running maximum of ``||dd/dx||``, the factor that ``update_bound`` needs.
+    """Per-image running maximum of ``||dd/dx||``, the factor that ``update_bound`` needs (held free
+    of the step's noise and input scales, see ``_steering_step``).
 
     It is an estimate, not a proof: the first steered step of an image measures it exactly, and
     later steps reuse the largest value seen (times ``margin``).
@@ -314,6 +329,7 @@ def sample(
     for i, t in enumerate(timesteps):
         steer_now = settings.steers and first <= i < last
         factor = noise_scale(scheduler, t)
+        scale_in = input_scale(scheduler, t) if steer_now else 1.0
         step = Step(index=i, timestep=t, latents=latents)
 
         if not steer_now:
@@ -326,9 +342,11 @@ def sample(
                 step.kernel = guidance.kernel(step.distance, settings.sigma, settings.kernel)
         else:
             preds, steered_latents, step = _steering_step(
-                denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings, factor, estimate, everyone, step,
-                gradient_check,
+                denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings, factor, scale_in, estimate,
+                everyone, step, gradient_check,
             )
+        if factor == 0:  # zero terminal SNR: both predictions are the noise itself, so d = 0 says nothing
+            step.distance = step.kernel = None
 
         # In the latents' dtype: some schedulers (Euler, flow matching) return their step in the
         # prediction's dtype, which would put half-precision latents back.
@@ -339,7 +357,9 @@ def sample(
 
 
 def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
-    """The guided prediction of ``mode`` from the branch predictions."""
+    """The guided prediction of ``mode`` from the branch predictions, in fp32 (like the latents), so
+    that a half-precision model's image does not depend on whether its batch shares one CFG scale."""
+    preds = {branch: values.float() for branch, values in preds.items()}
     if mode == "none":
         return guidance.cfg(preds["0"], preds["p"], scale)
     if mode == "negative_prompt":
@@ -350,9 +370,15 @@ def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
 
 
 def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, settings: EraseSettings,
-                   factor: float, estimate: _GradientNormEstimate, everyone: torch.Tensor, step: Step,
-                   check: GradientCheck | None = None):
+                   factor: float, scale_in: float, estimate: _GradientNormEstimate, everyone: torch.Tensor,
+                   step: Step, check: GradientCheck | None = None):
     """One step with part 2: predictions, the steering update, and the bookkeeping in ``step``.
+
+    ``factor`` is ``noise_scale`` (d in noise units) and ``scale_in`` is ``input_scale`` (the
+    denoiser sees ``latents / scale_in``). The update is the released step ``-eta * dL/dx_in`` on
+    the denoiser's input ``x_in``, i.e. ``-eta * scale_in**2 * dL/dx`` on ``latents``; update sizes
+    (the lazy tolerance) are measured on ``x_in`` too, and the gradient-norm estimate holds
+    ``||d(d / factor)/dx_in||``, free of both factors, which change from step to step.
 
     Exact (``lazy_tolerance is None``): every image gets its backward pass. Lazy: an image whose
     update was estimated below the tolerance at the previous step is first evaluated without
@@ -418,7 +444,7 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
             else:
                 d[cold] = cold_d
             bound = guidance.update_bound(cold_d, settings.loss_scale, settings.step_size, settings.sigma,
-                                          take(estimate.bound(), cold), settings.kernel)
+                                          take(estimate.bound(), cold) * factor, settings.kernel)
             estimate.last_bound[cold] = bound
             # The one question a benign batch asks the GPU per step: did any image surprise?
             surprise = cold[~(bound < tolerance)]
@@ -455,15 +481,18 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         else:
             grad = torch.zeros_like(latents)
             grad[hot] = hot_grad.to(grad.dtype)
-        steered = guidance.steer(latents, grad, settings.step_size)
+        step_size = settings.step_size * scale_in**2 if scale_in != 1 else settings.step_size
+        steered = guidance.steer(latents, grad, step_size)
         if len(hot0):
             put("0", hot0, h0.detach())
         put("p", hot, hp.detach())
         put("c", hot, hc.detach())
         d[hot] = hot_d
-        if lazy:
-            estimate.update(hot, grad_d.float().flatten(1).norm(dim=1))
-            estimate.last_bound[hot] = abs(settings.step_size) * hot_grad.flatten(1).norm(dim=1)
+        if lazy and factor == 0:  # nothing measured (d is 0 at every latent): take the gradient path again
+            estimate.last_bound[hot] = float("nan")
+        elif lazy:
+            estimate.update(hot, grad_d.float().flatten(1).norm(dim=1) * (scale_in / factor))
+            estimate.last_bound[hot] = abs(settings.step_size) * scale_in * hot_grad.flatten(1).norm(dim=1)
 
     step.distance = d
     step.kernel = guidance.kernel(d, settings.sigma, settings.kernel)
