@@ -177,6 +177,14 @@ def test_jsonl(tmp_path: Path) -> None:
     assert rows[1].extra == {"note": ""}
 
 
+def test_ndjson_is_json_lines_and_a_json_array_is_refused(tmp_path: Path) -> None:
+    text = json.dumps({"prompt": "a", "evaluation_seed": 3}) + "\n"
+    assert [(r.prompt, r.seed) for r in read_prompts(write(tmp_path, "p.ndjson", text))] == [("a", 3)]
+    path = write(tmp_path, "p.json", "[" + text + "]")
+    assert error_of(path) == (f"{path}: .json files are not read; give CSV (.csv), TSV (.tsv), JSON lines (.jsonl, "
+                              "one object per line) or plain text (one prompt per line)")
+
+
 @pytest.mark.parametrize("name", ["p.txt", "prompts", "p.prompts"])
 def test_plain_text(tmp_path: Path, name: str) -> None:
     path = write(tmp_path, name, "  a cat  \n\nprompt,with,commas\r\n\n", bom=True)
@@ -289,6 +297,14 @@ def test_unsafe_case_names(tmp_path: Path, case: str) -> None:
     message = error_of(path)
     assert message.startswith(f"{path}, row 1, column 'case_number': ")
     assert "is not a safe file name" in message
+
+
+def test_case_name_too_long_for_a_file_name(tmp_path: Path) -> None:
+    fits, too_long = "é" * 100, "é" * 100 + "x"  # 200 and 201 bytes in UTF-8
+    path = write(tmp_path, "p.csv", f"prompt,case_number\na,{fits}\nb,{too_long}\n")
+    assert error_of(path) == (f"{path}, row 3, column 'case_number': '{'é' * 55}...' is not a safe file name "
+                              "(case name is 201 bytes long in UTF-8; at most 200 fit in a file name beside the image "
+                              "number and temporary suffix); use a shorter name")
 
 
 def test_case_name_of_the_wrong_type(tmp_path: Path) -> None:

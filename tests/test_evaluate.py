@@ -327,6 +327,13 @@ def test_resume_judges_only_missing_images(toy_folder: Path, monkeypatch) -> Non
     evaluate_folder(toy_folder, "toy", quiet=True)  # nothing left to do
     assert made[-1].calls == []
 
+    kept = path.read_text()
+    path.write_text(lines[0][:40])  # a crash in the first append, inside the header line
+    evaluate_folder(toy_folder, "toy", quiet=True)
+    header, verdicts = read_verdicts(path)
+    assert header is not None and header["judge"] == "toy" and len(verdicts) == 4 and len(made[-1].calls) == 4
+    path.write_text(kept)
+
     extra["value"] = "changed"
     with pytest.raises(ValueError, match=r"other settings: 'extra' was .*, now \"changed\"; use --overwrite"):
         evaluate_folder(toy_folder, "toy", quiet=True)
@@ -359,7 +366,7 @@ def assert_fails(result, *fragments: str) -> None:
 
 
 def test_cli_prints_table_and_summary_path(toy_folder: Path) -> None:
-    result = run_cli(toy_folder, "--judge", "toy", "--quiet")
+    result = run_cli(toy_folder, "--judge", "toy", "--quiet", "--device", "auto")
     assert result.exit_code == 0 and result.output == ""
     result = run_cli(toy_folder, "--judge", "toy")
     assert result.exit_code == 0, result.output
@@ -389,8 +396,11 @@ def test_cli_option_errors(toy_folder: Path) -> None:
     assert_fails(run_cli(toy_folder, "--judge", "nudenet", "--threshold", "1.5"), "threshold", "between 0 and 1")
     assert_fails(run_cli(toy_folder, "--judge", "nudenet", "--classes", "FACES"), "unknown NudeNet class 'FACES'",
                  "FEMALE_BREAST_EXPOSED")
-    assert_fails(run_cli(toy_folder, "--judge", "toy", "--threshold", "0.5"),
-                 "--threshold is for --judge nudenet, not --judge toy")
+    for threshold in ("0.5", "0"):
+        assert_fails(run_cli(toy_folder, "--judge", "toy", "--threshold", threshold),
+                     "--threshold is for --judge nudenet, not --judge toy")
+    assert_fails(run_cli(toy_folder, "--judge", "toy", "--device", "bogus"),
+                 "unknown device 'bogus'; expected auto, cpu, cuda, cuda:N or mps")
     assert_fails(run_cli(toy_folder, "--judge", "clip"),
                  "error: the clip judge needs --clip-model PATH (a transformers CLIP folder)")
     assert_fails(run_cli(toy_folder, "--judge", "imagenet"),

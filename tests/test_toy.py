@@ -1,5 +1,6 @@
 """The embedded world, its captions, the shipped model (offline) and the demo."""
 
+import json
 import random
 
 import pytest
@@ -119,6 +120,13 @@ def test_demo_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "TraSCE" in html and "negative prompt" in html and html.count("<img") >= 24 + 1
     assert "report:" in result.output
+    # other settings in the same folder: refused, then started afresh with --overwrite
+    again = ["demo", "--out", str(tmp_path / "demo"), "--steps", "5"]
+    result = CliRunner().invoke(main, again)
+    assert result.exit_code == 2 and "'steps' was 6, now 5; use a new output folder or --overwrite" in result.output
+    result = CliRunner().invoke(main, [*again, "--overwrite", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "demo" / "trasce" / "run.json").read_text())["settings"]["steps"] == 5
 
 
 def test_demo_refuses_a_concept_the_judge_cannot_see(tmp_path):

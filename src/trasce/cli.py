@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from trasce.benchmark import SEED_STRIDE
+from trasce.data import MAX_SEED
 from trasce.pipeline import COMPILE_CHOICES, SCHEDULERS
 from trasce.presets import PRESETS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
@@ -106,7 +108,8 @@ def _choice(values) -> click.Choice:
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
-@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True, help="seed where the file has none")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
+              help="seed where the file has none")
 @click.option("--images-per-prompt", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per denoiser batch")
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True,
@@ -114,8 +117,8 @@ def _choice(values) -> click.Choice:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps")
 @click.option("--height", type=int)
 @click.option("--width", type=int)
-@click.option("--start", type=int, help="first row (0-based, inclusive)")
-@click.option("--end", type=int, help="last row (exclusive)")
+@click.option("--start", type=click.IntRange(min=0), help="first row (0-based, inclusive)")
+@click.option("--end", type=click.IntRange(min=0), help="last row (exclusive)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--overwrite", is_flag=True, help="discard what the folder holds and start again")
 def generate(**kwargs) -> None:
@@ -161,11 +164,12 @@ main.add_command(evaluate)
 @click.option("--steps", type=int, default=None, help="denoising steps [default: the embedded model's]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
-def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="start the folder's runs afresh (needed when the settings changed)")
+def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool, overwrite: bool) -> None:
     """Erase a concept from the embedded model; write a judged before/after grid and an HTML report."""
     from trasce.demo import demo as run_demo
 
-    _guard(run_demo, out, concept=concept, steps=steps, device=device, quiet=quiet)
+    _guard(run_demo, out, concept=concept, steps=steps, device=device, quiet=quiet, overwrite=overwrite)
 
 
 @main.command()
@@ -243,7 +247,7 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where a prompt has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
-@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED - 10 * SEED_STRIDE), default=42, show_default=True,
               help="base seed of the prompts and their noise")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per generation call")
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)

@@ -49,7 +49,11 @@ CASE_COLUMN = "case_number"
 
 # torch.Generator.manual_seed takes values up to 2**64 - 1; anything above would fail only when the
 # prompt's turn comes, so it is rejected up front with the other row errors.
-_MAX_SEED = 2**64 - 1
+MAX_SEED = 2**64 - 1
+# Structured formats that would otherwise be read as plain text, a prompt per line.
+UNREAD_SUFFIXES = (".json", ".parquet", ".xlsx", ".xls", ".yaml", ".yml")
+# File names hold 255 bytes; a case name becomes ``.<case>_<k>.png.<12 hex>.tmp`` while its image is written.
+MAX_CASE_BYTES = 200
 # Values quoted in error messages are cut to this many characters so the message stays one line.
 _SHOW_CHARS = 60
 
@@ -121,6 +125,9 @@ def check_case_name(case: str) -> str | None:
         return "case name contains a control character"
     if case != case.strip():
         return "case name starts or ends with whitespace"
+    if len(case.encode("utf-8")) > MAX_CASE_BYTES:
+        return (f"case name is {len(case.encode('utf-8'))} bytes long in UTF-8; at most {MAX_CASE_BYTES} fit in "
+                "a file name beside the image number and temporary suffix")
     return None
 
 
@@ -150,8 +157,8 @@ def _parse_seed(value: Any) -> tuple[int | None, str | None]:
     seed = int(number)
     if seed < 0:
         return None, "is a negative seed; seeds must be 0 or more"
-    if seed > _MAX_SEED:
-        return None, f"is too large for a seed; seeds must be at most {_MAX_SEED}"
+    if seed > MAX_SEED:
+        return None, f"is too large for a seed; seeds must be at most {MAX_SEED}"
     return seed, None
 
 
@@ -292,7 +299,9 @@ def _rows_from_records(
                     collector.add(
                         row_number,
                         CASE_COLUMN,
-                        f"{_show(case)} is not a safe file name ({why_unsafe}); use letters, digits, '-', '_' and '.'",
+                        f"{_show(case)} is not a safe file name ({why_unsafe}); use "
+                        + ("a shorter name" if len(case.encode("utf-8")) > MAX_CASE_BYTES
+                           else "letters, digits, '-', '_' and '.'"),
                     )
                     ok = False
         else:
@@ -439,8 +448,9 @@ def _text_records(text: str) -> Iterator[tuple[int, dict[str, str]]]:
 def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: float = 7.5) -> list[PromptRow]:
     """Read and validate a prompt file.
 
-    The format comes from the extension (case-insensitive): ``.csv``, ``.tsv``, ``.jsonl``; anything
-    else is plain text with one prompt per non-empty line. Prompts are stripped of surrounding
+    The format comes from the extension (case-insensitive): ``.csv``, ``.tsv``, ``.jsonl`` (or
+    ``.ndjson``); ``UNREAD_SUFFIXES`` (a JSON array, spreadsheets) are refused; anything else is plain
+    text with one prompt per non-empty line. Prompts are stripped of surrounding
     whitespace. Raises :class:`PromptFileError` if the file is missing, unreadable, has no prompt
     column, has no prompts at all, or has any bad row (every row is checked before raising).
     """
@@ -462,8 +472,11 @@ def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: flo
         records = _delimited_records(text, ",", collector)
     elif suffix == ".tsv":
         records = _delimited_records(text, "\t", collector)
-    elif suffix == ".jsonl":
+    elif suffix in (".jsonl", ".ndjson"):
         records = _jsonl_records(text, collector)
+    elif suffix in UNREAD_SUFFIXES:
+        raise PromptFileError(f"{name}: {suffix} files are not read; give CSV (.csv), TSV (.tsv), JSON lines "
+                              "(.jsonl, one object per line) or plain text (one prompt per line)")
     else:
         records = _text_records(text)
 

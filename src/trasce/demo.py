@@ -29,8 +29,9 @@ METHODS = (("none", "unprotected"), ("negative_prompt", "negative prompt"), ("tr
 
 
 def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO_PROMPTS, steps: int | None = None,
-         seed: int = 1, device: str = "auto", quiet: bool = False) -> Path:
-    """Run the demo into ``out``; return the report's path.
+         seed: int = 1, device: str = "auto", quiet: bool = False, overwrite: bool = False) -> Path:
+    """Run the demo into ``out``; return the report's path. ``overwrite`` starts its run folders afresh
+    (a rerun with other settings is refused without it).
 
     ``concept`` must be a value of the embedded world (a shape, colour, fill or background, or an
     alias of one), which the judge can see: ``ValueError`` listing them otherwise.
@@ -46,7 +47,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
         options = GenerateOptions(out=out / mode, model="toy", concept=concept,
                                   preset=PRESET_FOR_ATTRIBUTE.get(attribute, "toy-shape"), mode=mode,
                                   prompt=list(prompts), seed=seed, steps=steps, device=device, quiet=quiet,
-                                  batch_size=len(prompts))
+                                  batch_size=len(prompts), overwrite=overwrite)
         folders[mode] = run(options)
 
     judge = Judge.load()

@@ -10,6 +10,7 @@ for the same dtype; so is the noise that stochastic schedulers (``euler-a``) add
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -158,6 +159,15 @@ def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, widt
     return noise, [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def check_steps(scheduler, steps: int) -> None:
+    """Refuse ``steps`` that ``scheduler`` cannot make (more than its training timesteps, say) before
+    the run folder records them: ``ValueError`` with the scheduler's reason."""
+    try:
+        copy.deepcopy(scheduler).set_timesteps(steps)
+    except ValueError as error:
+        raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
+
+
 def batches(items: list, size: int) -> Iterator[list]:
     """``items`` in consecutive chunks of at most ``size``."""
     for i in range(0, len(items), size):
@@ -213,6 +223,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
     steps = options.steps if options.steps is not None else defaults.get("steps", 50)
+    check_steps(pipe.pipe.scheduler, steps)
 
     folder = RunFolder(options.out)
     settings = {

@@ -346,7 +346,7 @@ class RunFolder:
         if bad_lines:
             warnings.warn(
                 f"{self.manifest_path}: skipped {len(bad_lines)} unreadable line(s) "
-                f"(first: line {bad_lines[0]}); those images will be made again",
+                f"(first: line {bad_lines[0]}); their images do not count as made (trasce generate makes them again)",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -402,11 +402,12 @@ class RunFolder:
         except json.JSONDecodeError as error:
             raise RunFolderError(
                 f"{self.run_json_path} is not valid JSON ({error.msg} at line {error.lineno}); "
-                "use a new output folder or --overwrite"
+                "run trasce generate into a new output folder, or again with --overwrite"
             ) from error
         if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
             raise RunFolderError(
-                f"{self.run_json_path} has no 'settings' object; use a new output folder or --overwrite"
+                f"{self.run_json_path} has no 'settings' object; run trasce generate into a new output folder, "
+                "or again with --overwrite"
             )
         return data
 

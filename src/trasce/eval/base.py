@@ -165,12 +165,15 @@ def file_sha256(path: Path) -> str:
 
 
 def resolve_device(device: str | None) -> str:
-    """``"auto"`` (or ``None``) becomes ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    """``"auto"`` (or ``None``) becomes ``"cuda"`` when torch sees a GPU, else ``"cpu"``; a named
+    device must exist on this machine (``ValueError`` naming it otherwise)."""
     if device in (None, "", "auto"):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    from trasce.generate import pick_device
+
+    return str(pick_device(str(device)))
 
 
 def embeddings(output: Any) -> Any:

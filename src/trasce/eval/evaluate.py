@@ -182,7 +182,8 @@ def _check_options(judge_name: str, options: Mapping[str, Any]) -> None:
     for key, value in options.items():
         if key not in known:
             raise ValueError(f"unknown evaluate option {key!r}; known: {', '.join(sorted(known))}")
-        if value not in (None, False, "") and key not in JUDGE_OPTIONS[judge_name] and key not in COMMON_OPTIONS:
+        given = value is not None and value is not False and value != ""  # (0 and 0.0 are given values)
+        if given and key not in JUDGE_OPTIONS[judge_name] and key not in COMMON_OPTIONS:
             users = [name for name, keys in JUDGE_OPTIONS.items() if key in keys]
             raise ValueError(f"{_flag(key)} is for --judge {' or '.join(users)}, not --judge {judge_name}")
 
@@ -246,6 +247,9 @@ def evaluate_folder(
     header, done = read_verdicts(verdict_file)
     if header is None and done:
         raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; use --overwrite")
+    if header is None and state.is_main_process:
+        # Empty, or only the start of a header that a crash cut short: begin it again, header first.
+        verdict_file.unlink(missing_ok=True)
     if header is not None:
         ignore = tuple(getattr(judge, "summary_only_settings", ()))
         key = _first_difference(header.get("settings") or {}, settings, ignore)

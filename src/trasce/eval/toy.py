@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, file_sha256, rate_entry, rate_row
+from trasce.eval.base import Context, file_sha256, rate_entry, rate_row, resolve_device
 from trasce.toy.captions import VOCABULARY, agreement, mentioned, words
 
 if TYPE_CHECKING:
@@ -183,6 +183,5 @@ def build(options: Mapping[str, Any], context: Context) -> ToyJudge:
     kwargs: dict[str, Any] = {"weights": options.get("toy_judge"), "concept": context.concept}
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
-    if options.get("device"):
-        kwargs["device"] = options["device"]
+    kwargs["device"] = resolve_device(options.get("device"))
     return ToyJudge(**kwargs)
