@@ -78,7 +78,7 @@ def _choice(values) -> click.Choice:
 
 @main.command()
 @click.option("--model", default="toy", show_default=True,
-              help="hub id (from the local cache), a diffusers folder, or 'toy' (the embedded model)")
+              help="hub id (from the local cache, else downloaded), a diffusers folder, or 'toy' (the embedded model)")
 @click.option("--concept", help="the concept to erase, as text")
 @click.option("--preset", type=_choice(PRESETS), help="published settings (and concept text) for a task")
 @click.option("--prompt", "prompt", multiple=True, help="a prompt (repeatable)")

@@ -22,7 +22,7 @@ from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options
 from trasce.runs import RunFolder, atomic_save_image
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, check_scheduler
 
 # The run settings that each manifest line repeats, so that an image's line alone says how it was made.
 IMAGE_SETTINGS = ("loss_scale", "step_size", "sigma", "kernel", "steer_window", "steps", "scheduler", "dtype", "model")
@@ -223,6 +223,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
     steps = options.steps if options.steps is not None else defaults.get("steps", 50)
+    # Before run.json records a run that cannot run:
+    check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
     check_steps(pipe.pipe.scheduler, steps)
 
     folder = RunFolder(options.out)

@@ -201,6 +201,18 @@ def discards_steering(scheduler) -> bool:
     return type(scheduler).__name__ not in STEERABLE_SCHEDULERS
 
 
+def check_scheduler(scheduler, settings: EraseSettings, steps: int) -> None:
+    """``ValueError`` when ``settings`` steer in some of the ``steps`` and ``scheduler`` would drop the update."""
+    first, last = settings.window_steps(steps)
+    if settings.steers and first < last and discards_steering(scheduler):
+        raise ValueError(
+            f"{type(scheduler).__name__} is not among the schedulers known to step from the latent they are given "
+            f"({', '.join(sorted(STEERABLE_SCHEDULERS))}); others, like PNDM (SD v1.x's default) and UniPC, "
+            "continue some steps from a sample stored earlier, which drops TraSCE's steering update. Use DDIM, "
+            "the published setting (--scheduler ddim, or pipe.scheduler = "
+            "DDIMScheduler.from_config(pipe.scheduler.config))")
+
+
 class CompiledGradientError(RuntimeError):
     """A compiled denoiser's backward pass disagrees with the uncompiled denoiser's."""
 
@@ -308,13 +320,7 @@ def sample(
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
     first, last = settings.window_steps(len(timesteps))
-    if settings.steers and first < last and discards_steering(scheduler):
-        raise ValueError(
-            f"{type(scheduler).__name__} is not among the schedulers known to step from the latent they are given "
-            f"({', '.join(sorted(STEERABLE_SCHEDULERS))}); others, like PNDM (SD v1.x's default) and UniPC, "
-            "continue some steps from a sample stored earlier, which drops TraSCE's steering update. Use DDIM, "
-            "the published setting (--scheduler ddim, or pipe.scheduler = "
-            "DDIMScheduler.from_config(pipe.scheduler.config))")
+    check_scheduler(scheduler, settings, len(timesteps))
     batch = latents.shape[0]
     scale = guidance_scale
     if isinstance(scale, torch.Tensor):
