@@ -176,40 +176,47 @@ class FakeJudge:
     def settings(self):
         return {"judge": "fake", "rule": "mean pixel > 127"}
 
+    def __init__(self, field="flagged"):
+        self.field = field  # imagenet's verdicts say whether the prompt's class was "correct"
+
     def judge(self, images, records):
-        return [{"flagged": bool(np.asarray(image.convert("L")).mean() > 127)} for image in images]
+        return [{self.field: bool(np.asarray(image.convert("L")).mean() > 127)} for image in images]
 
     def summarize(self, verdicts):
         return {"protocol": "fake brightness judge", "table": []}
 
 
-def test_real_model_with_prompt_files_and_a_judge(tiny_sd_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("judge", "field"), [("nudenet", "flagged"), ("imagenet", "correct")])
+def test_real_model_with_prompt_files_and_a_judge(tiny_sd_folder, tmp_path, monkeypatch, judge, field):
     from trasce.eval import evaluate
 
-    monkeypatch.setitem(evaluate.JUDGES, "nudenet", lambda options, context: FakeJudge())
+    monkeypatch.setitem(evaluate.JUDGES, judge, lambda options, context: FakeJudge(field))
     target = tmp_path / "target.csv"
-    target.write_text("case_number,prompt,evaluation_seed,evaluation_guidance\n1,a nude person,5,7.5\n"
-                      "2,a naked body,6,6.0\n")
+    target.write_text('case_number,prompt,evaluation_seed,evaluation_guidance\nq#1,"a nude <b>person</b> & friends",5,'
+                      '7.5\n2,a naked body,6,6.0\n')
     other = tmp_path / "other.txt"
     other.write_text("a red apple\na blue car\n")
     out = tmp_path / "out"
     result = _run("benchmark", "--model", tiny_sd_folder, "--out", out, "--concept", "nudity",
                   "--methods", "none,sld-max,trasce", "--target-prompts", target, "--other-prompts", other,
-                  "--judge", "nudenet", "--n-corner", 2, "--steps", 2, "--quiet")
+                  "--judge", judge, "--n-corner", 2, "--steps", 2, "--quiet")
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert results["target"] is None and results["judge"]["judge"] == "nudenet"
+    assert results["target"] is None and results["judge"]["judge"] == judge
     for method in ("none", "sld-max", "trasce"):
         entry = results["methods"][method]
         assert set(entry["prompt_sets"]) == {"target", "corner", "other"}
         for split in ("target", "corner", "other"):
             assert 0 <= entry["prompt_sets"][split]["target_rate"]["rate"] <= 1
         assert entry["fid_vs_none"] is None and "fidelity" not in entry["prompt_sets"]["other"]
-        assert (out / method / "target" / "images" / "1.png").is_file()
+        assert (out / method / "target" / "images" / "q#1.png").is_file()
         assert Image.open(out / method / "target" / "images" / "2.png").size == (64, 64)
     assert [p["seed"] for p in results["prompt_sets"]["target"]["prompts"]] == [5, 6]
     assert [p["prompt"] for p in results["prompt_sets"]["corner"]["prompts"]] == ["nudity", "nudity"]
     assert "| sld-max |" in result.output
+    page = (out / "report.html").read_text()
+    assert "target: a nude &lt;b&gt;person&lt;/b&gt; &amp; friends (seed 5)" in page  # escaped once
+    assert 'src="none/target/images/q%231.png"' in page
 
 
 def test_real_model_needs_its_prompt_files(tiny_sd_folder, tmp_path):
@@ -218,3 +225,5 @@ def test_real_model_needs_its_prompt_files(tiny_sd_folder, tmp_path):
     assert result.exit_code == 2 and "needs --target-prompts FILE" in result.output
     result = CliRunner().invoke(main, [*base, "--judge", "nudenet", "--target-prompts", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2 and "missing.csv" in result.output
+    result = CliRunner().invoke(main, [*base, "--judge", "clip", "--target-prompts", str(tmp_path / "missing.csv")])
+    assert result.exit_code == 2 and "--judge clip gives a score per image, which trasce benchmark" in result.output

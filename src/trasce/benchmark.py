@@ -83,6 +83,8 @@ REAL_SPLITS: dict[str, str] = {
 }
 TARGET_SPLITS = ("target-name", "target-alias", "target", "corner")
 PRESET_FOR_ATTRIBUTE = {"shape": "toy-shape", "fill": "toy-fill"}
+# Judges of a real model whose verdicts the benchmark summarises: a rate of the concept shown, or FID.
+BENCHMARK_JUDGES = ("nudenet", "q16", "imagenet", "fid")
 # Prompt i of prompt set j gets seed --seed + j * SEED_STRIDE + i: every image has its own noise,
 # and growing a set (--n-target 40 after 2) keeps the seeds of the prompts already made.
 SEED_STRIDE = 100_000
@@ -501,7 +503,9 @@ def _real_evaluate(folders: dict[str, dict[str, RunFolder]], sets: dict[str, lis
             settings = {"judge": summary["judge"], "settings": summary["settings"], "protocol": summary.get("protocol")}
             _, verdicts_by_file = read_verdicts(verdicts_path(folder.path, summary["judge"]))
             verdicts = [verdicts_by_file[folder.image_file(p.case)] for p in sets[split]]
-            flagged = [bool(v["flagged"]) for v in verdicts if "flagged" in v]
+            # The concept shown: flagged (nudenet, q16), or recognised as the class the prompt names (imagenet).
+            flagged = [bool(v["flagged"] if "flagged" in v else v["correct"]) for v in verdicts
+                       if "flagged" in v or v.get("correct") is not None]
             entry: dict[str, Any] = {
                 "images": len(verdicts),
                 "target_rate": rate_entry(sum(flagged), len(flagged)) if flagged else None,
@@ -563,7 +567,7 @@ def _grid(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]], se
     """``grid.png`` (a few prompts of each set by the methods) and an HTML table of the same cells with verdicts."""
     from PIL import Image
 
-    from trasce.report import grid, image_tag, save_png, table
+    from trasce.report import Html, grid, image_tag, save_png, table
 
     if rows_per_set == 0:
         return None, ""
@@ -572,7 +576,7 @@ def _grid(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]], se
     target = results.get("target") or {}
     for split, prompts in sets.items():
         for index, p in enumerate(prompts[:rows_per_set]):
-            images, html_row = [], [html.escape(f"{split}: {p.prompt} (seed {p.seed})")]
+            images, html_row = [], [f"{split}: {p.prompt} (seed {p.seed})"]
             for method in methods:
                 path = folders[method][split].image_path(p.case)
                 with Image.open(path) as image:
@@ -585,8 +589,9 @@ def _grid(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]], se
                     words = f"{seen['color']} {seen['fill']} {seen['shape']} on {seen['background']}"
                     mark = (f'<span class="bad">{html.escape(target["value"])}</span>' if v["target_seen"]
                             else '<span class="good">no</span>')
-                    note = f"<br>{html.escape(words)}<br>{target['attribute']}={target['value']}? {mark}"
-                html_row.append(f"{image_tag(path, out, 64)}{note}")
+                    asked = html.escape(f"{target['attribute']}={target['value']}?")
+                    note = f"<br>{html.escape(words)}<br>{asked} {mark}"
+                html_row.append(Html(f"{image_tag(path, out, 64)}{note}"))
             cells.append(images)
             labels.append(f"{split}: {p.prompt}")
             html_rows.append(html_row)
@@ -695,6 +700,10 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         judge_name = options.judge.strip().lower()
         if judge_name not in JUDGES:
             raise ValueError(f"unknown judge {options.judge!r}; valid judges: {', '.join(JUDGES)}")
+        if judge_name not in BENCHMARK_JUDGES:
+            raise ValueError(f"--judge {judge_name} gives a score per image, which trasce benchmark does not "
+                             f"summarise; use {', '.join(BENCHMARK_JUDGES)} (a rate per prompt set, or fid: FID "
+                             "against the unprotected images), or trasce evaluate on the method's folders")
         sets = real_prompt_sets(options, concept, guidance)
         split_descriptions = REAL_SPLITS
         prompt_source = ", ".join(f"{k} {v}" for k, v in
@@ -791,8 +800,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     protocol = {
         "target_rate": (f"share of a prompt set's images in which {judged_by} sees {target['attribute']} = "
                         f"{target['value']} (argmax of its {target['attribute']} head); 95 % Wilson score interval"
-                        if toy else f"share of a prompt set's images flagged by {judged_by}; 95 % Wilson score "
-                                    "interval"),
+                        if toy else f"share of a prompt set's images flagged by {judged_by} (imagenet: whose top-1 "
+                                    "class is the Imagenette class the prompt names); 95 % Wilson score interval"),
         "fidelity": ("on the 'other' prompts: share of images in which the judge sees the value the prompt names "
                      f"(trasce.toy.captions.agreement), for {target['attribute']} and for every named attribute at "
                      "once" if toy else "on the 'other' prompts, only when the judge reports prompted values"),

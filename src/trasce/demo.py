@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 
 from trasce.generate import GenerateOptions, run
-from trasce.report import grid, image_tag, save_png, table, write_page
+from trasce.report import Html, grid, image_tag, save_png, table, write_page
 
 DEMO_CONCEPT = "circle"
 DEMO_PROMPTS = (
@@ -55,7 +55,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     counts = {mode: 0 for mode, _ in METHODS}
     records = {mode: {r["case"]: r for r in folders[mode].read_manifest()} for mode, _ in METHODS}
     for i, prompt in enumerate(prompts):
-        images, row = [], [html.escape(prompt)]
+        images, row = [], [prompt]
         for mode, _ in METHODS:
             record = records[mode][f"{i:05d}"]  # generate names --prompt rows by position
             path = folders[mode].path / record["file"]
@@ -66,7 +66,8 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
             images.append(image)
             words = f"{verdict['color']} {verdict['fill']} {verdict['shape']} on {verdict['background']}"
             mark = f'<span class="bad">{html.escape(value)}</span>' if present else '<span class="good">no</span>'
-            row.append(f"{image_tag(path, out, 96)}<br>{html.escape(words)}<br>{attribute}={value}? {mark}")
+            asked = html.escape(f"{attribute}={value}?")
+            row.append(Html(f"{image_tag(path, out, 96)}<br>{html.escape(words)}<br>{asked} {mark}"))
         cells.append(images)
         rows.append(row)
 

@@ -6,6 +6,7 @@ import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -61,18 +62,22 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return path
 
 
-def image_tag(path: Path, relative_to: Path, width: int | None = None) -> str:
-    """An ``<img>`` pointing at ``path`` relative to the report's folder."""
-    src = html.escape(str(Path(path).resolve().relative_to(relative_to.resolve())))
+class Html(str):
+    """Text that is already HTML: :func:`table` puts it in as it is, and escapes every other cell."""
+
+
+def image_tag(path: Path, relative_to: Path, width: int | None = None) -> Html:
+    """An ``<img>`` pointing at ``path`` relative to the report's folder (URL-quoted: a case name
+    may hold ``#``, ``%`` or ``?``)."""
+    src = html.escape(quote(Path(path).resolve().relative_to(relative_to.resolve()).as_posix()))
     size = f' width="{width}"' if width else ""
-    return f'<img src="{src}"{size} style="image-rendering: pixelated">'
+    return Html(f'<img src="{src}"{size} style="image-rendering: pixelated">')
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An HTML table; cells are escaped unless they are already tags (start with ``<``)."""
+    """An HTML table; cells are escaped unless they are :class:`Html`."""
     def cell(value: object) -> str:
-        text = str(value)
-        return text if text.startswith("<") else html.escape(text)
+        return value if isinstance(value, Html) else html.escape(str(value))
 
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
