@@ -91,18 +91,66 @@ def test_bench_writes_its_rounds_as_they_end_and_keeps_them_when_stopped(tmp_pat
 
     def stopping(fn, device):
         if len(timed) == 8:  # the 8 rows' first round is done: stop the run in its second round
-            raise RuntimeError("the lease ended")
+            raise KeyboardInterrupt  # what a lease's end (SIGINT, or a kill) does to the run
         timed.append(seconds(fn, device))
         return timed[-1]
 
     monkeypatch.setattr(trasce.bench, "_seconds", stopping)
-    with pytest.raises(RuntimeError, match="the lease ended"):
+    with pytest.raises(KeyboardInterrupt):
         run_bench(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu", repeats=3,
                   released=False, quiet=True, json_path=out)
     kept = json.loads(out.read_text())
     assert kept["rounds_done"] == 1 and kept["repeats"] == 3
     assert [r["seconds_per_image"] for r in kept["rows"]] == pytest.approx([t / 2 for t in timed])
     assert kept["rows"][0]["method"] == "plain CFG (diffusers)" and kept["rows"][0]["ratio_to_plain"] == 1.0
+
+
+def test_a_failing_row_is_reported_and_the_others_are_timed(tmp_path, monkeypatch):
+    import trasce.bench
+    from trasce.bench import run_bench
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"an earlier run": true}')
+    warm_up, seconds, calls = trasce.bench._warm_up, trasce.bench._seconds, {"warm": 0, "timed": 0}
+
+    def failing_warm_up(fn, device):  # the third row runs out of memory in its warm-up
+        calls["warm"] += 1
+        if calls["warm"] == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return warm_up(fn, device)
+
+    def failing_seconds(fn, device):  # the first row (plain CFG) fails in the second round
+        calls["timed"] += 1
+        if calls["timed"] == 8:
+            raise RuntimeError("device lost")
+        return seconds(fn, device)
+
+    monkeypatch.setattr(trasce.bench, "_warm_up", failing_warm_up)
+    monkeypatch.setattr(trasce.bench, "_seconds", failing_seconds)
+    result = run_bench(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu", repeats=2,
+                       released=False, quiet=True, json_path=out)
+    rows = result["rows"]
+    assert [r["error"] for r in rows[:3]] == [
+        "RuntimeError: device lost", None, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    assert rows[0]["seconds_per_image"] is None and rows[2]["seconds_per_image"] is None
+    assert all(r["seconds_per_image"] > 0 and r["error"] is None for r in rows[3:])
+    assert all(r["ratio_to_plain"] is None for r in rows)  # no plain CFG row to divide by
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str).replace("Infinity", '"inf"'))
+    assert '"lazy_tolerance": "inf"' in out.read_text()  # the benign row's forced tolerance, in valid JSON
+    table = trasce.bench.format_rows(result)
+    assert "| trasce negation | any | fp32 | 2 | failed |" in table
+    assert table.endswith("trasce negation (any) failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_at_fp32_batch_1_the_released_loop_shares_the_plain_cfg_row():
+    from trasce.bench import run_bench
+
+    result = run_bench(model="tiny-sd", dtype="fp32", batch_size=1, steps=STEPS, device="cpu", repeats=1, quiet=True)
+    plain = [r for r in result["rows"] if r["method"] == "plain CFG (diffusers)"]
+    assert len(plain) == 1 and plain[0]["ratio_to_plain"] == 1.0
+    released = next(r for r in result["rows"] if r["method"] == "released loop")
+    assert released["ratio_to_plain"] == pytest.approx(released["seconds_per_image"] / plain[0]["seconds_per_image"],
+                                                       abs=1e-3)
 
 
 def test_bench_needs_a_timed_round():

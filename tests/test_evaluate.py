@@ -342,6 +342,27 @@ def test_resume_judges_only_missing_images(toy_folder: Path, monkeypatch) -> Non
     assert json.loads(path.read_text().splitlines()[0])["settings"]["extra"] == "changed"
 
 
+def test_each_accelerate_process_puts_its_judge_on_its_own_gpu(toy_folder: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from trasce.eval import evaluate
+
+    process_1_of_2 = SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cuda", 1),
+                                     is_main_process=False, wait_for_everyone=lambda: None)
+    monkeypatch.setattr(evaluate, "process_state", lambda: process_1_of_2)
+    asked = []
+
+    def judge(options, context):
+        asked.append(options.get("device"))
+        raise RuntimeError("built")
+
+    monkeypatch.setitem(JUDGES, "toy", judge)
+    for device, expected in ((None, "cuda:1"), ("auto", "cuda:1"), ("cpu", "cpu")):
+        with pytest.raises(RuntimeError, match="built"):
+            evaluate_folder(toy_folder, "toy", {"device": device}, quiet=True)
+        assert asked[-1] == expected
+
+
 def test_two_judges_share_a_folder(tmp_path: Path, monkeypatch) -> None:
     folder = make_folder(tmp_path / "run", TOY_CAPTIONS[:2], toy_images()[:2], concept="circle")
     monkeypatch.setitem(JUDGES, "nudenet", lambda options, context: NudeNetJudge(detector=lambda a: []))

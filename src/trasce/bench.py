@@ -75,7 +75,7 @@ class BenchRow:
     prompts: str
     dtype: str
     batch_size: int
-    seconds_per_image: float
+    seconds_per_image: float | None  # None where the row failed (``error``) or was not timed yet
     ratio_to_plain: float | None
     peak_memory_gib: float | None  # the row's model weights plus its working memory
     backward_passes: float | None = None  # per image over the whole call, where the row steers
@@ -83,6 +83,7 @@ class BenchRow:
     note: str = ""
     compile_mode: str | None = None  # the row's denoiser ran torch.compiled in this mode
     memory_format: str | None = None  # "channels_last" when the row's denoiser ran in that format
+    error: str | None = None  # what the row raised; the other rows are still timed
 
 
 def synchronize(device: torch.device) -> None:
@@ -119,17 +120,34 @@ def weights_gib(pipe) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
-def time_round_robin(calls: list, device: torch.device, repeats: int,
-                     progress=None) -> list[tuple[float, float | None, object]]:
+def time_round_robin(calls: list, device: torch.device, repeats: int, progress=None,
+                     errors: dict[int, str] | None = None) -> list[tuple[float | None, float | None, object]]:
     """``(median seconds, working GiB, warm-up result)`` of each call: one warm-up each, then ``repeats``
-    rounds in turn. ``progress(rounds_done, measured)`` hears after each round, with the medians so far."""
-    warm = [_warm_up(fn, device) for fn in calls]
+    rounds in turn. ``progress(rounds_done, measured)`` hears after each round, with the medians so far.
+
+    With ``errors`` (a dict), a call that raises does not stop the others: its message is stored under
+    its index, it is not called again, and its median is ``None``. Without, the error propagates.
+    """
+    def guarded(i: int, run):
+        if errors is None:
+            return run()
+        try:
+            return run()
+        except Exception as error:  # an out-of-memory row, a compiler's failure: the other rows still count
+            errors[i] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            return None
+
+    warm = [guarded(i, lambda fn=fn: _warm_up(fn, device)) or (None, None) for i, fn in enumerate(calls)]
     times: list[list[float]] = [[] for _ in calls]
     measured = []
     for round_ in range(repeats):
         for i, fn in enumerate(calls):
-            times[i].append(_seconds(fn, device))
-        measured = [(statistics.median(t), peak, result) for t, (result, peak) in zip(times, warm, strict=True)]
+            if errors is None or i not in errors:
+                seconds = guarded(i, lambda fn=fn: _seconds(fn, device))
+                if seconds is not None:
+                    times[i].append(seconds)
+        measured = [(statistics.median(t) if t and (errors is None or i not in errors) else None, peak, result)
+                    for i, (t, (result, peak)) in enumerate(zip(times, warm, strict=True))]
         if progress:
             progress(round_ + 1, measured)
     return measured
@@ -306,8 +324,9 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
             return SimpleNamespace(steered_steps=torch.tensor([steps]))
 
         add("released loop", "any", released_call, 1, "fp32", note="literal transcription, batch 1")
-        add("plain CFG (diffusers)", "any", lambda: pipe32(prompt, generator=torch.Generator().manual_seed(0),
-                                                             **common), 1, "fp32")
+        if compiled_only or (dtype, batch_size) != ("fp32", 1):  # else the first plain CFG row is this one
+            add("plain CFG (diffusers)", "any", lambda: pipe32(prompt, generator=torch.Generator().manual_seed(0),
+                                                                 **common), 1, "fp32")
 
     machine = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -319,15 +338,16 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         return r.dtype, r.batch_size, r.compile_mode, r.memory_format
 
     def summary(rounds_done: int, measured: list) -> dict:
-        for row, (seconds, working, output) in zip(rows, measured, strict=True):
-            row.seconds_per_image = seconds / row.batch_size
+        for i, (row, (seconds, working, output)) in enumerate(zip(rows, measured, strict=True)):
+            row.seconds_per_image = None if seconds is None else seconds / row.batch_size
             row.peak_memory_gib = None if working is None else model_gib[row.dtype] + working
             steered = getattr(output, "steered_steps", None)
             row.backward_passes = None if steered is None else steered.float().mean().item()
+            row.error = errors.get(i)
         plain = {setup(r): r.seconds_per_image for r in rows if r.method == "plain CFG (diffusers)"}
         for r in rows:
             base = plain.get(setup(r))
-            r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base else None
+            r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base and r.seconds_per_image else None
         result = {"model": model, "steps": steps, "height": h, "width": w, "repeats": repeats,
                   "rounds_done": rounds_done, "machine": machine, "rows": [asdict(r) for r in rows]}
         if compile_mode is not None:
@@ -337,10 +357,12 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
     def progress(rounds_done: int, measured: list) -> None:
         if json_path is not None:  # a run stopped later keeps its rounds so far
             write_result(summary(rounds_done, measured), json_path)
-        if not quiet:
+        if not quiet and rounds_done:
             print(f"timed round {rounds_done}/{repeats}", flush=True)
 
-    measured = time_round_robin(calls, dev, repeats, progress)
+    errors: dict[int, str] = {}
+    progress(0, [(None, None, None)] * len(calls))  # replaces an earlier run's JSON before anything is timed
+    measured = time_round_robin(calls, dev, repeats, progress, errors)
     return summary(repeats, measured)
 
 
@@ -352,14 +374,29 @@ def format_rows(result: dict) -> str:
               "peak GiB", "backward passes per image"]
     rows = [[r["method"] + (f", compiled ({r['compile_mode']})" if r.get("compile_mode") else "")
              + (", channels-last" if r.get("memory_format") else ""), r["prompts"],
-             r["dtype"], r["batch_size"], f"{r['seconds_per_image']:.3f}",
+             r["dtype"], r["batch_size"],
+             "failed" if r.get("error") else "" if r["seconds_per_image"] is None else f"{r['seconds_per_image']:.3f}",
              "" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.2f}",
              "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
              "" if r.get("backward_passes") is None else f"{r['backward_passes']:g}"] for r in result["rows"]]
-    return markdown_table(header, rows)
+    failures = "".join(f"\n{r['method']} ({r['prompts']}) failed: {r['error']}" for r in result["rows"]
+                       if r.get("error"))
+    return markdown_table(header, rows) + failures
+
+
+def _json_ready(value):
+    """``value`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"``: JSON has no such
+    numbers, and ``null`` would read as "not set" (a lazy tolerance of ``inf`` is not ``None``, exact)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
 
 
 def write_result(result: dict, path: Path) -> None:
     from trasce.runs import atomic_write_bytes
 
-    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(_json_ready(result), indent=2, allow_nan=False) + "\n").encode())

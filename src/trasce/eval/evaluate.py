@@ -235,11 +235,13 @@ def evaluate_folder(
     run = run_folder.read_run_json()
     context = Context(folder=folder, run=run, concept=run_concept(run, records), records=records)
 
+    # Under ``accelerate launch`` each process judges every N-th image, on its own GPU; all append to one file.
+    state = process_state()
+    if state.num_processes > 1 and state.device.type == "cuda" and options.get("device") in (None, "", "auto"):
+        options = {**options, "device": str(state.device)}
     judge = JUDGES[name](options, context)
     settings = _normalise(judge.settings())
     verdict_file, summary_file = verdicts_path(folder, name), summary_path(folder, name)
-    # Under ``accelerate launch`` each process judges every N-th image; all append to one file.
-    state = process_state()
     if overwrite and state.is_main_process:
         verdict_file.unlink(missing_ok=True)
         summary_file.unlink(missing_ok=True)
@@ -257,7 +259,7 @@ def evaluate_folder(
             old, new = (header.get("settings") or {}).get(key, "<not set>"), settings.get(key, "<not set>")
             raise ValueError(
                 f"{verdict_file} holds verdicts made with other settings: {key!r} was {_show(old)}, now "
-                f"{_show(new)}; use --overwrite to judge every image again"
+                f"{_show(new)}; use --overwrite (or delete that file) to judge every image again"
             )
     new_header = {
         "header": True,
