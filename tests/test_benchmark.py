@@ -64,6 +64,26 @@ def test_results_cover_every_method_and_set_with_rates_in_range(toy_run):
     assert results["methods"]["sld-max"]["settings"]["sld_guidance_scale"] == 5000
 
 
+def test_target_rates_recount_from_the_saved_images(toy_run):
+    """Each rate is the share of that set's images on disk in which the judge, asked afresh, sees a circle."""
+    from trasce.eval.base import wilson_interval
+    from trasce.toy.judge import Judge
+
+    out, _ = toy_run
+    results = json.loads((out / "results.json").read_text())
+    judge = Judge.load()
+    seen = 0
+    for method in METHODS:
+        for split in TOY_SETS:
+            images = [Image.open(path).convert("RGB") for path in sorted((out / method / split / "images").iterdir())]
+            k = sum(verdict["shape"] == "circle" for verdict in judge.classify_pil(images))
+            rate = results["methods"][method]["prompt_sets"][split]["target_rate"]
+            assert (rate["k"], rate["n"]) == (k, 2) and rate["rate"] == k / 2
+            assert rate["ci95"] == pytest.approx(list(wilson_interval(k, 2)))
+            seen += k
+    assert 0 < seen < len(METHODS) * len(TOY_SETS) * 2  # circles in some images only: the counts can differ
+
+
 def test_corner_prompt_is_the_concept_text_and_sets_ask_as_named(toy_run):
     from trasce.eval.toy import mention_kind
     from trasce.toy.captions import mentioned, split_of

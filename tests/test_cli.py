@@ -50,6 +50,22 @@ def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, t
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["steps"] == 2 and "torch" in run["versions"]
 
+    # Row 7's images are the API's from the noise its seed gives (generate.initial_noise), and differ.
+    import numpy as np
+    from PIL import Image
+
+    from trasce import TraSCEPipeline
+    from trasce.generate import initial_noise
+
+    pipe = TraSCEPipeline.from_pretrained(str(tiny_sd_folder), concept="an apple")
+    noise, generators = initial_noise(pipe, 1, 2, 64, 64)
+    expected = pipe(["a red apple"] * 2, num_inference_steps=2, guidance_scale=7.5, latents=noise,
+                    generator=generators, height=64, width=64, output_type="pil").images
+    made = [np.asarray(Image.open(out / "images" / f"7_{k}.png"), dtype=float) for k in (0, 1)]
+    for k in (0, 1):
+        assert np.abs(made[k] - np.asarray(expected[k], dtype=float)).max() <= 1, k
+    assert np.abs(made[0] - made[1]).mean() > 5  # two images of one prompt, not one image twice
+
 
 def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folder, tmp_path):
     prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
@@ -186,6 +202,17 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a car", "--out", out, *BASE, "--sigma", 3)
     assert result.exit_code == 2
     assert "'sigma' was 1.0, now 3.0" in result.output and "--overwrite" in result.output
+
+    # --overwrite starts afresh: the old image and the verdicts about it are gone, the new image is made
+    assert _run("evaluate", out, "--judge", "toy", "--quiet").exit_code == 0
+    assert (out / "verdicts-toy.jsonl").is_file() and (out / "summary-toy.json").is_file()
+    old = (out / "images" / "00000.png").read_bytes()
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a car", "--out", out, *BASE, "--sigma", 3,
+                  "--exact", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "verdicts-toy.jsonl").exists() and not (out / "summary-toy.json").exists()
+    assert (out / "images" / "00000.png").read_bytes() != old and len(_manifest(out)) == 1
+    assert json.loads((out / "run.json").read_text())["settings"]["sigma"] == 3.0
 
 
 def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folder, tmp_path):

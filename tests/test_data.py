@@ -177,12 +177,13 @@ def test_jsonl(tmp_path: Path) -> None:
     assert rows[1].extra == {"note": ""}
 
 
-def test_ndjson_is_json_lines_and_a_json_array_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml", ".parquet", ".xlsx", ".XLS"])
+def test_ndjson_is_json_lines_and_structured_formats_are_refused(tmp_path: Path, suffix: str) -> None:
     text = json.dumps({"prompt": "a", "evaluation_seed": 3}) + "\n"
     assert [(r.prompt, r.seed) for r in read_prompts(write(tmp_path, "p.ndjson", text))] == [("a", 3)]
-    path = write(tmp_path, "p.json", "[" + text + "]")
-    assert error_of(path) == (f"{path}: .json files are not read; give CSV (.csv), TSV (.tsv), JSON lines (.jsonl, "
-                              "one object per line) or plain text (one prompt per line)")
+    path = write(tmp_path, "p" + suffix, "[" + text + "]")
+    assert error_of(path) == (f"{path}: {suffix.lower()} files are not read; give CSV (.csv), TSV (.tsv), JSON lines "
+                              "(.jsonl, one object per line) or plain text (one prompt per line)")
 
 
 @pytest.mark.parametrize("name", ["p.txt", "prompts", "p.prompts"])
@@ -416,7 +417,12 @@ def test_shard_is_round_robin() -> None:
     assert shard(list(range(7)), 1, 3) == [1, 4]
 
 
-@pytest.mark.parametrize(("index", "count"), [(0, 0), (3, 3), (-1, 2)])
-def test_shard_errors(index: int, count: int) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("index", "count", "message"), [
+    (0, 0, "number of shards must be 1 or more, got 0"),
+    (3, 3, "shard index must be between 0 and 2, got 3"),
+    (-1, 2, "shard index must be between 0 and 1, got -1"),
+])
+def test_shard_errors(index: int, count: int, message: str) -> None:
+    with pytest.raises(ValueError) as error:
         shard([1, 2, 3], index, count)
+    assert str(error.value) == message

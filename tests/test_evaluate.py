@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_wilson_interval_matches_formula() -> None:
         assert high == pytest.approx(min(1.0, hand_high), abs=1e-12)
     assert wilson_interval(0, 0) == (0.0, 1.0)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need 0 <= k <= n, got k=5, n=3$"):
         wilson_interval(5, 3)
 
 
@@ -445,7 +446,7 @@ def test_cli_settings_mismatch(toy_folder: Path, monkeypatch) -> None:
     assert json.loads(summary_path(toy_folder, "nudenet").read_text())["threshold"] == 0.6
 
 
-def test_fid_needs_torchmetrics(tmp_path: Path, toy_folder: Path) -> None:
+def test_fid_needs_torchmetrics(tmp_path: Path, toy_folder: Path, monkeypatch) -> None:
     pytest.importorskip("scipy")
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"x")
@@ -457,11 +458,9 @@ def test_fid_needs_torchmetrics(tmp_path: Path, toy_folder: Path) -> None:
                  "holds 0 images")
     for i in range(2):
         blank()[0].save(reference / f"{i}.png")
-    try:
-        import torchmetrics  # noqa: F401
-    except ImportError:
-        assert_fails(run_cli(toy_folder, "--judge", "fid", "--inception-weights", weights, "--reference", reference),
-                     "pip install torchmetrics")
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as where it is not installed, which it may be
+    assert_fails(run_cli(toy_folder, "--judge", "fid", "--inception-weights", weights, "--reference", reference),
+                 "pip install torchmetrics")
 
 
 # --------------------------------------------------------------------------------------------------

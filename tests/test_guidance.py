@@ -88,3 +88,30 @@ def test_batched_gradient_gives_each_image_its_own():
     for i, d in enumerate([5.0, 1.0]):
         expected = math.exp(-d) * x[i].detach() / d
         assert torch.allclose(grad[i], expected)
+
+
+def test_published_presets_are_the_papers_table():
+    """TRASCE.md's table of published settings (SD v1.4, DDIM 50 steps), transcribed here independently."""
+    from trasce.presets import resolve
+
+    nudity = "naked, nude, bare, exposed, Stripped, topless, male genitalia, penis, buttocks"
+    violence = "hate, harassment, violence, suffering, humiliation, harm, suicide, blood"
+    assert resolve("nudity", None, None, None, None) == (nudity, 1.5, 1.0, 2.0)
+    assert resolve("violence", None, None, None, None) == (violence, 1.5, 1.0, 1.0)
+    assert resolve("style", "Van Gogh", None, None, None) == ("Van Gogh", 1.0, 1.0, 0.25)
+    assert resolve("object", "French Horn", None, None, None) == ("French Horn", 1.0, 1.0, 1.0)
+    assert resolve("nudity", None, None, 5.0, None) == (nudity, 1.5, 5.0, 2.0)  # an explicit value wins
+
+
+def test_gaussian_kernel_slope_and_bound_by_hand():
+    """L = -lam * exp(-d^2 / (2 sigma^2)); dL/dd = lam * d / sigma^2 * exp(-d^2 / (2 sigma^2))."""
+    lam, eta, sigma = 2.0, 0.5, 3.0
+    c = torch.zeros(1, 2)
+    x = torch.tensor([[3.0, 4.0]], requires_grad=True)  # d = 5
+    loss = guidance.steering_loss(guidance.distance(x, c), lam, sigma, "gaussian")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    slope = lam * 5.0 / sigma**2 * math.exp(-25.0 / (2 * sigma**2))
+    assert torch.allclose(grad, slope * x.detach() / 5.0)
+    assert torch.allclose(guidance.loss_slope(torch.tensor([5.0]), lam, sigma, "gaussian"), torch.tensor([slope]))
+    bound = guidance.update_bound(torch.tensor([5.0]), lam, eta, sigma, torch.tensor([1.0]), "gaussian")
+    assert torch.allclose(bound, (eta * grad).norm().reshape(1))

@@ -104,10 +104,16 @@ def test_image_paths(tmp_path: Path) -> None:
     assert folder.image_file("00003", 0, 4) == "images/00003_0.png"
 
 
-@pytest.mark.parametrize(("case", "k", "n"), [("../x", 0, 1), ("a", 1, 1), ("a", -1, 2), ("a", 0, 0)])
-def test_image_path_errors(tmp_path: Path, case: str, k: int, n: int) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("case", "k", "n", "message"), [
+    ("../x", 0, 1, "'../x' cannot be used as an image name: case name contains a path separator ('/' or '\\')"),
+    ("a", 1, 1, "image index k must be between 0 and 0, got 1"),
+    ("a", -1, 2, "image index k must be between 0 and 1, got -1"),
+    ("a", 0, 0, "images_per_prompt must be 1 or more, got 0"),
+])
+def test_image_path_errors(tmp_path: Path, case: str, k: int, n: int, message: str) -> None:
+    with pytest.raises(ValueError) as error:
         RunFolder(tmp_path).image_path(case, k, n)
+    assert str(error.value) == message
 
 
 # --------------------------------------------------------------------------------------------------

@@ -67,6 +67,13 @@ def test_matches_diffusers_pipeline(tiny_sd, mode):
     ours = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode)(
         prompts, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents.clone(), output_type="latent")
     assert torch.allclose(ours.images, expected, atol=1e-4), (ours.images - expected).abs().max()
+    # decoded too, through the VAE and the image processor
+    expected_np = pipe(prompts, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents.clone(),
+                       negative_prompt=negative, output_type="np").images
+    ours_np = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode)(
+        prompts, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents.clone(), output_type="np").images
+    assert ours_np.shape == expected_np.shape == (2, 64, 64, 3) and abs(ours_np - expected_np).max() < 1e-4
+    assert expected_np.std() > 0.01  # an image, not a constant
 
 
 def test_batch_equals_one_at_a_time(tiny_sd):
@@ -646,3 +653,59 @@ def test_a_zero_dimensional_cfg_scale_is_one_scale(tiny_sd):
     expected = trasce(["a red apple", "a car"], guidance_scale=5.0, **kwargs).images
     for scale in (torch.tensor(5.0), np.float32(5.0), np.array(5.0)):
         assert torch.equal(trasce(["a red apple", "a car"], guidance_scale=scale, **kwargs).images, expected)
+
+
+def test_the_gaussian_kernel_steers_by_its_own_gradient(tiny_sd):
+    """One step of kernel="gaussian", written out: L = -lam * exp(-d^2 / (2 sigma^2)) on the DDIM latent."""
+    import copy
+
+    lam, eta, sigma, scale = 3.0, 2.0, 2.0, 7.5
+    prompt, concept = "a red apple", "an apple"
+    latents = _latents(tiny_sd)
+    steps = []
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept=concept, loss_scale=lam, step_size=eta, sigma=sigma,
+                                      kernel="gaussian", lazy_tolerance=None)
+    trasce(prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(), output_type="latent",
+           callback=steps.append)
+
+    scheduler = copy.deepcopy(tiny_sd.scheduler)
+    scheduler.set_timesteps(STEPS)
+    t = scheduler.timesteps[0]
+    x = latents * scheduler.init_noise_sigma
+    e_0, e_p, e_c = (_embed(tiny_sd, text) for text in ("", prompt, concept))
+    with torch.no_grad():
+        pred_0 = tiny_sd.unet(x, t, encoder_hidden_states=e_0).sample
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        both = tiny_sd.unet(torch.cat([xg, xg]), t, encoder_hidden_states=torch.cat([e_p, e_c])).sample
+        pred_p, pred_c = both.chunk(2)
+        d = (pred_p - pred_c).norm()
+        (grad,) = torch.autograd.grad(-lam * torch.exp(-d**2 / (2 * sigma**2)), xg)
+    guided = pred_0 + scale * (pred_p.detach() - pred_c.detach())
+    expected = scheduler.step(guided, t, x - eta * grad, return_dict=False)[0]
+    assert (eta * grad).abs().max() > 1e-3  # the kernel is on: the comparison tests the steering
+    assert torch.allclose(steps[0].latents, expected, atol=1e-5), (steps[0].latents - expected).abs().max()
+    assert torch.allclose(steps[0].kernel, torch.exp(-d.detach()**2 / (2 * sigma**2)).reshape(1), atol=1e-6)
+
+
+def test_reported_distance_and_kernel_are_the_steps_extremes(tiny_sd):
+    """out.min_distance and out.max_kernel are the smallest d and largest kernel over the steps, per image."""
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
+    steps = []
+    out = exact(prompts, **kwargs, callback=steps.append)
+    distances = torch.stack([step.distance for step in steps])  # (steps, images)
+    assert len(steps) == STEPS and torch.equal(out.min_distance, distances.min(dim=0).values)
+    assert torch.allclose(out.max_kernel, torch.exp(-distances / exact.settings.sigma).max(dim=0).values)
+    assert (distances.max(dim=0).values > distances.min(dim=0).values).all()  # d moves: the minimum is chosen
+
+
+def test_a_concept_per_prompt_is_each_prompts_own(tiny_sd):
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
+    latents = kwargs.pop("latents")
+    concepts = ["an apple", "a blue car"]
+    both = exact(prompts, concept=concepts, latents=latents, **kwargs).images
+    for i, (prompt, concept) in enumerate(zip(prompts, concepts, strict=True)):
+        alone = exact(prompt, concept=concept, latents=latents[i : i + 1], **kwargs).images
+        assert torch.allclose(both[i : i + 1], alone, atol=1e-4), (both[i] - alone[0]).abs().max()  # batch rounding
+    shared = exact(prompts, concept="an apple", latents=latents, **kwargs).images
+    assert torch.allclose(both[0], shared[0], atol=1e-4) and (both[1] - shared[1]).abs().max() > 1e-2

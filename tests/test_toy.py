@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -120,6 +121,10 @@ def test_demo_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "TraSCE" in html and "negative prompt" in html and html.count("<img") >= 24 + 1
     assert "report:" in result.output
+    counts = {label: int(n) for label, n in re.findall(
+        r"(unprotected|negative prompt|TraSCE): (\d) of 8 images show shape = circle", result.output)}
+    assert set(counts) == {"unprotected", "negative prompt", "TraSCE"}
+    assert counts["TraSCE"] < counts["unprotected"], counts  # measured at 6 steps: 0 against 2
     # other settings in the same folder: refused, then started afresh with --overwrite
     again = ["demo", "--out", str(tmp_path / "demo"), "--steps", "5"]
     result = CliRunner().invoke(main, again)
