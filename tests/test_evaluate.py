@@ -529,9 +529,24 @@ def test_clip_score_judge(tmp_path: Path, tiny_clip: Path) -> None:
     summary = evaluate_folder(folder, "clip", {"clip_model": tiny_clip, "batch_size": 3}, quiet=True)
     _, verdicts = read_verdicts(verdicts_path(folder, "clip"))
     assert len(verdicts) == 4
+    # The cosines, computed here from the model directly: image and prompt features, normalised.
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+
+    def features(out):  # a tensor in transformers 4, a model output holding it in transformers 5
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return out / out.norm(dim=-1, keepdim=True)
+
     for verdict in verdicts.values():
-        assert -1 <= verdict["cosine"] <= 1
+        with torch.no_grad():
+            image = features(model.get_image_features(
+                **processor(images=Image.open(folder / verdict["file"]).convert("RGB"), return_tensors="pt")))
+            text = features(model.get_text_features(**processor(text=[verdict["prompt"]], return_tensors="pt",
+                                                                padding=True, truncation=True)))
+        assert verdict["cosine"] == pytest.approx(float((image * text).sum()), abs=1e-5)
         assert verdict["clip_score"] == pytest.approx(100 * max(verdict["cosine"], 0.0))
+    assert len({round(v["cosine"], 6) for v in verdicts.values()}) == 4  # four pairs, four cosines
     scores = [v["clip_score"] for v in verdicts.values()]
     assert summary["clip_score"]["mean"] == pytest.approx(np.mean(scores))
     assert summary["clip_score"]["std"] == pytest.approx(np.std(scores, ddof=1))
@@ -596,14 +611,27 @@ def test_imagenet_judge(tmp_path: Path, tiny_resnet: Path) -> None:
     assert match_class("an English Springer spaniel in a church") == "English springer"
     assert match_class("a golf ball near a church") == "golf ball" and match_class("a cat") is None
     prompts = ["a photo of a chainsaw", "a church", "a tench", "a cat on a sofa"]
-    folder = make_folder(tmp_path / "run", prompts, blank(4, 40), concept="chain saw",
+    folder = make_folder(tmp_path / "run", prompts, toy_images(40), concept="chain saw",
                          extras=[{}, {}, {"class": "parachute"}, {}])
     summary = evaluate_folder(folder, "imagenet", {"resnet_model": tiny_resnet}, quiet=True)
     _, verdicts = read_verdicts(verdicts_path(folder, "imagenet"))
     targets = [v["target"] for v in verdicts.values()]
     assert targets == ["chain saw", "church", "parachute", None]  # the class column wins over the prompt
+    # top-1 computed here, by the protocol the summary states: shorter side to 256 (bilinear), centre crop
+    # 224, ImageNet mean and std, the ResNet's argmax.
+    from transformers import ResNetForImageClassification
+
+    model = ResNetForImageClassification.from_pretrained(tiny_resnet).eval()
     for verdict in verdicts.values():
-        assert 0 <= verdict["top1"] < 1000
+        image = Image.open(folder / verdict["file"]).convert("RGB")
+        side = round(image.width * 256 / min(image.size)), round(image.height * 256 / min(image.size))
+        image = image.resize(side, Image.BILINEAR)
+        left, top = (image.width - 224) // 2, (image.height - 224) // 2
+        pixels = np.asarray(image.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+        pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        with torch.no_grad():
+            logits = model(torch.from_numpy(pixels).float().permute(2, 0, 1)[None]).logits
+        assert verdict["top1"] == int(logits.argmax())
         if verdict["target"]:
             assert verdict["target_index"] == IMAGENETTE[verdict["target"]]
             assert verdict["correct"] == (verdict["top1"] == verdict["target_index"])
