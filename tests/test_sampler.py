@@ -709,3 +709,51 @@ def test_a_concept_per_prompt_is_each_prompts_own(tiny_sd):
         assert torch.allclose(both[i : i + 1], alone, atol=1e-4), (both[i] - alone[0]).abs().max()  # batch rounding
     shared = exact(prompts, concept="an apple", latents=latents, **kwargs).images
     assert torch.allclose(both[0], shared[0], atol=1e-4) and (both[1] - shared[1]).abs().max() > 1e-2
+
+
+def test_under_euler_lazy_steering_takes_every_update_above_its_tolerance():
+    """Euler's sample is x = c * x_in, with c = sqrt(sigma^2 + 1) falling from 14.6 to about 1 over SD's
+    schedule, while the denoiser sees x_in. Here the prompt and concept predictions differ by
+    W x_in + b, so ||dd/dx_in|| barely changes from step to step, and ||dd/dx|| = ||dd/dx_in|| / c
+    grows 14-fold. Lazy steering bounds updates on x_in: with a tolerance at half the smallest
+    released update (eta * ||dL/dx_in||, RMS), it must take every backward pass, as the exact path."""
+    from diffusers import EulerDiscreteScheduler
+
+    import trasce.sampler as sampler
+
+    g = torch.Generator().manual_seed(0)
+    n = 4 * 8 * 8
+    w, b = 0.05 * torch.randn(n, n, generator=g) / n**0.5, 0.2 * torch.randn(n, generator=g)
+
+    def denoise(x_in, t, cond):  # branch 1 (the prompt) differs from branches 0 and 2 by W x_in + b
+        flat = x_in.flatten(1).float()
+        prompt = (cond["branch"] == 1).float()[:, None]
+        return (0.1 * flat + prompt * (flat @ w.T + b)).reshape(x_in.shape)
+
+    conds = [{"branch": torch.tensor([float(k)])} for k in range(3)]
+    settings = EraseSettings(loss_scale=1.0, step_size=1.0, sigma=100.0, lazy_tolerance=None)  # a flat kernel
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    released = []  # per step: eta * ||dL/dx_in|| as RMS, from dL/dx_in = c * dL/dx
+    steer = sampler.guidance.steer
+
+    def runs(settings, record=False):
+        scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        scheduler.set_timesteps(10)
+
+        def recording_steer(latents, grad, step_size):
+            c = sampler.input_scale(scheduler, scheduler.timesteps[scheduler.step_index])
+            released.append(settings.step_size * c * float(grad.pow(2).mean().sqrt()))
+            return steer(latents, grad, step_size)
+
+        sampler.guidance.steer = recording_steer if record else steer
+        try:
+            return list(sample(denoise, scheduler, x * scheduler.init_noise_sigma, *conds, 1.0, settings, 10,
+                               timesteps_set=True))
+        finally:
+            sampler.guidance.steer = steer
+
+    exact = runs(settings, record=True)
+    assert len(released) == 10 and max(released) < 2 * min(released)  # the updates stay of one size
+    lazy = runs(replace(settings, lazy_tolerance=0.5 * min(released)))
+    assert [bool(step.steered) for step in lazy] == [True] * 10
+    assert torch.allclose(lazy[-1].latents, exact[-1].latents, atol=1e-5)
