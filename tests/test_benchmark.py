@@ -131,6 +131,17 @@ def test_rerun_generates_nothing(toy_run, monkeypatch):
     assert {p: p.read_text() for p in out.glob("*/*/manifest.jsonl")} == manifests
     assert all(f"| {m} |" in result.output for m in METHODS)
 
+    # A smaller set reuses its first images and leaves the others alone; the results count its own.
+    smaller = [str(a) for a in SMALL]
+    smaller[smaller.index("--n-target") + 1] = "1"
+    result = _run("benchmark", "--out", out, "--concept", "circle", "--methods", ",".join(METHODS), *smaller)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["trasce"]["prompt_sets"]["target-name"]["images"] == 1
+    assert {p: p.stat().st_mtime_ns for p in sorted(out.glob("*/*/images/*.png"))} == before
+    assert _run("benchmark", "--out", out, "--concept", "circle", "--methods", ",".join(METHODS),
+                *SMALL).exit_code == 0  # the fixture's results again, for the tests after this one
+
 
 def test_same_seeds_same_unprotected_images(toy_run, tmp_path):
     out, _ = toy_run

@@ -746,8 +746,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
                                    "prompt_set": split}, force=options.overwrite, volatile=VOLATILE)
             folders[method][split] = folder
     # Each reads its folder's manifest once; a done image must still match its prompt.
+    # A set that shrank (a smaller --n-target) keeps its other images, which no result counts.
     done = {(m, s): folders[m][s].done_for(sets[s], 1, f"prompt set {s}",
-                                           lambda p, s=s: f"case {p.case} of prompt set {s}")
+                                           lambda p, s=s: f"case {p.case} of prompt set {s}", extra_ok=True)
             for m in methods for s in sets}
     todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in done[m, s]]
             for m in methods for s in sets}

@@ -364,7 +364,8 @@ class RunFolder:
         """The manifest lines of :meth:`done`'s images, by ``file``."""
         return {r["file"]: r for r in self.read_manifest() if (self.path / r["file"]).is_file()}
 
-    def done_for(self, rows: Sequence[Any], n: int, source: str, describe: Callable[[Any], str]) -> set[str]:
+    def done_for(self, rows: Sequence[Any], n: int, source: str, describe: Callable[[Any], str],
+                 extra_ok: bool = False) -> set[str]:
         """:meth:`done`, after holding every done image to the row it was made for.
 
         ``rows`` are all the rows of the run's prompt source (with ``case``, ``prompt``, ``seed`` and
@@ -372,13 +373,16 @@ class RunFolder:
         Which rows a run holds may change between sessions (a prompt file that moved or grew, another
         ``--start``/``--end``), so ``run.json`` does not pin the source. Instead, a done image whose
         row is gone, or whose row now gives another prompt, seed or CFG scale, is a
-        :class:`RunFolderError`.
+        :class:`RunFolderError`. With ``extra_ok``, an image whose row is gone is left alone instead
+        (a set that shrank: ``trasce benchmark --n-target 3`` after 6 keeps the other three).
         """
         records = self._done_records()
         rows_by_file = {self.image_file(row.case, k, n): row for row in rows for k in range(n)}
         for file in sorted(records):
             record, row = records[file], rows_by_file.get(file)
             then = f"{record.get('prompt')!r} (seed {record.get('seed')}, CFG {record.get('guidance_scale')})"
+            if row is None and extra_ok:
+                continue
             if row is None:
                 raise RunFolderError(f"{self.path / file} was made from prompt {then}, which is in none of the rows "
                                      f"of {source}; use a new output folder or --overwrite")
