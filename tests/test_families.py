@@ -152,13 +152,16 @@ def test_flux_distilled_guidance_is_diffusers_guidance_scale(pipes):
     pipe = pipes["flux"]
     latents = _latents(pipe)
     expected = _diffusers("flux", pipe, ["a red apple"], latents, ["an apple"], guidance_scale=2.0)
-    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", mode="negative_prompt")
-    trasce.adapter.distilled_guidance = 2.0
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", mode="negative_prompt",
+                                      family_options={"distilled_guidance": 2.0})
     ours = trasce("a red apple", num_inference_steps=STEPS, guidance_scale=SCALE, latents=latents.clone(),
                   height=HEIGHT, width=WIDTH, output_type="latent").images
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
     default = _ours(pipe, "a red apple", latents, concept="an apple", mode="negative_prompt").images
     assert (ours - default).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"^'original_size' is not an option of FLUX.* its options: "
+                                         r"distilled_guidance, max_sequence_length$"):
+        TraSCEPipeline.from_pipe(pipe, concept="an apple", family_options={"original_size": (64, 64)})
 
 
 # -- one TraSCE step, written out literally per family ---------------------------------------------
@@ -282,11 +285,30 @@ def test_unsupported_pipeline_lists_the_supported_ones():
     assert "FLUX.1-schnell, SDXL-Turbo, LCM" in str(error.value)
 
 
-def test_from_pretrained_picks_the_adapter(pipes, tmp_path):
+def test_from_pretrained_picks_the_adapter(pipes, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
     pipes["sd3"].save_pretrained(tmp_path / "sd3")
+    given = []
+    load = DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: given.append(kwargs) or load(cls, *args, **kwargs)))
     trasce = TraSCEPipeline.from_pretrained(tmp_path / "sd3", concept="an apple")
     assert type(trasce.adapter) is StableDiffusion3Adapter
     assert type(trasce.pipe).__name__ == "StableDiffusion3Pipeline"
+    assert given and "safety_checker" not in given[-1]  # no part passed that SD3's pipeline does not take
+
+
+def test_an_lcm_distilled_sd_unet_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    from trasce.models.random import build
+
+    sd = build("tiny-sd")
+    lcm = UNet2DConditionModel.from_config(sd.unet.config, time_cond_proj_dim=8)
+    with pytest.raises(ValueError, match=r"^this UNet embeds the guidance scale \(time_cond_proj_dim=8: an "
+                                         r"LCM-distilled model\); it runs without classifier-free guidance"):
+        TraSCEPipeline.from_pipe(type(sd)(**{**sd.components, "unet": lcm}), concept="x")
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

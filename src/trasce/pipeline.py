@@ -94,8 +94,13 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
     if index.exists():
         listed = json.loads(index.read_text())
         pixel_space = listed.get("vae", [None])[0] is None
+        import diffusers
+
+        # The optional parts a folder lists as absent, among those its pipeline class takes (passing
+        # SDXL, SD3 or FLUX a safety_checker=None only earns a warning that it is ignored).
+        takes = inspect.signature(getattr(diffusers, listed.get("_class_name", ""), DiffusionPipeline)).parameters
         for optional in ("vae", "safety_checker", "feature_extractor"):
-            if listed.get(optional, [None])[0] is None:
+            if listed.get(optional, [None])[0] is None and optional in takes:
                 kwargs.setdefault(optional, None)
     with warnings.catch_warnings():
         # StableDiffusionPipeline warns (and prints the whole config) about clip_sample, which
@@ -199,15 +204,24 @@ class TraSCEPipeline:
     element (``None``: exact, every backward pass runs). ``one_call``: a steered image's three
     branches in one denoiser call under gradients (same numbers, fewer kernel launches), or in two
     (``False``); ``None`` chooses one call on CUDA for a few images' latents, else two
-    (``EraseSettings.uses_one_call``).
+    (``EraseSettings.uses_one_call``). ``family_options`` sets the model family's own settings
+    (``Adapter.options``: SDXL's ``original_size``, ``target_size``, ``crops_coords_top_left``;
+    SD3's ``max_sequence_length``; FLUX's ``distilled_guidance`` and ``max_sequence_length``). They
+    belong to the adapter, which copies made by :meth:`with_settings` share with this pipeline.
     """
 
     def __init__(self, pipe, concept: str | None = None, preset: str | None = None, mode: Mode = "trasce",
                  loss_scale: float | None = None, step_size: float | None = None, sigma: float | None = None,
                  kernel: str = "exp", lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE,
-                 steer_window: tuple[float, float] = (0.0, 1.0), one_call: bool | None = None):
+                 steer_window: tuple[float, float] = (0.0, 1.0), one_call: bool | None = None,
+                 family_options: dict | None = None):
         self.pipe = pipe
         self.adapter: Adapter = adapter_for(pipe)
+        for key, value in (family_options or {}).items():
+            if key not in self.adapter.options:
+                raise ValueError(f"{key!r} is not an option of {self.adapter.family}; its options: "
+                                 f"{', '.join(self.adapter.options) or 'none'}")
+            setattr(self.adapter, key, value)
         if concept is None and preset is None and mode == "none":
             resolved = ("", 1.0, 1.0, 1.0)  # plain generation needs no concept
         else:

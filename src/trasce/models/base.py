@@ -21,6 +21,8 @@ class Adapter:
     family: str = ""
     #: the pipeline attribute holding the denoiser (``pipe.unet``, ``pipe.transformer``)
     denoiser_attribute: str = "unet"
+    #: the family's own settings, attributes of the adapter (``TraSCEPipeline(family_options=...)``)
+    options: tuple[str, ...] = ()
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -47,6 +47,8 @@ class FluxAdapter(Adapter):
     family = "FLUX.1"
     denoiser_attribute = "transformer"
 
+    options = ("distilled_guidance", "max_sequence_length")
+
     def __init__(self, pipe, distilled_guidance: float = 3.5, max_sequence_length: int = 512):
         super().__init__(pipe)
         self.distilled_guidance = distilled_guidance

@@ -49,6 +49,8 @@ class StableDiffusion3Adapter(Adapter):
     family = "Stable Diffusion 3"
     denoiser_attribute = "transformer"
 
+    options = ("max_sequence_length",)
+
     def __init__(self, pipe, max_sequence_length: int = 256):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length

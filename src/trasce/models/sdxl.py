@@ -34,6 +34,8 @@ class StableDiffusionXLAdapter(Adapter):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     family = "Stable Diffusion XL"
 
+    options = ("original_size", "target_size", "crops_coords_top_left")
+
     def __init__(self, pipe):
         super().__init__(pipe)
         self.original_size: tuple[int, int] | None = None
