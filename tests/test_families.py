@@ -7,6 +7,7 @@ for plain guidance), and latents are compared unpacked ``(B, C, h, w)``.
 """
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -299,16 +300,19 @@ def test_from_pretrained_picks_the_adapter(pipes, tmp_path, monkeypatch):
     assert given and "safety_checker" not in given[-1]  # no part passed that SD3's pipeline does not take
 
 
-def test_an_lcm_distilled_sd_unet_is_refused():
+@pytest.mark.parametrize(("arch", "family"), [("tiny-sd", "Stable Diffusion 1.x/2.x"),
+                                              ("tiny-sdxl", "Stable Diffusion XL")])
+def test_an_lcm_distilled_unet_is_refused(arch, family):
     from diffusers import UNet2DConditionModel
 
     from trasce.models.random import build
 
-    sd = build("tiny-sd")
-    lcm = UNet2DConditionModel.from_config(sd.unet.config, time_cond_proj_dim=8)
-    with pytest.raises(ValueError, match=r"^this UNet embeds the guidance scale \(time_cond_proj_dim=8: an "
-                                         r"LCM-distilled model\); it runs without classifier-free guidance"):
-        TraSCEPipeline.from_pipe(type(sd)(**{**sd.components, "unet": lcm}), concept="x")
+    pipe = build(arch)
+    lcm = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=8)
+    with pytest.raises(ValueError, match=rf"^this {re.escape(family)} denoiser embeds the guidance scale "
+                                         r"\(time_cond_proj_dim=8: an LCM-distilled model\); it runs without "
+                                         r"classifier-free guidance"):
+        TraSCEPipeline.from_pipe(type(pipe)(**{**pipe.components, "unet": lcm}), concept="x")
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

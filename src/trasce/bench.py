@@ -128,13 +128,15 @@ def time_round_robin(calls: list, device: torch.device, repeats: int, progress=N
     With ``errors`` (a dict), a call that raises does not stop the others: its message is stored under
     its index, it is not called again, and its median is ``None``. Without, the error propagates.
     """
+    failed = {} if errors is None else errors
+
     def guarded(i: int, run):
-        if errors is None:
-            return run()
         try:
             return run()
         except Exception as error:  # an out-of-memory row, a compiler's failure: the other rows still count
-            errors[i] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            if errors is None:
+                raise
+            failed[i] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
             return None
 
     warm = [guarded(i, lambda fn=fn: _warm_up(fn, device)) or (None, None) for i, fn in enumerate(calls)]
@@ -142,11 +144,9 @@ def time_round_robin(calls: list, device: torch.device, repeats: int, progress=N
     measured = []
     for round_ in range(repeats):
         for i, fn in enumerate(calls):
-            if errors is None or i not in errors:
-                seconds = guarded(i, lambda fn=fn: _seconds(fn, device))
-                if seconds is not None:
-                    times[i].append(seconds)
-        measured = [(statistics.median(t) if t and (errors is None or i not in errors) else None, peak, result)
+            if i not in failed:
+                times[i].append(guarded(i, lambda fn=fn: _seconds(fn, device)))
+        measured = [(None if i in failed else statistics.median(t), peak, result)
                     for i, (t, (result, peak)) in enumerate(zip(times, warm, strict=True))]
         if progress:
             progress(round_ + 1, measured)

@@ -380,9 +380,9 @@ class RunFolder:
         rows_by_file = {self.image_file(row.case, k, n): row for row in rows for k in range(n)}
         for file in sorted(records):
             record, row = records[file], rows_by_file.get(file)
-            then = f"{record.get('prompt')!r} (seed {record.get('seed')}, CFG {record.get('guidance_scale')})"
             if row is None and extra_ok:
                 continue
+            then = f"{record.get('prompt')!r} (seed {record.get('seed')}, CFG {record.get('guidance_scale')})"
             if row is None:
                 raise RunFolderError(f"{self.path / file} was made from prompt {then}, which is in none of the rows "
                                      f"of {source}; use a new output folder or --overwrite")

@@ -487,13 +487,15 @@ def _steering_step(denoise, scheduler, latents, t, cond_0, cond_p, cond_c, setti
         else:
             grad = torch.zeros_like(latents)
             grad[hot] = hot_grad.to(grad.dtype)
-        step_size = settings.step_size * scale_in**2 if scale_in != 1 else settings.step_size
-        steered = guidance.steer(latents, grad, step_size)
+        steered = guidance.steer(latents, grad, settings.step_size * scale_in**2)
         if len(hot0):
             put("0", hot0, h0.detach())
         put("p", hot, hp.detach())
         put("c", hot, hc.detach())
-        d[hot] = hot_d
+        if hot is everyone:
+            d = hot_d
+        else:
+            d[hot] = hot_d
         if lazy and factor == 0:  # nothing measured (d is 0 at every latent): take the gradient path again
             estimate.last_bound[hot] = float("nan")
         elif lazy:

@@ -26,6 +26,13 @@ class Adapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        # A UNet that embeds the guidance scale (LCM, in SD and SDXL alike) runs one guided pass, no CFG.
+        cond_dim = getattr(getattr(pipe, self.denoiser_attribute).config, "time_cond_proj_dim", None)
+        if cond_dim is not None:
+            raise ValueError(
+                f"this {self.family} denoiser embeds the guidance scale (time_cond_proj_dim={cond_dim}: an "
+                "LCM-distilled model); it runs without classifier-free guidance, so TraSCE cannot steer it"
+            )
         self._check: GradientCheck | None = None
         self._check_parts: tuple[int, ...] = ()  # the compiled parts that self._check was made for
 

@@ -14,15 +14,6 @@ class StableDiffusionAdapter(Adapter):
     pipeline_classes = ("StableDiffusionPipeline",)
     family = "Stable Diffusion 1.x/2.x"
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        cond_dim = pipe.unet.config.time_cond_proj_dim
-        if cond_dim is not None:
-            raise ValueError(
-                f"this UNet embeds the guidance scale (time_cond_proj_dim={cond_dim}: an LCM-distilled model); "
-                "it runs without classifier-free guidance, so TraSCE cannot steer it"
-            )
-
     def encode(self, prompts: list[str]) -> Cond:
         # diffusers' own prompt encoding (textual inversion, LoRA scale), so that the embeddings
         # are exactly the ones the user's pipeline would compute.

@@ -41,12 +41,6 @@ class StableDiffusionXLAdapter(Adapter):
         self.original_size: tuple[int, int] | None = None
         self.target_size: tuple[int, int] | None = None
         self.crops_coords_top_left: tuple[int, int] = (0, 0)
-        cond_dim = pipe.unet.config.time_cond_proj_dim
-        if cond_dim is not None:
-            raise ValueError(
-                f"this SDXL UNet embeds the guidance scale (time_cond_proj_dim={cond_dim}: an LCM-distilled "
-                "model); it runs without classifier-free guidance, so TraSCE cannot steer it"
-            )
 
     def encode(self, prompts: list[str]) -> Cond:
         # diffusers' own encoding: penultimate hidden states of both encoders, concatenated, and
