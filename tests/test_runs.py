@@ -327,3 +327,23 @@ def test_remove_stale_temp_files(tmp_path: Path) -> None:
     os.utime(old, (an_hour_ago, an_hour_ago))
     assert folder.remove_stale_temp_files() == [old]
     assert new.exists()
+
+
+def test_source_commit_names_the_checkouts_commit_and_whether_tracked_files_changed(tmp_path: Path) -> None:
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert runs.source_commit(tmp_path) is None  # no checkout: an installed copy
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("one\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "one")
+    commit = git("rev-parse", "HEAD")
+    assert len(commit) == 40
+    (tmp_path / "untracked.txt").write_text("not part of the code\n")
+    assert runs.source_commit(tmp_path) == commit
+    (tmp_path / "a.py").write_text("two\n")
+    assert runs.source_commit(tmp_path) == commit + "+dirty"

@@ -44,6 +44,7 @@ import torch
 from trasce.models import StableDiffusionAdapter
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, load_diffusers_pipeline
 from trasce.reference import released_loop
+from trasce.runs import source_commit
 from trasce.sampler import CompiledGradientError
 
 PROMPT = "a photo of a mountain lake at dawn"
@@ -330,7 +331,7 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
 
     machine = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "trasce_commit": source_commit(),
     }
 
     def setup(r: BenchRow) -> tuple:

@@ -55,7 +55,7 @@ from trasce.generate import (
     pick_dtype,
 )
 from trasce.pipeline import TraSCEPipeline, resolve_model
-from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions
+from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions, source_commit
 
 METHODS: dict[str, str] = {
     "none": "unprotected: plain classifier-free guidance",
@@ -845,7 +845,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "methods": method_results,
         "protocol": protocol,
         "machine": _machine(device),
-        "versions": package_versions(),
+        "versions": {**package_versions(), "trasce_commit": source_commit()},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     results = _json_ready(results)

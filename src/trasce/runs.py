@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import secrets
+import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -222,6 +223,25 @@ def package_versions() -> dict[str, str | None]:
 
         versions["trasce"] = getattr(trasce, "__version__", None)
     return versions
+
+
+def source_commit(root: Path | None = None) -> str | None:
+    """The git commit of the checkout at ``root`` (default: the one trasce runs from), ending in
+    ``+dirty`` when tracked files differ from it; ``None`` outside a checkout (an installed copy).
+    Benchmark results record it, so that a figure can be traced to the code that measured it."""
+    root = Path(__file__).resolve().parents[2] if root is None else root
+    if not (root / ".git").exists():
+        return None
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------------
