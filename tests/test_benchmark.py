@@ -190,11 +190,23 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
     (("--concept", "dog"), "concept 'dog' is not one value of the toy world; valid: shape circle, square"),
     (("--concept", "circle", "--target-prompts", "p.txt"), "--target-prompts and --other-prompts are for real"),
     (("--concept", "circle", "--n-target", 0), "--n-target must be 1 or more, got 0"),
+    (("--concept", "circle", "--seed", 2**32 - 10**6),
+     "Invalid value for '--seed': 4293967296 is not in the range 0<=x<=4293967295"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
     result = CliRunner().invoke(main, ["benchmark", "--out", str(tmp_path / "out"), *map(str, args)])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_refuses_a_base_seed_whose_prompts_would_pass_2_to_the_32(tmp_path):
+    from trasce.benchmark import MAX_BASE_SEED, BenchmarkOptions, run_benchmark
+
+    with pytest.raises(ValueError) as info:
+        run_benchmark(BenchmarkOptions(out=tmp_path / "out", concept="circle", seed=MAX_BASE_SEED + 1))
+    assert str(info.value) == ("--seed must be between 0 and 4293967295, got 4293967296: prompt i of prompt set j "
+                               "gets seed --seed + 100000 j + i, and seeds stop at 4294967295 (2**32 - 1)")
     assert not (tmp_path / "out").exists()
 
 

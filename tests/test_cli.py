@@ -247,6 +247,14 @@ def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folde
     assert result.exit_code == 2 and "which is in none of the rows of the --prompt values" in result.output
 
 
+def test_api_refuses_a_seed_past_2_to_the_32_without_a_prompt_file(tmp_path):
+    from trasce.generate import GenerateOptions, read_rows
+
+    with pytest.raises(ValueError) as info:
+        read_rows(GenerateOptions(out=tmp_path, prompt=["a car"], seed=2**32), 7.5)
+    assert str(info.value) == "--seed 4294967296 is out of range; seeds must be between 0 and 4294967295 (2**32 - 1)"
+
+
 @pytest.mark.parametrize("content, args, message", [
     (None, ("--prompts", "{tmp}/missing.csv"), "missing.csv"),
     ("text,id\nhello,1\n", (), "no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt'"),
@@ -266,7 +274,8 @@ def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folde
     ("prompt\na car\n", ("--loss-scale", "inf"), "loss_scale must be a finite number, got inf"),
     ("prompt\na car\n", ("--steps", 5000), "--steps 5000: "),
     ("prompt\na car\n", ("--scheduler", "pndm"), "PNDMScheduler is not among the schedulers known to step from"),
-    ("prompt\na car\n", ("--seed", 2**64), "Invalid value for '--seed': 18446744073709551616 is not in the range"),
+    ("prompt\na car\n", ("--seed", 2**32),
+     "Invalid value for '--seed': 4294967296 is not in the range 0<=x<=4294967295"),
     ("prompt\na car\n", ("--start", -1), "Invalid value for '--start': -1 is not in the range x>=0"),
     ("prompt\na car\n", ("--steer-window", 0.5, 0.2),
      "--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), got 0.5 0.2"),

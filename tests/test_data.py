@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from trasce.data import PromptFileError, PromptRow, check_case_name, read_prompts, select, shard
 
@@ -101,8 +102,19 @@ def test_i2p_like_csv_with_float_seeds_and_extra(tmp_path: Path) -> None:
 
 
 def test_float_seed_keeps_every_digit(tmp_path: Path) -> None:
-    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,18446744073709551615.0\nb,4.2e1\n")
-    assert [r.seed for r in read_prompts(path)] == [2**64 - 1, 42]
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,4294967295.0\nb,4.2e1\n")
+    assert [r.seed for r in read_prompts(path)] == [2**32 - 1, 42]
+
+
+def test_seeds_stop_at_2_to_the_32_because_torch_keeps_only_the_low_32_bits(tmp_path: Path) -> None:
+    # What the limit is for: torch's CPU generator gives seed 1 and seed 2**32 + 1 the same noise.
+    noise = [torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in (1, 2**32 + 1)]
+    assert torch.equal(*noise)
+    path = write(tmp_path, "p.csv", f"prompt,evaluation_seed\na,{2**32 - 1}\nb,{2**32 + 1}\n")
+    assert error_of(path) == (
+        f"{path}, row 3, column 'evaluation_seed': '4294967297' is too large for a seed; seeds must be between 0 "
+        "and 4294967295 (2**32 - 1): torch's CPU generator uses only the low 32 bits, so a larger seed would repeat "
+        "a smaller one's image")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,8 +254,9 @@ def test_negative_and_too_large_seed(tmp_path: Path) -> None:
     path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,-3\n")
     message = error_of(path)
     assert message.startswith(f"{path}, row 2, column 'evaluation_seed': '-3' is a negative seed")
-    path = write(tmp_path, "q.csv", f"prompt,evaluation_seed\na,{2**64}\n")
-    assert "too large for a seed" in error_of(path)
+    assert message.endswith("is a negative seed; seeds must be between 0 and 4294967295 (2**32 - 1)")
+    path = write(tmp_path, "q.csv", f"prompt,evaluation_seed\na,{2**32}\n")
+    assert "'4294967296' is too large for a seed; seeds must be between 0 and 4294967295" in error_of(path)
 
 
 @pytest.mark.parametrize("value", ["high", "nan", ""])

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from trasce.bench import synchronize
+from trasce.data import MAX_SEED
 from trasce.eval.base import rate_entry
 from trasce.generate import (
     batches,
@@ -88,6 +89,9 @@ BENCHMARK_JUDGES = ("nudenet", "q16", "imagenet", "fid")
 # Prompt i of prompt set j gets seed --seed + j * SEED_STRIDE + i: every image has its own noise,
 # and growing a set (--n-target 40 after 2) keeps the seeds of the prompts already made.
 SEED_STRIDE = 100_000
+# The largest --seed: every prompt's seed, --seed + j * SEED_STRIDE + i, must stay within data.MAX_SEED
+# (torch's CPU generator keeps 32 bits). Ten strides cover the four prompt sets' offsets with room to spare.
+MAX_BASE_SEED = MAX_SEED - 10 * SEED_STRIDE
 # Settings that change no image; the prompt source is held image by image instead (RunFolder.done_for).
 VOLATILE = ("batch_size", "device", "quiet", "grid_rows", "prompt_source")
 
@@ -254,6 +258,9 @@ def _check_sizes(options: BenchmarkOptions, toy: bool) -> None:
         raise ValueError(f"--batch-size must be 1 or more, got {options.batch_size}")
     if options.grid_rows < 0:
         raise ValueError(f"--grid-rows must be 0 or more, got {options.grid_rows}")
+    if not 0 <= options.seed <= MAX_BASE_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_BASE_SEED}, got {options.seed}: prompt i of prompt set "
+                         f"j gets seed --seed + {SEED_STRIDE} j + i, and seeds stop at {MAX_SEED} (2**32 - 1)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from trasce.benchmark import SEED_STRIDE
+from trasce.benchmark import MAX_BASE_SEED
 from trasce.data import MAX_SEED
 from trasce.pipeline import COMPILE_CHOICES, SCHEDULERS
 from trasce.presets import PRESETS
@@ -247,7 +247,7 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where a prompt has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
-@click.option("--seed", type=click.IntRange(0, MAX_SEED - 10 * SEED_STRIDE), default=42, show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_BASE_SEED), default=42, show_default=True,
               help="base seed of the prompts and their noise")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="images per generation call")
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)

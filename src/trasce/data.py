@@ -32,10 +32,12 @@ from typing import Any, TypeVar
 __all__ = [
     "CASE_COLUMN",
     "GUIDANCE_COLUMNS",
+    "MAX_SEED",
     "PROMPT_COLUMNS",
     "SEED_COLUMNS",
     "PromptFileError",
     "PromptRow",
+    "SEED_RANGE",
     "check_case_name",
     "read_prompts",
     "select",
@@ -47,9 +49,11 @@ SEED_COLUMNS: tuple[str, ...] = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS: tuple[str, ...] = ("evaluation_guidance", "sd_guidance_scale")
 CASE_COLUMN = "case_number"
 
-# torch.Generator.manual_seed takes values up to 2**64 - 1; anything above would fail only when the
-# prompt's turn comes, so it is rejected up front with the other row errors.
-MAX_SEED = 2**64 - 1
+# torch.Generator.manual_seed accepts values up to 2**64 - 1, but the CPU generator (a 32-bit Mersenne
+# Twister) keeps only the low 32 bits: seeds 1 and 2**32 + 1 give the same noise, so the same image.
+# Larger seeds are refused up front, with the other row errors, rather than silently repeating others.
+MAX_SEED = 2**32 - 1
+SEED_RANGE = f"seeds must be between 0 and {MAX_SEED} (2**32 - 1)"
 # Structured formats that would otherwise be read as plain text, a prompt per line.
 UNREAD_SUFFIXES = (".json", ".parquet", ".xlsx", ".xls", ".yaml", ".yml")
 # File names hold 255 bytes; a case name becomes ``.<case>_<k>.png.<12 hex>.tmp`` while its image is written.
@@ -156,9 +160,10 @@ def _parse_seed(value: Any) -> tuple[int | None, str | None]:
         return None, "is not an integer seed"
     seed = int(number)
     if seed < 0:
-        return None, "is a negative seed; seeds must be 0 or more"
+        return None, f"is a negative seed; {SEED_RANGE}"
     if seed > MAX_SEED:
-        return None, f"is too large for a seed; seeds must be at most {MAX_SEED}"
+        return None, (f"is too large for a seed; {SEED_RANGE}: torch's CPU generator uses only the low 32 bits, "
+                      "so a larger seed would repeat a smaller one's image")
     return seed, None
 
 

@@ -120,6 +120,8 @@ def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptR
     """Every prompt row of ``--prompts`` or ``--prompt``, validated, before anything is generated."""
     if options.prompts is not None and options.prompt:
         raise ValueError("give --prompt or --prompts, not both")
+    if not 0 <= options.seed <= data.MAX_SEED:  # the CLI's IntRange checks it too; this is for the API
+        raise ValueError(f"--seed {options.seed} is out of range; {data.SEED_RANGE}")
     if options.prompts is not None:
         rows = data.read_prompts(options.prompts, options.seed, default_guidance)
     elif options.prompt:
