@@ -6,6 +6,7 @@ only ever sees a plain colour square. Model judges run on tiny random transforme
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -341,6 +342,47 @@ def test_resume_judges_only_missing_images(toy_folder: Path, monkeypatch) -> Non
     again = evaluate_folder(toy_folder, "toy", overwrite=True, quiet=True)
     assert len(made[-1].calls) == 4 and again["judged_now"] == 4
     assert json.loads(path.read_text().splitlines()[0])["settings"]["extra"] == "changed"
+
+
+def test_an_image_made_again_under_its_name_is_judged_again(toy_folder: Path, monkeypatch) -> None:
+    made: list[CountingJudge] = []
+    build = JUDGES["toy"]
+
+    def counting(options, context):
+        made.append(CountingJudge(build(options, context)))
+        return made[-1]
+
+    monkeypatch.setitem(JUDGES, "toy", counting)
+    first = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert (first["target"]["all"]["k"], first["target"]["all"]["n"]) == (2, 4)  # images 0 and 1 are circles
+    path = verdicts_path(toy_folder, "toy")
+    _, verdicts = read_verdicts(path)
+    image = toy_folder / "images" / "00002.png"
+    assert verdicts["images/00002.png"]["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+
+    # Image 2 (a square) deleted and made again from an edited row: a red circle under the same name.
+    folder = RunFolder(toy_folder)
+    image.unlink()
+    atomic_save_image(image, toy_images()[0])
+    folder.append_manifest({"file": "images/00002.png", "case": "00002", "k": 0, "prompt": "a red circle",
+                            "concept": "circle", "extra": {}})
+    second = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert made[-1].calls == ["images/00002.png"]
+    assert (second["judged_now"], second["judged_again"]) == (1, 1)
+    # The summary counts the new verdict only: three circles of four images, three prompts naming it.
+    assert (second["target"]["all"]["k"], second["target"]["all"]["n"]) == (3, 4)
+    assert (second["target"]["by_name"]["k"], second["target"]["by_name"]["n"]) == (2, 2)
+    assert evaluate_folder(toy_folder, "toy", overwrite=True, quiet=True)["target"] == second["target"]
+
+    # A verdicts file from before verdicts named their image's bytes: every image is judged again, once.
+    header, *lines = path.read_text().splitlines()
+    old = [json.loads(line) for line in lines]
+    path.write_text("\n".join([header, *(json.dumps({k: v for k, v in line.items() if k != "image_sha256"})
+                                         for line in old)]) + "\n")
+    third = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert sorted(made[-1].calls) == sorted(line["file"] for line in old) and third["judged_again"] == 4
+    assert third["target"] == second["target"]
+    assert evaluate_folder(toy_folder, "toy", quiet=True)["judged_now"] == 0 and made[-1].calls == []
 
 
 def test_each_accelerate_process_puts_its_judge_on_its_own_gpu(toy_folder: Path, monkeypatch) -> None:

@@ -4,26 +4,31 @@ Files written next to the images, one pair per judge, so several judges can scor
 (NudeNet and Q16 on I2P, CLIP score and FID on COCO)::
 
     DIR/verdicts-<judge>.jsonl   a header line {"header": true, "judge", "settings", ...}, then one line per
-                                 image: file, case, k, prompt and the judge's raw outputs and decision
+                                 image: file, case, k, prompt, image_sha256 (of the PNG bytes judged) and
+                                 the judge's raw outputs and decision
     DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report
 
 Each verdict line is appended (one ``write`` under an exclusive ``flock``, fsynced) as soon as its image
 is judged, so an interrupted evaluation loses at most the batch in flight. A rerun judges only the
-images of the manifest that have no verdict yet, provided the judge's settings are the ones in the
-header; otherwise it stops and asks for ``--overwrite`` (never mixing verdicts of two protocols).
+images of the manifest that have no verdict yet, or whose verdict was about other bytes than the file
+now holds (an image deleted and made again from an edited row keeps its name), provided the judge's
+settings are the ones in the header; otherwise it stops and asks for ``--overwrite`` (never mixing
+verdicts of two protocols).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trasce.eval.base import Context, Judge, run_concept
+from trasce.eval.base import Context, Judge, file_sha256, run_concept
 from trasce.runs import (
     MANIFEST_NAME,
     SUMMARY_NAME,
@@ -82,6 +87,9 @@ JUDGE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 COMMON_OPTIONS: tuple[str, ...] = ("batch_size", "device")
 VERDICT_FIELDS: tuple[str, ...] = ("file", "case", "k", "prompt")
+# The verdict's record of which image it judged: an image made again under the same name (its row was
+# edited, or it was replaced by hand) has other bytes, and is judged again.
+IMAGE_HASH = "image_sha256"
 
 
 def verdicts_path(folder: str | Path, judge: str) -> Path:
@@ -164,17 +172,32 @@ def _show(value: Any, limit: int = 80) -> str:
 # Reading the folder
 
 
-def _load_image(path: Path) -> Any:
+def _load_image(path: Path) -> tuple[Any, str]:
+    """The image at ``path`` and the SHA-256 of the bytes it was decoded from (read once, so they agree)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.copy() if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")
+            return (image.copy() if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB"),
+                    hashlib.sha256(data).hexdigest())
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise ValueError(
             f"cannot read image {path} ({error}); delete it and rerun trasce generate to make it again"
         ) from error
+
+
+def _judged_elsewhere(folder: Path, record: Mapping[str, Any], verdict: Mapping[str, Any] | None) -> bool:
+    """Whether ``verdict`` (``None``: there is none) fails to be about the image ``record`` names as it is now.
+
+    A verdict without an image hash (written before trasce recorded one) counts as about another image:
+    its image may have been made again since, and judging it once more costs one pass, while keeping a
+    verdict of another image would report a rate of images that are not in the folder.
+    """
+    if verdict is None:
+        return True
+    return verdict.get(IMAGE_HASH) != file_sha256(folder / record["file"])
 
 
 def _check_options(judge_name: str, options: Mapping[str, Any]) -> None:
@@ -270,7 +293,9 @@ def evaluate_folder(
     }
 
     state.wait_for_everyone()  # every process has read the verdicts before any appends: all saw the same
-    missing = [record for record in records if record["file"] not in done]
+    # Every process hashes every judged image (a read of the folder) and so agrees on what is missing.
+    missing = [record for record in records if _judged_elsewhere(folder, record, done.get(record["file"]))]
+    judged_again = sum(record["file"] in done for record in missing)
     todo = missing[state.process_index :: state.num_processes]
     batch_size = max(1, int(options.get("batch_size") or getattr(judge, "batch_size", 8)))
     from tqdm.auto import tqdm
@@ -280,13 +305,14 @@ def evaluate_folder(
     with contextlib.closing(bar):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            images = [_load_image(folder / record["file"]) for record in batch]
-            verdicts = judge.judge(images, batch)
+            images, hashes = zip(*(_load_image(folder / record["file"]) for record in batch), strict=True)
+            verdicts = judge.judge(list(images), batch)
             if len(verdicts) != len(batch):
                 raise RuntimeError(f"the {name} judge returned {len(verdicts)} verdicts for {len(batch)} images")
             lines = []
-            for record, verdict in zip(batch, verdicts, strict=True):
+            for record, verdict, sha256 in zip(batch, verdicts, hashes, strict=True):
                 line = {key: record.get(key) for key in VERDICT_FIELDS}
+                line[IMAGE_HASH] = sha256
                 line.update((key, value) for key, value in verdict.items() if key not in line)
                 lines.append(line)
                 done[record["file"]] = _normalise(line)
@@ -304,6 +330,8 @@ def evaluate_folder(
         "concept": context.concept,
         "images": len(records),
         "judged_now": len(missing),  # by every process
+        # of them, images whose earlier verdict was about other bytes (made again, or no hash recorded)
+        "judged_again": judged_again,
         "settings": settings,
         **{key: value for key, value in result.items() if key not in ("judge", "folder", "settings")},
         "verdicts_file": verdict_file.name,
