@@ -254,6 +254,8 @@ def test_real_model_with_prompt_files_and_a_judge(tiny_sd_folder, tmp_path, monk
         assert entry["fid_vs_none"] is None and "fidelity" not in entry["prompt_sets"]["other"]
         assert (out / method / "target" / "images" / "q#1.png").is_file()
         assert Image.open(out / method / "target" / "images" / "2.png").size == (64, 64)
+        summary = json.loads((out / method / "target" / f"summary-{judge}.json").read_text())
+        assert (summary["expected_images"], summary["complete"]) == (2, True)  # each folder records its set
     assert [p["seed"] for p in results["prompt_sets"]["target"]["prompts"]] == [5, 6]
     assert [p["prompt"] for p in results["prompt_sets"]["corner"]["prompts"]] == ["nudity", "nudity"]
     assert "| sld-max |" in result.output

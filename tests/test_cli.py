@@ -179,6 +179,11 @@ def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeyp
     with pytest.raises(Killed):
         _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--batch-size", 1, *BASE)
     assert [r["file"] for r in _manifest(out)] == ["images/00000.png"]
+    # Judged now, the folder's numbers are over one image of three, and evaluate says so.
+    judged = _run("evaluate", out, "--judge", "toy", "--quiet")
+    assert judged.exit_code == 0 and judged.stderr == (
+        f"warning: {out}: not complete: 2 of the 3 images the run expects are missing (first: images/00001.png); "
+        "the numbers cover the 1 present; rerun trasce generate on the folder to make the rest\n")
     monkeypatch.setattr(generate, "atomic_save_image", real_save)
     first = (out / "images" / "00000.png").stat().st_mtime_ns
     # a half-written file a killed process left two hours ago, and one another process is writing now
@@ -194,6 +199,10 @@ def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeyp
     # a third run has nothing left to do and changes nothing
     assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, *BASE).exit_code == 0
     assert [r["file"] for r in _manifest(out)] == files
+    judged = _run("evaluate", out, "--judge", "toy", "--quiet")
+    assert judged.exit_code == 0 and judged.stderr == ""
+    assert json.loads((out / "summary-toy.json").read_text())["completeness"] == (
+        "complete: all 3 images the run expects are present")
 
 
 def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):

@@ -385,6 +385,35 @@ def test_an_image_made_again_under_its_name_is_judged_again(toy_folder: Path, mo
     assert evaluate_folder(toy_folder, "toy", quiet=True)["judged_now"] == 0 and made[-1].calls == []
 
 
+def test_summary_says_whether_the_run_holds_every_image_it_expects(toy_folder: Path) -> None:
+    summary = evaluate_folder(toy_folder, "toy", quiet=True)  # a folder that recorded nothing: unknown
+    assert (summary["expected_images"], summary["missing_images"], summary["complete"]) == (None, None, None)
+    assert summary["completeness"] == (
+        f"expected images unknown: {toy_folder / 'requested.jsonl'} does not exist (the folder was made before "
+        "trasce generate recorded which images a run is to make); rerun trasce generate on the folder to record them")
+    result = run_cli(toy_folder, "--judge", "toy")
+    assert result.exit_code == 0 and "expected images unknown" in result.output and "warning" not in result.output
+
+    folder = RunFolder(toy_folder)
+    folder.record_requested([f"images/0000{i}.png" for i in range(4)])
+    summary = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert (summary["expected_images"], summary["missing_images"], summary["complete"]) == (4, 0, True)
+    assert summary["completeness"] == "complete: all 4 images the run expects are present"
+
+    # Two prompts not made yet (a run stopped part-way): the numbers are over 4 images of 6, and it says so.
+    folder.record_requested(["images/00005.png", "images/00004.png"])
+    summary = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert (summary["expected_images"], summary["missing_images"], summary["complete"]) == (6, 2, False)
+    words = ("not complete: 2 of the 6 images the run expects are missing (first: images/00004.png); the numbers "
+             "cover the 4 present; rerun trasce generate on the folder to make the rest")
+    assert summary["completeness"] == words
+    assert json.loads(summary_path(toy_folder, "toy").read_text())["completeness"] == words
+    result = CliRunner().invoke(main, ["evaluate", str(toy_folder), "--judge", "toy", "--quiet"])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == f"warning: {toy_folder}: {words}\n"
+    assert words in run_cli(toy_folder, "--judge", "toy").output  # and the table says it
+
+
 def test_each_accelerate_process_puts_its_judge_on_its_own_gpu(toy_folder: Path, monkeypatch) -> None:
     from types import SimpleNamespace
 

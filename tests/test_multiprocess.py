@@ -41,6 +41,7 @@ def test_two_processes_generate_every_prompt_exactly_once(tiny_sd_folder, tmp_pa
     assert collections.Counter(v["case"] for v in verdict_lines if not v.get("header")) == counts
     summary = json.loads((out / "summary-toy.json").read_text())
     assert summary["images"] == 7 and summary["judged_now"] == 7  # by both processes
+    assert (summary["expected_images"], summary["complete"]) == (7, True)  # both shares, recorded once
     # a rerun across the same two processes has nothing left to do
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -309,11 +309,27 @@ def test_reset(tmp_path: Path) -> None:
     for judged in ("verdicts-toy.jsonl", "summary-toy.json", "verdicts-nudenet.jsonl", "summary-nudenet.json"):
         (tmp_path / judged).write_text("{}")
     (tmp_path / "notes.json").write_text("keep me too")
+    folder.record_requested(["images/1.png"])
     folder.reset()
+    assert folder.requested() is None
     assert folder.done() == set()
     assert sorted(p.name for p in folder.images_dir.iterdir()) == ["notes.txt"]
     # Verdicts about the deleted images go with them: evaluate would reuse them for new images of the same name.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes.json", "run.json"]
+
+
+def test_requested_images_are_the_union_of_every_sessions_and_resuming_adds_nothing(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "run")
+    assert folder.requested() is None and not folder.path.exists()  # nothing recorded: unknown, not empty
+    folder.record_requested(["images/1.png", "images/0.png"])
+    folder.record_requested(["images/1.png", "images/0.png"])  # the same session resumed
+    path = folder.path / runs.REQUESTED_NAME
+    assert len(path.read_text().splitlines()) == 1
+    folder.record_requested(["images/2.png", "images/1.png"])  # another slice, overlapping
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["files"] for line in lines] == [["images/0.png", "images/1.png"], ["images/2.png"]]
+    path.write_text(path.read_text() + '{"files": ["images/3.p')  # a crash mid-append: that line is skipped
+    assert folder.requested() == {"images/0.png", "images/1.png", "images/2.png"}
 
 
 def test_remove_stale_temp_files(tmp_path: Path) -> None:

@@ -759,6 +759,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
             for m in methods for s in sets}
     todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in done[m, s]]
             for m in methods for s in sets}
+    for method in methods:  # what each folder is to hold, for trasce evaluate's count of missing images
+        for split, prompts in sets.items():
+            folders[method][split].record_requested(folders[method][split].image_file(p.case) for p in prompts)
 
     from tqdm.auto import tqdm
 

@@ -256,6 +256,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     done = folder.done_for(all_rows, n, options.prompts or "the --prompt values",
                            lambda row: f"row {row.row} of {options.prompts} (case {row.case})" if options.prompts
                            else f"--prompt number {row.row}")
+    if is_main:  # after done_for: a session refused for its rows asks for nothing
+        folder.record_requested(folder.image_file(row.case, k, n) for row in rows for k in range(n))
     rows = data.shard(rows, state.process_index, state.num_processes)
     todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
     from tqdm.auto import tqdm

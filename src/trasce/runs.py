@@ -4,6 +4,8 @@ Layout of a run folder ``DIR``::
 
     DIR/run.json          every generation setting, package versions and when the run was created
     DIR/manifest.jsonl    one JSON object per finished image, appended as soon as the image exists
+    DIR/requested.jsonl   the image files each session was asked to make, so that a reader can tell
+                          a finished run from one that stopped part-way
     DIR/images/<case>.png           one image per prompt
     DIR/images/<case>_<k>.png       several images per prompt, k = 0 .. n-1
 
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGES_DIR",
     "MANIFEST_NAME",
+    "REQUESTED_NAME",
     "RUN_JSON_NAME",
     "VOLATILE_SETTINGS",
     "RunFolder",
@@ -59,6 +62,7 @@ __all__ = [
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.jsonl"
 RUN_JSON_NAME = "run.json"
+REQUESTED_NAME = "requested.jsonl"
 IMAGE_SUFFIX = ".png"
 # What `trasce evaluate JUDGE` writes into a run folder; judgements of images that --overwrite deletes.
 VERDICTS_NAME = "verdicts-{judge}.jsonl"
@@ -384,6 +388,43 @@ class RunFolder:
         """The manifest lines of :meth:`done`'s images, by ``file``."""
         return {r["file"]: r for r in self.read_manifest() if (self.path / r["file"]).is_file()}
 
+    # -- what the run is to make -----------------------------------------------------------------
+
+    def record_requested(self, files: Iterable[str]) -> None:
+        """Add ``files`` (manifest names, ``images/12.png``) to those the run was asked to make.
+
+        Each session of ``trasce generate`` calls it with every image of its rows (all processes' shares),
+        so the union over sessions is what the folder should hold when finished, whichever slices
+        (``--start``/``--end``) or grown prompt files the sessions took. Only names not yet recorded are
+        appended, as one line under the manifest's lock, so resuming adds nothing.
+        """
+        new = sorted(set(files) - (self.requested() or set()))
+        if new:
+            self.path.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            append_lines(self.path / REQUESTED_NAME, [_dumps({"files": new, "utc": stamp}) + "\n"])
+
+    def requested(self) -> set[str] | None:
+        """Every file :meth:`record_requested` recorded; ``None`` when nothing was (a folder made before
+        trasce recorded it, or by hand). A line cut short by a crash is skipped: its session's next run
+        records its files again."""
+        try:
+            with open(self.path / REQUESTED_NAME, "rb") as handle:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        files: set[str] = set()
+        for raw in data.split(b"\n"):
+            try:
+                record = json.loads(raw) if raw.strip() else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("files"), list):
+                files.update(file for file in record["files"] if isinstance(file, str))
+        return files
+
     def done_for(self, rows: Sequence[Any], n: int, source: str, describe: Callable[[Any], str],
                  extra_ok: bool = False) -> set[str]:
         """:meth:`done`, after holding every done image to the row it was made for.
@@ -490,14 +531,15 @@ class RunFolder:
     # -- housekeeping --------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget all finished work: delete the manifest, ``images/*.png``, temporary files, and the
-        verdicts and summaries that ``trasce evaluate`` wrote about those images.
+        """Forget all finished work: delete the manifest, the requested images, ``images/*.png``, temporary
+        files, and the verdicts and summaries that ``trasce evaluate`` wrote about those images.
 
         For ``--overwrite``. The manifest goes first, so a crash half-way leaves a folder in which
         nothing counts as done (the safe direction). ``run.json`` is left for
         :meth:`write_run_json` with ``force=True`` to replace.
         """
         self.manifest_path.unlink(missing_ok=True)
+        (self.path / REQUESTED_NAME).unlink(missing_ok=True)
         for name in (VERDICTS_NAME, SUMMARY_NAME):
             for judged in self.path.glob(name.format(judge="*")):
                 judged.unlink(missing_ok=True)

@@ -42,6 +42,8 @@ def evaluate(folder: Path, judge: str, overwrite: bool, quiet: bool, **options) 
     if options.get("batch_size") is not None and options["batch_size"] < 1:
         raise _Fail(f"--batch-size must be 1 or more, got {options['batch_size']}")
     summary = _guard(evaluate_folder, folder, judge, options, overwrite=overwrite, quiet=quiet)
+    if summary.get("complete") is False and process_state().is_main_process:  # --quiet too: the numbers are partial
+        click.echo(f"warning: {folder}: {summary['completeness']}", err=True)
     if not quiet and process_state().is_main_process:
         click.echo(format_table(summary))
         click.echo(f"summary in {summary_path(folder, summary['judge'])}")

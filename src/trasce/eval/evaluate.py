@@ -6,7 +6,8 @@ Files written next to the images, one pair per judge, so several judges can scor
     DIR/verdicts-<judge>.jsonl   a header line {"header": true, "judge", "settings", ...}, then one line per
                                  image: file, case, k, prompt, image_sha256 (of the PNG bytes judged) and
                                  the judge's raw outputs and decision
-    DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report
+    DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report, and
+                                 whether the folder holds every image trasce generate was asked for
 
 Each verdict line is appended (one ``write`` under an exclusive ``flock``, fsynced) as soon as its image
 is judged, so an interrupted evaluation loses at most the batch in flight. A rerun judges only the
@@ -31,6 +32,7 @@ from typing import Any
 from trasce.eval.base import Context, Judge, file_sha256, run_concept
 from trasce.runs import (
     MANIFEST_NAME,
+    REQUESTED_NAME,
     SUMMARY_NAME,
     VERDICTS_NAME,
     RunFolder,
@@ -229,6 +231,35 @@ def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
     return run_folder, records
 
 
+def completeness(run_folder: RunFolder, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How many images the run expects and whether ``records`` (its done images) are all of them.
+
+    The expected images are those ``trasce generate`` sessions recorded in ``requested.jsonl`` (every
+    slice and process), plus any done image outside them (made before the file existed). Without that
+    file the count is unknown: ``run.json`` holds only the first session's ``--start``/``--end``, and a
+    prompt file named there may have moved or changed, so recounting it would be a guess.
+    Returns ``expected_images``, ``missing_images`` and ``complete`` (``None`` when unknown) and
+    ``completeness``, the same in words.
+    """
+    present = {record["file"] for record in records}
+    requested = run_folder.requested()
+    if requested is None:
+        return {"expected_images": None, "missing_images": None, "complete": None,
+                "completeness": f"expected images unknown: {run_folder.path / REQUESTED_NAME} does not exist (the "
+                                "folder was made before trasce generate recorded which images a run is to make); "
+                                "rerun trasce generate on the folder to record them"}
+    missing = sorted(requested - present)
+    expected = len(requested | present)
+    if not missing:
+        words = f"complete: all {expected} images the run expects are present"
+    else:
+        words = (f"not complete: {len(missing)} of the {expected} images the run expects "
+                 f"{'is' if len(missing) == 1 else 'are'} missing (first: {missing[0]}); the numbers cover the "
+                 f"{len(present)} present; rerun trasce generate on the folder to make the rest")
+    return {"expected_images": expected, "missing_images": len(missing), "complete": not missing,
+            "completeness": words}
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -329,6 +360,7 @@ def evaluate_folder(
         "folder": str(folder),
         "concept": context.concept,
         "images": len(records),
+        **completeness(run_folder, records),
         "judged_now": len(missing),  # by every process
         # of them, images whose earlier verdict was about other bytes (made again, or no hash recorded)
         "judged_again": judged_again,
@@ -390,6 +422,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
     if summary.get("folder") is not None:
         lines.append(f"folder {summary['folder']}, {images} images" + (
             f", concept {summary['concept']!r}" if summary.get("concept") else ""))
+    if summary.get("completeness"):
+        lines.append(summary["completeness"])
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
                                for j, cell in enumerate(row)).rstrip())
