@@ -264,6 +264,24 @@ def test_api_refuses_a_seed_past_2_to_the_32_without_a_prompt_file(tmp_path):
     assert str(info.value) == "--seed 4294967296 is out of range; seeds must be between 0 and 4294967295 (2**32 - 1)"
 
 
+def test_every_problem_of_a_prompt_file_is_shown_up_to_twenty(tmp_path):
+    out = tmp_path / "out"
+    two = _write(tmp_path / "two.csv", "prompt,evaluation_seed\na car,x\n,2\n")
+    result = _run("generate", "--prompts", two, "--out", out, "--quiet")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: {two}, row 2, column 'evaluation_seed': 'x' is not an integer seed",
+        f"error: {two}, row 3, column 'prompt': '' is an empty prompt",
+    ]
+    many = _write(tmp_path / "many.csv", "prompt,evaluation_seed\n" + "".join(f"car {i},s{i}\n" for i in range(23)))
+    lines = _run("generate", "--prompts", many, "--out", out, "--quiet").output.splitlines()
+    assert lines[:2] == [f"error: {many}, row 2, column 'evaluation_seed': 's0' is not an integer seed",
+                         f"error: {many}, row 3, column 'evaluation_seed': 's1' is not an integer seed"]
+    assert len(lines) == 21 and lines[19].startswith(f"error: {many}, row 21, column 'evaluation_seed': 's19'")
+    assert lines[20] == "error: ... and 3 more problems in this file"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("content, args, message", [
     (None, ("--prompts", "{tmp}/missing.csv"), "missing.csv"),
     ("text,id\nhello,1\n", (), "no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt'"),

@@ -1,7 +1,8 @@
 """``trasce`` command line: generate, evaluate, benchmark, bench, demo, train-toy.
 
 Every bad input ends in one line on stderr that names the file, row, column or value and what is
-accepted, with exit status 2.
+accepted, with exit status 2; a prompt file with several bad rows gets a line for each (up to
+``MAX_PROBLEMS_SHOWN``), so that one edit can fix them all.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from trasce.presets import PRESETS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+# A prompt file's problems shown at most; a file with a systematic fault (a wrong column) repeats one per row.
+MAX_PROBLEMS_SHOWN = 20
 SCHEDULER_HELP = "default: the model's own, except PNDM (SD v1.x's), which loses steering updates: DDIM then"
 
 
 class _Fail(click.ClickException):
-    """A user error: one line, exit status 2."""
+    """A user error: one line (a line per problem when there are several), exit status 2."""
 
     exit_code = 2
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        for line in self.format_message().splitlines():
+            click.echo(f"error: {line}", err=True)
 
 
 def _guard(fn, *args, **kwargs):
@@ -39,8 +43,13 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (PromptFileError, RunFolderError, CompiledGradientError, ValueError, FileNotFoundError, TypeError,
-            OSError) as error:
+    except PromptFileError as error:
+        shown = list(error.problems[:MAX_PROBLEMS_SHOWN])
+        rest = len(error.problems) - len(shown)
+        if rest:
+            shown.append(f"... and {rest} more problem{'s' if rest > 1 else ''} in this file")
+        raise _Fail("\n".join(shown)) from error
+    except (RunFolderError, CompiledGradientError, ValueError, FileNotFoundError, TypeError, OSError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _Fail(message) from error
 
