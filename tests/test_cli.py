@@ -244,16 +244,24 @@ def test_resume_holds_each_done_image_to_its_row_not_the_file_path(tiny_sd_folde
         result = _run("generate", "--model", tiny_sd_folder, "--prompts", longer, "--out", out, *BASE)
         assert result.exit_code == 2
         assert (f"images/2.png was made from prompt 'a blue car' (seed 2, CFG 7.5), but row 3 of {longer} (case 2) "
-                f"now gives {now}; use a new output folder or --overwrite") in result.output
+                f"now gives {now}; use a new output folder, or delete that image to make it again from the row as it "
+                "is now, or --overwrite to discard the images already made") in result.output
     assert len(_manifest(out)) == 3
     # ... and so is a source that lacks a done image's row (another file, or --prompt instead of --prompts).
     other = _write(tmp_path / "other.csv", "case_number,prompt,evaluation_seed\n2,a blue car,2\n")
     result = _run("generate", "--model", tiny_sd_folder, "--prompts", other, "--out", out, *BASE)
     assert result.exit_code == 2
     assert (f"images/1.png was made from prompt 'a red apple' (seed 1, CFG 7.5), which is in none of the rows of "
-            f"{other}; use a new output folder or --overwrite") in result.output
+            f"{other}; use a new output folder, or one prompt file that holds every row (--start/--end take a part "
+            "of it), or --overwrite to discard the images already made") in result.output
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", out, *BASE)
     assert result.exit_code == 2 and "which is in none of the rows of the --prompt values" in result.output
+    # As the message says, an image deleted is made again from its row as it is now; the others are kept.
+    longer.write_text(first.read_text().replace("2,a blue car,2", "2,a blue bus,2") + "3,a green tree,3\n")
+    (out / "images" / "2.png").unlink()
+    assert _run("generate", "--model", tiny_sd_folder, "--prompts", longer, "--out", out, *BASE).exit_code == 0
+    assert {r["file"]: r["prompt"] for r in _manifest(out)}["images/2.png"] == "a blue bus"
+    assert (out / "images" / "1.png").stat().st_mtime_ns == made["images/1.png"]
 
 
 def test_api_refuses_a_seed_past_2_to_the_32_without_a_prompt_file(tmp_path):

@@ -445,13 +445,17 @@ class RunFolder:
                 continue
             then = f"{record.get('prompt')!r} (seed {record.get('seed')}, CFG {record.get('guidance_scale')})"
             if row is None:
-                raise RunFolderError(f"{self.path / file} was made from prompt {then}, which is in none of the rows "
-                                     f"of {source}; use a new output folder or --overwrite")
+                # Not --overwrite first: a second prompt file sent to the folder of a first would delete its images.
+                raise RunFolderError(
+                    f"{self.path / file} was made from prompt {then}, which is in none of the rows of {source}; "
+                    "use a new output folder, or one prompt file that holds every row (--start/--end take a part "
+                    "of it), or --overwrite to discard the images already made")
             now = {"prompt": row.prompt, "seed": row.seed, "guidance_scale": row.guidance_scale}
             if {key: record.get(key) for key in now} != now:
                 raise RunFolderError(
                     f"{self.path / file} was made from prompt {then}, but {describe(row)} now gives {row.prompt!r} "
-                    f"(seed {row.seed}, CFG {row.guidance_scale}); use a new output folder or --overwrite")
+                    f"(seed {row.seed}, CFG {row.guidance_scale}); use a new output folder, or delete that image to "
+                    "make it again from the row as it is now, or --overwrite to discard the images already made")
         return set(records)
 
     # -- run.json ------------------------------------------------------------------------------
