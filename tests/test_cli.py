@@ -211,6 +211,11 @@ def test_changed_settings_into_same_folder_is_refused(tiny_sd_folder, tmp_path):
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a car", "--out", out, *BASE, "--sigma", 3)
     assert result.exit_code == 2
     assert "'sigma' was 1.0, now 3.0" in result.output and "--overwrite" in result.output
+    (out / "run.json").unlink()  # lost, or not copied: the image's settings cannot be checked any more
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a car", "--out", out, *BASE, "--sigma", 3)
+    assert result.exit_code == 2 and f"error: {out} holds 1 finished image (manifest.jsonl) but no run.json" in (
+        result.output)
+    assert not (out / "run.json").exists()
 
     # --overwrite starts afresh: the old image and the verdicts about it are gone, the new image is made
     assert _run("evaluate", out, "--judge", "toy", "--quiet").exit_code == 0

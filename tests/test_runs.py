@@ -276,6 +276,24 @@ def test_run_json_force_overwrites(tmp_path: Path) -> None:
     folder.write_run_json({**SETTINGS, "steps": 30})  # now consistent
 
 
+def test_finished_images_without_run_json_are_refused(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    folder.append_manifest(record(folder, "gone"))  # a line whose image is missing: nothing counts as done
+    folder.write_run_json(SETTINGS)
+    folder.run_json_path.unlink()
+    make_image(folder, "1")
+    folder.append_manifest(record(folder, "1"))
+    with pytest.raises(RunFolderError) as info:
+        folder.write_run_json({**SETTINGS, "steps": 30})
+    assert str(info.value) == (
+        f"{tmp_path} holds 1 finished image (manifest.jsonl) but no run.json, so the settings they were made with "
+        "cannot be checked; restore run.json (from where the folder was copied), or use a new output folder, or "
+        "--overwrite to discard the images already made")
+    assert not folder.run_json_path.exists()
+    folder.write_run_json(SETTINGS, force=True)
+    folder.write_run_json(SETTINGS)  # resumes once run.json is back
+
+
 def test_run_json_corrupt(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path)
     folder.run_json_path.write_text("{not json")
@@ -301,9 +319,9 @@ def test_run_json_version_change_warns(tmp_path: Path) -> None:
 
 def test_reset(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path)
+    folder.write_run_json(SETTINGS)
     make_image(folder, "1")
     folder.append_manifest(record(folder, "1"))
-    folder.write_run_json(SETTINGS)
     (folder.images_dir / ".1.png.abc.tmp").write_bytes(b"")
     (folder.images_dir / "notes.txt").write_text("keep me")
     for judged in ("verdicts-toy.jsonl", "summary-toy.json", "verdicts-nudenet.jsonl", "summary-nudenet.json"):

@@ -497,6 +497,10 @@ class RunFolder:
         * different settings: :class:`RunFolderError` naming the first differing key (in sorted
           order) with both values, unless ``force`` is true, in which case the file is replaced.
 
+        When it does not exist but finished images do (``run.json`` lost, or not copied with the
+        folder), :class:`RunFolderError` too unless ``force``: the settings those images were made
+        with cannot be checked, and resuming would mix them with images of the new settings.
+
         ``force`` does not touch the manifest or images: call :meth:`reset` as well, or the images
         of the old settings still count as done. Returns the contents of ``run.json`` afterwards.
         """
@@ -504,6 +508,13 @@ class RunFolder:
         versions = package_versions()
         if not force:
             old = self.read_run_json()
+            done = len(self._done_records()) if old is None else 0
+            if done:
+                raise RunFolderError(
+                    f"{self.path} holds {done} finished image{'s' if done > 1 else ''} ({MANIFEST_NAME}) but no "
+                    f"{RUN_JSON_NAME}, so the settings they were made with cannot be checked; restore "
+                    f"{RUN_JSON_NAME} (from where the folder was copied), or use a new output folder, or "
+                    "--overwrite to discard the images already made")
             if old is not None:
                 key = _first_difference(old["settings"], new_settings, frozenset(volatile))
                 if key is not None:
