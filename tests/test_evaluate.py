@@ -433,6 +433,11 @@ def test_each_accelerate_process_puts_its_judge_on_its_own_gpu(toy_folder: Path,
         with pytest.raises(RuntimeError, match="built"):
             evaluate_folder(toy_folder, "toy", {"device": device}, quiet=True)
         assert asked[-1] == expected
+    # NudeNet takes no device (onnxruntime places it), so none is given to it, and its process is not refused.
+    monkeypatch.setitem(JUDGES, "nudenet", judge)
+    with pytest.raises(RuntimeError, match="built"):
+        evaluate_folder(toy_folder, "nudenet", quiet=True)
+    assert asked[-1] is None
 
 
 def test_two_judges_share_a_folder(tmp_path: Path, monkeypatch) -> None:
@@ -492,6 +497,8 @@ def test_cli_option_errors(toy_folder: Path) -> None:
     for threshold in ("0.5", "0"):
         assert_fails(run_cli(toy_folder, "--judge", "toy", "--threshold", threshold),
                      "--threshold is for --judge nudenet, not --judge toy")
+    assert_fails(run_cli(toy_folder, "--judge", "nudenet", "--device", "cuda"),
+                 "error: --device is for --judge toy or clip or imagenet or q16 or fid, not --judge nudenet")
     assert_fails(run_cli(toy_folder, "--judge", "toy", "--device", "bogus"),
                  "unknown device 'bogus'; expected auto, cpu, cuda, cuda:N or mps")
     assert_fails(run_cli(toy_folder, "--judge", "clip"),

@@ -79,15 +79,16 @@ JUDGES: dict[str, Factory] = {
     "fid": _lazy("fid"),
 }
 # The options each judge reads; any other judge-specific option given is an error, not silently ignored.
+# (NudeNet's detector takes no device: onnxruntime chooses where it runs.)
 JUDGE_OPTIONS: dict[str, tuple[str, ...]] = {
     "nudenet": ("classes", "threshold"),
-    "toy": ("toy_judge",),
-    "clip": ("clip_model",),
-    "imagenet": ("resnet_model",),
-    "q16": ("clip_model", "q16_prompts"),
-    "fid": ("inception_weights", "reference"),
+    "toy": ("toy_judge", "device"),
+    "clip": ("clip_model", "device"),
+    "imagenet": ("resnet_model", "device"),
+    "q16": ("clip_model", "q16_prompts", "device"),
+    "fid": ("inception_weights", "reference", "device"),
 }
-COMMON_OPTIONS: tuple[str, ...] = ("batch_size", "device")
+COMMON_OPTIONS: tuple[str, ...] = ("batch_size",)
 VERDICT_FIELDS: tuple[str, ...] = ("file", "case", "k", "prompt")
 # The verdict's record of which image it judged: an image made again under the same name (its row was
 # edited, or it was replaced by hand) has other bytes, and is judged again.
@@ -274,7 +275,7 @@ def evaluate_folder(
     """Judge every image listed in ``folder``'s manifest; returns the summary (also written to disk).
 
     ``options`` holds the judge's settings by option name without dashes (``threshold``,
-    ``clip_model``...; see :data:`JUDGE_OPTIONS`), plus ``batch_size`` and ``device``; ``None`` values
+    ``clip_model``, ``device``...; see :data:`JUDGE_OPTIONS`), plus ``batch_size``; ``None`` values
     are ignored. Images that already have a verdict made under the same settings are not judged again;
     ``overwrite`` discards this judge's verdicts and summary first. Every user error is a one-line
     ``ValueError`` naming the path or option.
@@ -291,7 +292,8 @@ def evaluate_folder(
 
     # Under ``accelerate launch`` each process judges every N-th image, on its own GPU; all append to one file.
     state = process_state()
-    if state.num_processes > 1 and state.device.type == "cuda" and options.get("device") in (None, "", "auto"):
+    if (state.num_processes > 1 and state.device.type == "cuda" and "device" in JUDGE_OPTIONS[name]
+            and options.get("device") in (None, "", "auto")):
         options = {**options, "device": str(state.device)}
     judge = JUDGES[name](options, context)
     settings = _normalise(judge.settings())
