@@ -259,6 +259,21 @@ def test_negative_and_too_large_seed(tmp_path: Path) -> None:
     assert "'4294967296' is too large for a seed; seeds must be between 0 and 4294967295" in error_of(path)
 
 
+def test_numbers_with_underscores_are_refused(tmp_path: Path) -> None:
+    # Python would read '7_5' as 75.0 and '1_000' as 1000.
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed,evaluation_guidance\na,1_000,7.5\nb,1,7_5\n")
+    with pytest.raises(PromptFileError) as info:
+        read_prompts(path)
+    assert info.value.problems == [
+        f"{path}, row 2, column 'evaluation_seed': '1_000' is not an integer seed ('_' is not read as a digit "
+        "separator)",
+        f"{path}, row 3, column 'evaluation_guidance': '7_5' is not a number (expected a guidance scale such as 7.5; "
+        "'_' is not read as a digit separator)",
+    ]
+    jsonl = write(tmp_path, "p.jsonl", '{"prompt": "a", "sd_seed": "4_2"}\n')
+    assert "row 1, column 'sd_seed': '4_2' is not an integer seed" in error_of(jsonl)
+
+
 @pytest.mark.parametrize("value", ["high", "nan", ""])
 def test_bad_guidance(tmp_path: Path, value: str) -> None:
     if value == "":  # an empty cell is not an error: it falls back to the default

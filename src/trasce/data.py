@@ -58,6 +58,9 @@ SEED_RANGE = f"seeds must be between 0 and {MAX_SEED} (2**32 - 1)"
 UNREAD_SUFFIXES = (".json", ".parquet", ".xlsx", ".xls", ".yaml", ".yml")
 # File names hold 255 bytes; a case name becomes ``.<case>_<k>.png.<12 hex>.tmp`` while its image is written.
 MAX_CASE_BYTES = 200
+# Python's number parsers read '_' between digits as a separator ("7_5" is 75.0); in a prompt file it is
+# more likely a typo or another locale's habit than a thousands separator, so cells holding one are refused.
+_UNDERSCORE = "'_' is not read as a digit separator"
 # Values quoted in error messages are cut to this many characters so the message stays one line.
 _SHOW_CHARS = 60
 
@@ -149,6 +152,8 @@ def _parse_seed(value: Any) -> tuple[int | None, str | None]:
         return None, "is not an integer seed"
     if isinstance(value, int):
         number = Decimal(value)
+    elif isinstance(value, str) and "_" in value:
+        return None, f"is not an integer seed ({_UNDERSCORE})"
     elif isinstance(value, (float, str)):
         try:
             number = Decimal(str(value).strip())
@@ -171,6 +176,8 @@ def _parse_guidance(value: Any) -> tuple[float | None, str | None]:
     """Parse a CFG-scale cell into ``(scale, None)`` or ``(None, why_not)``."""
     if isinstance(value, bool):
         return None, "is not a number (expected a guidance scale such as 7.5)"
+    if isinstance(value, str) and "_" in value:
+        return None, f"is not a number (expected a guidance scale such as 7.5; {_UNDERSCORE})"
     try:
         scale = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
