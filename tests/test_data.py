@@ -315,6 +315,20 @@ def test_duplicate_case_names_both_rows(tmp_path: Path) -> None:
     )
 
 
+def test_case_names_that_differ_only_in_case_or_accent_encoding_are_duplicates(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "case_number,prompt\nA,a\nb,b\na,c\n")
+    assert error_of(path) == (
+        f"{path}, row 4, column 'case_number': duplicate case 'a' (also on row 2 as 'A'); case names must differ in "
+        "more than upper and lower case (or how accents are encoded), since a case-insensitive file system (macOS, "
+        "Windows) keeps one image for both")
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    path = write(tmp_path, "q.jsonl", "".join(json.dumps({"prompt": "p", "case_number": c}) + "\n"
+                                              for c in (composed, decomposed)))
+    assert f"duplicate case {decomposed!r} (also on row 1 as {composed!r})" in error_of(path)
+    path = write(tmp_path, "r.csv", "case_number,prompt\nStraat-1,a\nstraat-2,b\n")
+    assert [row.case for row in read_prompts(path)] == ["Straat-1", "straat-2"]
+
+
 def test_duplicate_case_between_explicit_and_index_names_in_jsonl(tmp_path: Path) -> None:
     path = write(tmp_path, "p.jsonl", '{"prompt": "a", "case_number": "00001"}\n{"prompt": "b"}\n')
     assert "duplicate case '00001' (also on row 1)" in error_of(path)

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -248,7 +249,9 @@ def _rows_from_records(
     a prompt column), while each JSONL object may name its prompt differently.
     """
     rows: list[PromptRow] = []
-    first_row_of_case: dict[str, int] = {}
+    # Keyed by the name as a case-insensitive file system (macOS, Windows) compares it: 'A' and 'a', or é
+    # composed and decomposed, would be one file there, the second image overwriting the first.
+    first_of_case: dict[str, tuple[int, str]] = {}
     used = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
 
     for index, (row_number, record) in enumerate(records):
@@ -320,15 +323,18 @@ def _rows_from_records(
             case = f"{index:05d}"
 
         if case and check_case_name(case) is None:
-            if case in first_row_of_case:
-                collector.add(
-                    row_number,
-                    CASE_COLUMN,
-                    f"duplicate case {case!r} (also on row {first_row_of_case[case]}); case names must be unique",
-                )
+            key = unicodedata.normalize("NFC", case.casefold())
+            if key in first_of_case:
+                first_row, first_case = first_of_case[key]
+                why = ("case names must be unique" if first_case == case else
+                       "case names must differ in more than upper and lower case (or how accents are encoded), "
+                       "since a case-insensitive file system (macOS, Windows) keeps one image for both")
+                shown = "" if first_case == case else f" as {first_case!r}"
+                collector.add(row_number, CASE_COLUMN,
+                              f"duplicate case {case!r} (also on row {first_row}{shown}); {why}")
                 ok = False
             else:
-                first_row_of_case[case] = row_number
+                first_of_case[key] = (row_number, case)
 
         if ok:
             extra = {k: _cell_text(v) for k, v in record.items() if k != prompt_key and k not in used}
