@@ -19,6 +19,7 @@ import torch
 
 from trasce import TraSCEPipeline
 from trasce.generate import model_defaults
+from trasce.runs import source_commit
 from trasce.toy import world
 from trasce.toy.judge import Judge
 from trasce.toy.prompts import add_speed_arguments, speed_prompt_sets
@@ -33,9 +34,9 @@ def main() -> None:
     defaults = model_defaults("toy")
     steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
     sets = speed_prompt_sets(args.concept, args.n, args.seed)
-    exact = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
+    exact = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset, lazy_tolerance=None)
     results = {"concept": args.concept, "steps": steps, "guidance_scale": scale, "settings": vars(exact.settings),
-               "rows": []}
+               "trasce_commit": source_commit(), "rows": []}
     judge = Judge.load()
     attribute = next(a for a, values in world.ATTRIBUTES.items() if args.concept in values)
 
