@@ -22,6 +22,7 @@ import torch
 from trasce import TraSCEPipeline
 from trasce.bench import time_round_robin
 from trasce.generate import model_defaults
+from trasce.runs import source_commit
 from trasce.toy.prompts import add_speed_arguments, speed_prompt_sets
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     result = {"concept": args.concept, "preset": args.preset, "steps": steps, "guidance_scale": scale,
               "repeats": args.repeats, "settings": vars(trasce.settings),
               "machine": {"device": platform.processor() or "cpu", "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}, "rows": rows}
+                          "threads": torch.get_num_threads()}, "trasce_commit": source_commit(), "rows": rows}
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
