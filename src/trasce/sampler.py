@@ -280,14 +280,17 @@ class _GradientNormEstimate:
     50 steps) it rose 30 to 270 fold from the first step to its peak, and up to 5 fold from one
     step to the next. With the running maximum alone, the default tolerance skipped updates up to
     2.6 times its size on concept-near captions; with ``growth`` 1.5 the largest skipped update
-    was 0.36 of it (each skipped step replayed on the exact path from the same latent; 18
-    captions, three seeds). README "Speed" gives the final images' differences.
+    was 0.36 of it (``benchmarks/lazy_skips.py``: each skipped step replayed on the exact path from
+    the same latent; 18 captions, three seeds). README "Speed" gives the final images' differences.
     """
 
-    def __init__(self, batch: int, device: torch.device, margin: float = 2.0, growth: float = 1.5):
+    #: factor on the largest norm measured
+    margin = 2.0
+    #: factor for every step since the image was last measured (``benchmarks/lazy_skips.py`` measures others)
+    growth = 1.5
+
+    def __init__(self, batch: int, device: torch.device):
         self.value = torch.full((batch,), float("nan"), device=device)
-        self.margin = margin
-        self.growth = growth
         # Steered steps since each image was last measured (its estimate's age).
         self.age = torch.zeros(batch, device=device)
         # The update size estimated (or measured) at the previous step; NaN until known.
