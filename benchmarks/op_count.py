@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from trasce import TraSCEPipeline
 from trasce.bench import CONCEPT, PROMPT, trasce_variants
 from trasce.models import random as random_models
+from trasce.runs import source_commit
 
 VIEWS_THAT_ARE_NOT_VIEWS = {torch.ops.aten._unsafe_view.default}  # a reshape's result: no copy, no launch
 
@@ -103,7 +104,7 @@ def main() -> None:
         result = {"model": args.model, "batch_size": args.batch_size, "size": args.size, "dtype": "fp32",
                   "steps": [args.steps, 2 * args.steps], "torch": torch.__version__,
                   "diffusers": diffusers.__version__, "counted": "ATen operator calls through the dispatcher "
-                  "(TorchDispatchMode), forward and backward", "rows": results}
+                  "(TorchDispatchMode), forward and backward", "trasce_commit": source_commit(), "rows": results}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
