@@ -1,5 +1,6 @@
 """The sampler against the literal released loop and against diffusers' own pipeline."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -229,8 +230,6 @@ def test_lazy_skips_only_updates_below_its_tolerance_whichever_way_they_push(tin
     measured (RMS per element; DDIM's x_in is the latent). The tolerance is the median of the exact
     run's updates. An earlier version kept the sign of lambda * eta in its update sizes and bounds, and
     skipped updates 4 times the tolerance here when eta < 0 (test_guidance holds update_bound alone)."""
-    import copy
-
     import trasce.sampler as sampler
 
     exact, prompts, kwargs = _exact_two_images(tiny_sd)
@@ -686,10 +685,24 @@ def test_a_zero_dimensional_cfg_scale_is_one_scale(tiny_sd):
         assert torch.equal(trasce(["a red apple", "a car"], guidance_scale=scale, **kwargs).images, expected)
 
 
+def _first_step_by_hand(pipe, prompt: str, concept: str, latents: torch.Tensor):
+    """The first DDIM step's inputs, by hand: the scheduler, its timestep, the latent ``x``, a leaf
+    ``xg`` of it, the empty prompt's prediction at ``x`` and the prompt's and concept's at ``xg``."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(STEPS)
+    t = scheduler.timesteps[0]
+    x = latents * scheduler.init_noise_sigma
+    e_0, e_p, e_c = (_embed(pipe, text) for text in ("", prompt, concept))
+    with torch.no_grad():
+        pred_0 = pipe.unet(x, t, encoder_hidden_states=e_0).sample
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        pred_p, pred_c = pipe.unet(torch.cat([xg, xg]), t, encoder_hidden_states=torch.cat([e_p, e_c])).sample.chunk(2)
+    return scheduler, t, x, xg, pred_0, pred_p, pred_c
+
+
 def test_the_gaussian_kernel_steers_by_its_own_gradient(tiny_sd):
     """One step of kernel="gaussian", written out: L = -lam * exp(-d^2 / (2 sigma^2)) on the DDIM latent."""
-    import copy
-
     lam, eta, sigma, scale = 3.0, 2.0, 2.0, 7.5
     prompt, concept = "a red apple", "an apple"
     latents = _latents(tiny_sd)
@@ -699,17 +712,8 @@ def test_the_gaussian_kernel_steers_by_its_own_gradient(tiny_sd):
     trasce(prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(), output_type="latent",
            callback=steps.append)
 
-    scheduler = copy.deepcopy(tiny_sd.scheduler)
-    scheduler.set_timesteps(STEPS)
-    t = scheduler.timesteps[0]
-    x = latents * scheduler.init_noise_sigma
-    e_0, e_p, e_c = (_embed(tiny_sd, text) for text in ("", prompt, concept))
-    with torch.no_grad():
-        pred_0 = tiny_sd.unet(x, t, encoder_hidden_states=e_0).sample
-    xg = x.clone().requires_grad_(True)
+    scheduler, t, x, xg, pred_0, pred_p, pred_c = _first_step_by_hand(tiny_sd, prompt, concept, latents)
     with torch.enable_grad():
-        both = tiny_sd.unet(torch.cat([xg, xg]), t, encoder_hidden_states=torch.cat([e_p, e_c])).sample
-        pred_p, pred_c = both.chunk(2)
         d = (pred_p - pred_c).norm()
         (grad,) = torch.autograd.grad(-lam * torch.exp(-d**2 / (2 * sigma**2)), xg)
     guided = pred_0 + scale * (pred_p.detach() - pred_c.detach())
@@ -722,8 +726,6 @@ def test_the_gaussian_kernel_steers_by_its_own_gradient(tiny_sd):
 def test_under_v_prediction_steering_differentiates_the_noise_equivalent_distance(tmp_path):
     """One steered step of a v-prediction model (SD 2.x), written out: d = sqrt(alpha_bar_t) * ||v_p - v_c||
     (the noise predictions' distance), L = -lam * exp(-d / sigma), and the latent steps by -eta * dL/dx."""
-    import copy
-
     lam, eta, sigma, scale = 3.0, 2.0, 20.0, 7.5
     prompt, concept = "a red apple", "an apple"
     pipe = make_tiny_sd(tmp_path, prediction_type="v_prediction")
@@ -734,16 +736,8 @@ def test_under_v_prediction_steering_differentiates_the_noise_equivalent_distanc
     trasce(prompt, num_inference_steps=STEPS, guidance_scale=scale, latents=latents.clone(), output_type="latent",
            callback=steps.append)
 
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(STEPS)
-    t = scheduler.timesteps[0]
-    x = latents * scheduler.init_noise_sigma
-    e_0, e_p, e_c = (_embed(pipe, text) for text in ("", prompt, concept))
-    with torch.no_grad():
-        v_0 = pipe.unet(x, t, encoder_hidden_states=e_0).sample
-    xg = x.clone().requires_grad_(True)
+    scheduler, t, x, xg, v_0, v_p, v_c = _first_step_by_hand(pipe, prompt, concept, latents)
     with torch.enable_grad():
-        v_p, v_c = pipe.unet(torch.cat([xg, xg]), t, encoder_hidden_states=torch.cat([e_p, e_c])).sample.chunk(2)
         d = scheduler.alphas_cumprod[int(t)].sqrt() * (v_p - v_c).norm()
         (grad,) = torch.autograd.grad(-lam * torch.exp(-d / sigma), xg)
     guided = v_0 + scale * (v_p.detach() - v_c.detach())
