@@ -181,6 +181,23 @@ def test_negative_prompt_mode_reports_the_distance_to_the_concept(tiny_sd):
     assert torch.allclose(first["negative_prompt"], first["negation"]) and (first["negation"] > 0).all()
 
 
+def test_v_prediction_noise_scale_follows_the_step_sigma_where_timesteps_are_fractional():
+    """With Karras sigmas Euler's timesteps are fractional, and sqrt(alpha_bar) is 1 / sqrt(1 + sigma**2)
+    at the step's own sigma, not the table's entry at int(t) (0.1094 for 0.1092 at step 1 here)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from trasce.sampler import noise_scale
+
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="v_prediction", use_karras_sigmas=True)
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps[1] != int(scheduler.timesteps[1])
+    for i, t in enumerate(scheduler.timesteps):
+        expected = float((1 + scheduler.sigmas[i].double() ** 2) ** -0.5)
+        assert noise_scale(scheduler, t) == pytest.approx(expected, rel=1e-6), i
+        scheduler._step_index += 1  # as scheduler.step would
+
+
 def test_v_prediction_distance_uses_noise_equivalent(tmp_path):
     """For v-prediction, d must be ||eps_p - eps_c|| = sqrt(alpha_bar_t) * ||v_p - v_c||."""
     pipe = make_tiny_sd(tmp_path, prediction_type="v_prediction")

@@ -145,8 +145,10 @@ def noise_scale(scheduler, t: torch.Tensor) -> float:
     """
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     if prediction_type == "v_prediction":
-        alphas = scheduler.alphas_cumprod
-        return float(alphas[int(t)].sqrt())
+        c = input_scale(scheduler, t)
+        if c != 1.0:  # Euler, LMS: c = sqrt(sigma**2 + 1) = 1 / sqrt(a), exact where t is fractional (Karras)
+            return 1.0 / c
+        return float(scheduler.alphas_cumprod[int(t)].sqrt())
     if prediction_type in ("epsilon", "flow_prediction", None):
         return 1.0
     raise ValueError(
