@@ -200,7 +200,7 @@ class TraSCEPipeline:
     plain CFG), ``negative_prompt`` (diffusers' conventional negative prompt) or ``none``.
     ``loss_scale``/``step_size``/``sigma`` are the released script's ``guidance_loss_scale``/
     ``discriminator_guidance_scale``/``sigma``; a ``preset`` fills them and the concept.
-    ``lazy_tolerance`` skips backward passes whose update would be smaller, as an RMS per latent
+    ``lazy_tolerance`` skips backward passes whose update is estimated to be smaller, as an RMS per latent
     element (``None``: exact, every backward pass runs). ``one_call``: a steered image's three
     branches in one denoiser call under gradients (same numbers, fewer kernel launches), or in two
     (``False``); ``None`` chooses one call on CUDA for a few images' latents, else two
