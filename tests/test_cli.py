@@ -183,7 +183,8 @@ def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeyp
     judged = _run("evaluate", out, "--judge", "toy", "--quiet")
     assert judged.exit_code == 0 and judged.stderr == (
         f"warning: {out}: not complete: 2 of the 3 images the run expects are missing (first: images/00001.png); "
-        "the numbers cover the 1 present; rerun trasce generate on the folder to make the rest\n")
+        "the numbers cover the 1 present; rerun the trasce generate or trasce benchmark command that made it "
+        "to make the rest\n")
     monkeypatch.setattr(generate, "atomic_save_image", real_save)
     first = (out / "images" / "00000.png").stat().st_mtime_ns
     # a half-written file a killed process left two hours ago, and one another process is writing now

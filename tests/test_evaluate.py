@@ -390,7 +390,8 @@ def test_summary_says_whether_the_run_holds_every_image_it_expects(toy_folder: P
     assert (summary["expected_images"], summary["missing_images"], summary["complete"]) == (None, None, None)
     assert summary["completeness"] == (
         f"expected images unknown: {toy_folder / 'requested.jsonl'} does not exist (the folder was made before "
-        "trasce generate recorded which images a run is to make); rerun trasce generate on the folder to record them")
+        "trasce generate recorded which images a run is to make); rerun the trasce generate or trasce benchmark "
+        "command that made it to record them")
     result = run_cli(toy_folder, "--judge", "toy")
     assert result.exit_code == 0 and "expected images unknown" in result.output and "warning" not in result.output
 
@@ -405,7 +406,7 @@ def test_summary_says_whether_the_run_holds_every_image_it_expects(toy_folder: P
     summary = evaluate_folder(toy_folder, "toy", quiet=True)
     assert (summary["expected_images"], summary["missing_images"], summary["complete"]) == (6, 2, False)
     words = ("not complete: 2 of the 6 images the run expects are missing (first: images/00004.png); the numbers "
-             "cover the 4 present; rerun trasce generate on the folder to make the rest")
+             "cover the 4 present; rerun the trasce generate or trasce benchmark command that made it to make the rest")
     assert summary["completeness"] == words
     assert json.loads(summary_path(toy_folder, "toy").read_text())["completeness"] == words
     result = CliRunner().invoke(main, ["evaluate", str(toy_folder), "--judge", "toy", "--quiet"])

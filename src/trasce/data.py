@@ -323,7 +323,7 @@ def _rows_from_records(
             case = f"{index:05d}"
 
         if case and check_case_name(case) is None:
-            key = unicodedata.normalize("NFC", case.casefold())
+            key = unicodedata.normalize("NFC", case.lower())  # lower, not casefold: "ß" and "ss" are two files
             if key in first_of_case:
                 first_row, first_case = first_of_case[key]
                 why = ("case names must be unique" if first_case == case else

@@ -396,7 +396,8 @@ class RunFolder:
         Each session of ``trasce generate`` calls it with every image of its rows (all processes' shares),
         so the union over sessions is what the folder should hold when finished, whichever slices
         (``--start``/``--end``) or grown prompt files the sessions took. Only names not yet recorded are
-        appended, as one line under the manifest's lock, so resuming adds nothing.
+        appended, as one line under the file's own lock, so resuming adds nothing (two sessions starting at
+        once may both append a name; the reader takes the union).
         """
         new = sorted(set(files) - (self.requested() or set()))
         if new:

@@ -248,7 +248,7 @@ def completeness(run_folder: RunFolder, records: Sequence[Mapping[str, Any]]) ->
         return {"expected_images": None, "missing_images": None, "complete": None,
                 "completeness": f"expected images unknown: {run_folder.path / REQUESTED_NAME} does not exist (the "
                                 "folder was made before trasce generate recorded which images a run is to make); "
-                                "rerun trasce generate on the folder to record them"}
+                                "rerun the trasce generate or trasce benchmark command that made it to record them"}
     missing = sorted(requested - present)
     expected = len(requested | present)
     if not missing:
@@ -256,7 +256,8 @@ def completeness(run_folder: RunFolder, records: Sequence[Mapping[str, Any]]) ->
     else:
         words = (f"not complete: {len(missing)} of the {expected} images the run expects "
                  f"{'is' if len(missing) == 1 else 'are'} missing (first: {missing[0]}); the numbers cover the "
-                 f"{len(present)} present; rerun trasce generate on the folder to make the rest")
+                 f"{len(present)} present; rerun the trasce generate or trasce benchmark command that made it "
+                 "to make the rest")
     return {"expected_images": expected, "missing_images": len(missing), "complete": not missing,
             "completeness": words}
 
