@@ -239,25 +239,26 @@ def test_lazy_with_zero_tolerance_is_exact_and_large_tolerance_skips(tiny_sd):
                           .images, atol=1e-5)
 
 
-@pytest.mark.parametrize("sign", [(1.0, 1.0), (-1.0, 1.0), (1.0, -1.0)])
-def test_lazy_skips_only_updates_below_its_tolerance_whichever_way_they_push(tiny_sd, monkeypatch, sign):
-    """A negative lambda or eta moves the latent away from where the branches agree. Whichever the
-    direction, every update that lazy steering skips must be smaller than its tolerance: each lazy
-    step is replayed on the exact path from the same latent, and the update it would have made is
-    measured (RMS per element; DDIM's x_in is the latent). The tolerance is the median of the exact
-    run's updates. An earlier version kept the sign of lambda * eta in its update sizes and bounds, and
-    skipped updates 4 times the tolerance here when eta < 0 (test_guidance holds update_bound alone)."""
+def _record_updates(monkeypatch) -> list[torch.Tensor]:
+    """Each steered step's update sizes (RMS per element of ``eta * grad``, per image), as they happen."""
     import trasce.sampler as sampler
 
-    exact, prompts, kwargs = _exact_two_images(tiny_sd)
-    signed = exact.with_settings(loss_scale=sign[0] * exact.settings.loss_scale,
-                                 step_size=sign[1] * exact.settings.step_size)
-    steering_step, steer = sampler._steering_step, sampler.guidance.steer
-    updates, replayed = [], []
+    updates, steer = [], sampler.guidance.steer
 
     def recording_steer(latents, grad, step_size):
         updates.append((step_size * grad).flatten(1).pow(2).mean(1).sqrt())
         return steer(latents, grad, step_size)
+
+    monkeypatch.setattr(sampler.guidance, "steer", recording_steer)
+    return updates
+
+
+def _replay_lazy_steps(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per lazy step: the update each image would get on the exact path from the same latent (RMS per
+    element; DDIM's x_in is the latent), and which images the lazy path steered."""
+    import trasce.sampler as sampler
+
+    replayed, steering_step = [], sampler._steering_step
 
     def replaying_step(denoise, scheduler, latents, t, *args):
         settings, estimate, step = args[3], args[6], args[8]
@@ -270,16 +271,73 @@ def test_lazy_skips_only_updates_below_its_tolerance_whichever_way_they_push(tin
             replayed.append(((steered - latents).flatten(1).pow(2).mean(1).sqrt(), step.steered.clone()))
         return preds, lazy_steered, step
 
-    monkeypatch.setattr(sampler.guidance, "steer", recording_steer)
+    monkeypatch.setattr(sampler, "_steering_step", replaying_step)
+    return replayed
+
+
+@pytest.mark.parametrize("sign", [(1.0, 1.0), (-1.0, 1.0), (1.0, -1.0)])
+def test_lazy_skips_only_updates_below_its_tolerance_whichever_way_they_push(tiny_sd, monkeypatch, sign):
+    """A negative lambda or eta moves the latent away from where the branches agree. Whichever the
+    direction, every update that lazy steering skips must be smaller than its tolerance, here the
+    median of the exact run's updates. On this model ||dd/dx|| shrinks over the run, so a correct
+    estimate skips nothing; an earlier version kept the sign of lambda * eta in its update sizes and
+    bounds, and skipped every step after the first when eta < 0, updates 4 times the tolerance
+    among them (test_guidance holds update_bound alone; the next test makes the estimate skip)."""
+    exact, prompts, kwargs = _exact_two_images(tiny_sd)
+    signed = exact.with_settings(loss_scale=sign[0] * exact.settings.loss_scale,
+                                 step_size=sign[1] * exact.settings.step_size)
+    updates = _record_updates(monkeypatch)
     reference = signed(prompts, **kwargs)
     if sign != (1.0, 1.0):
         assert not torch.allclose(reference.images, exact(prompts, **kwargs).images, atol=1e-3)
     tolerance = float(torch.stack(updates).median())
-    monkeypatch.setattr(sampler, "_steering_step", replaying_step)
+    replayed = _replay_lazy_steps(monkeypatch)
     signed.with_settings(lazy_tolerance=tolerance)(prompts, **kwargs)
     assert len(replayed) == STEPS
     for sizes, steered in replayed:
         assert (sizes[~steered] < tolerance).all(), (sizes, steered, tolerance)
+
+
+@pytest.mark.parametrize("growth", [1.5, 1.0])
+def test_lazy_estimate_keeps_up_with_a_gradient_that_grows(monkeypatch, growth):
+    """The prompt branch differs from the others by 1.4**i * (W x + b) at step i, so ||dd/dx|| grows
+    1.4-fold per step, and with a flat kernel so does the update. With the tolerance at step 4's
+    update, the running maximum alone (growth 1: the estimate x2) skips step 5's update, above the
+    tolerance; the default growth (x1.5 per step since the last measurement) keeps up."""
+    from diffusers import DDIMScheduler
+
+    import trasce.sampler as sampler
+
+    monkeypatch.setattr(sampler._GradientNormEstimate, "growth", growth)
+    g = torch.Generator().manual_seed(0)
+    n = 4 * 8 * 8
+    w, b = 0.05 * torch.randn(n, n, generator=g) / n**0.5, 0.2 * torch.randn(n, generator=g)
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    index = {int(t): i for i, t in enumerate(scheduler.timesteps)}
+
+    def denoise(x_in, t, cond):
+        flat = x_in.flatten(1).float()
+        prompt = (cond["branch"] == 1).float()[:, None]
+        return (0.1 * flat + prompt * 1.4 ** index[int(t)] * (flat @ w.T + b)).reshape(x_in.shape)
+
+    conds = [{"branch": torch.tensor([float(k)])} for k in range(3)]
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    settings = EraseSettings(loss_scale=1.0, step_size=1.0, sigma=1e4, lazy_tolerance=None)  # a flat kernel
+    updates = _record_updates(monkeypatch)
+    list(sample(denoise, scheduler, x, *conds, 1.0, settings, 10, timesteps_set=True))
+    sizes = torch.stack(updates).flatten()
+    assert (sizes[1:] / sizes[:-1] > 1.3).all()  # the updates grow step by step
+    tolerance = float(sizes[4])
+    replayed = _replay_lazy_steps(monkeypatch)
+    list(sample(denoise, scheduler, x, *conds, 1.0, replace(settings, lazy_tolerance=tolerance), 10,
+                timesteps_set=True))
+    skipped = torch.cat([sizes[~steered] for sizes, steered in replayed])
+    assert len(skipped) > 0
+    if growth == 1.5:
+        assert (skipped < tolerance).all(), skipped / tolerance
+    else:
+        assert (skipped > tolerance).any(), skipped / tolerance
 
 
 def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny_sd, monkeypatch):
