@@ -272,3 +272,14 @@ def test_real_model_needs_its_prompt_files(tiny_sd_folder, tmp_path):
     assert result.exit_code == 2 and "missing.csv" in result.output
     result = CliRunner().invoke(main, [*base, "--judge", "clip", "--target-prompts", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2 and "--judge clip gives a score per image, which trasce benchmark" in result.output
+
+
+def test_a_non_finite_number_is_written_as_text_and_the_table_shows_it():
+    """benchmark and bench write results through one json_ready: NaN and inf become "nan" and "inf"
+    (JSON has no such numbers, and null would read as "not measured"), which the table shows as they are."""
+    from trasce.bench import json_ready
+    from trasce.benchmark import _number
+
+    ready = json_ready({"fid_vs_none": float("nan"), "times": (float("inf"), 1.0), "n": 3})
+    assert ready == {"fid_vs_none": "nan", "times": ["inf", 1.0], "n": 3}
+    assert [_number(v) for v in (ready["fid_vs_none"], None, 2.3456, 12345.6)] == ["nan", "-", "2.35", "12346"]

@@ -385,19 +385,19 @@ def format_rows(result: dict) -> str:
     return markdown_table(header, rows) + failures
 
 
-def _json_ready(value):
+def json_ready(value):
     """``value`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"``: JSON has no such
     numbers, and ``null`` would read as "not set" (a lazy tolerance of ``inf`` is not ``None``, exact)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
+        return {key: json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
+        return [json_ready(item) for item in value]
     return value
 
 
 def write_result(result: dict, path: Path) -> None:
     from trasce.runs import atomic_write_bytes
 
-    atomic_write_bytes(path, (json.dumps(_json_ready(result), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n").encode())

@@ -32,7 +32,6 @@ import contextlib
 import functools
 import html
 import json
-import math
 import platform
 import time
 import warnings
@@ -44,7 +43,7 @@ from typing import Any
 
 import torch
 
-from trasce.bench import synchronize
+from trasce.bench import json_ready, synchronize
 from trasce.data import MAX_SEED
 from trasce.eval.base import rate_entry
 from trasce.generate import (
@@ -541,8 +540,10 @@ def _pct(entry: dict | None) -> str:
     return f"{100 * entry['rate']:.1f} % ({100 * low:.0f}-{100 * high:.0f})"
 
 
-def _number(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+def _number(value: float | str | None, digits: int = 3) -> str:
+    if value is None or isinstance(value, str):  # not measured, or a non-finite number as json_ready writes it
+        return "-" if value is None else value
+    return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
 def results_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -641,16 +642,6 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -858,7 +849,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "versions": {**package_versions(), "trasce_commit": source_commit()},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results = _json_ready(results)
+    results = json_ready(results)
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode())
     from trasce.report import markdown_table
 
