@@ -340,6 +340,9 @@ def sample(
     if not timesteps_set:
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
+    # The per-step factors read timesteps as numbers (int(t) for v-prediction's alpha-bar); read from a
+    # GPU tensor, each would wait for the GPU's queue to drain, so they get a host copy, made once.
+    host_timesteps = timesteps.cpu()
     first, last = settings.window_steps(len(timesteps))
     check_scheduler(scheduler, settings, len(timesteps))
     batch = latents.shape[0]
@@ -355,8 +358,8 @@ def sample(
 
     for i, t in enumerate(timesteps):
         steer_now = settings.steers and first <= i < last
-        factor = noise_scale(scheduler, t)
-        scale_in = input_scale(scheduler, t) if steer_now else 1.0
+        factor = noise_scale(scheduler, host_timesteps[i])
+        scale_in = input_scale(scheduler, host_timesteps[i]) if steer_now else 1.0
         step = Step(index=i, timestep=t, latents=latents)
 
         if not steer_now:
