@@ -9,6 +9,7 @@ run only rebuilds the report.
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 from trasce.generate import GenerateOptions, run
@@ -41,6 +42,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     from trasce.benchmark import PRESET_FOR_ATTRIBUTE, toy_target
     from trasce.toy.judge import Judge
 
+    started = time.perf_counter()
     attribute, value = toy_target(concept)
     folders = {}
     for mode, _ in METHODS:
@@ -85,5 +87,6 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     if not quiet:
         for mode, label in METHODS:
             print(f"{label:>16}: {counts[mode]} of {len(prompts)} images show {attribute} = {value}")
-        print(f"report: {report}\ngrid:   {picture}")
+        print(f"report: {report}\ngrid:   {picture}\ntook {time.perf_counter() - started:.0f} s (a rerun "
+              "only rebuilds the report)")
     return report
