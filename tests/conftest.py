@@ -47,6 +47,29 @@ def make_tiny_sd(tmp_path, prediction_type: str = "epsilon", vae: bool = True, s
     return pipe
 
 
+def with_safety_checker(pipe, flags_every_image: bool):
+    """``pipe`` with a tiny random safety checker that flags every image, or none.
+
+    The checker flags an image when a cosine similarity (in [-1, 1]) exceeds a concept's weight:
+    weights of -2 flag every image, +2 none.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=tiny, projection_dim=8,
+                                                      vision_config=dict(**tiny, image_size=32, patch_size=8))).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0 if flags_every_image else 2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    safe = StableDiffusionPipeline(**{**pipe.components, "safety_checker": checker, "feature_extractor": extractor})
+    safe.set_progress_bar_config(disable=True)
+    return safe
+
+
 @pytest.fixture
 def tiny_sd(tmp_path):
     return make_tiny_sd(tmp_path)

@@ -67,6 +67,33 @@ def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, t
     assert np.abs(made[0] - made[1]).mean() > 5  # two images of one prompt, not one image twice
 
 
+def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
+    import numpy as np
+    from conftest import with_safety_checker
+    from PIL import Image
+
+    from trasce.pipeline import load_diffusers_pipeline
+
+    folder = tmp_path / "sd-with-checker"
+    with_safety_checker(tiny_sd, flags_every_image=True).save_pretrained(folder)
+    assert load_diffusers_pipeline(folder).safety_checker is not None  # diffusers' default, kept by the API
+    assert load_diffusers_pipeline(folder, safety_checker=False).safety_checker is None
+
+    runs = {}
+    for name, flag in (("without", ()), ("with", ("--safety-checker",))):
+        out = tmp_path / name
+        assert _run("generate", "--model", folder, "--prompt", "a red apple", "--out", out, *flag, *BASE).exit_code == 0
+        record = _manifest(out)[0]
+        runs[name] = (json.loads((out / "run.json").read_text())["settings"]["safety_checker"],
+                      record.get("nsfw_content_detected"), np.asarray(Image.open(out / record["file"])).max())
+    assert runs["without"][:2] == (False, None) and runs["without"][2] > 0
+    assert runs["with"] == (True, True, 0)  # flagged, and black as diffusers makes it
+    # a folder made without the checker does not resume with it
+    again = _run("generate", "--model", folder, "--prompt", "a red apple", "--out", tmp_path / "without",
+                 "--safety-checker", *BASE)
+    assert again.exit_code != 0 and "'safety_checker' was false, now true" in again.output
+
+
 def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folder, tmp_path):
     prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
     one, three, fused = tmp_path / "one", tmp_path / "three", tmp_path / "fused"

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_tiny_sd
+from conftest import make_tiny_sd, with_safety_checker
 
 from trasce import TraSCEPipeline
 from trasce.reference import released_loop
@@ -75,6 +75,50 @@ def test_matches_diffusers_pipeline(tiny_sd, mode):
         prompts, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents.clone(), output_type="np").images
     assert ours_np.shape == expected_np.shape == (2, 64, 64, 3) and abs(ours_np - expected_np).max() < 1e-4
     assert expected_np.std() > 0.01  # an image, not a constant
+
+
+@pytest.mark.parametrize("scales", [[0.5, 7.5], [0.5, 0.5], [1.0, 1.0]])
+@pytest.mark.parametrize("mode", ["none", "negative_prompt"])
+def test_scales_of_one_or_less_switch_guidance_off_as_in_diffusers(tiny_sd, mode, scales):
+    """diffusers takes the prompt's prediction alone at a scale of 1 or less, per image here
+    (a batch of two scales) and for a scale the batch shares."""
+    pipe = tiny_sd
+    prompts, concept = ["a red apple", "a blue car"], "an apple"
+    latents = _latents(pipe, batch=2)
+    ours = TraSCEPipeline.from_pipe(pipe, concept=concept, mode=mode)(
+        prompts, num_inference_steps=STEPS, guidance_scale=scales, latents=latents.clone(), output_type="latent")
+    for i, scale in enumerate(scales):
+        expected = pipe(prompts[i], num_inference_steps=STEPS, guidance_scale=scale, latents=latents[i : i + 1].clone(),
+                        negative_prompt=None if mode == "none" else concept, output_type="latent").images
+        assert torch.allclose(ours.images[i : i + 1], expected, atol=1e-4), (i, (ours.images[i] - expected).abs().max())
+
+
+@pytest.mark.parametrize("flags_every_image", [True, False])
+def test_a_wrapped_pipelines_safety_checker_runs_as_in_diffusers(tiny_sd, flags_every_image):
+    pipe = with_safety_checker(tiny_sd, flags_every_image)
+    latents = _latents(pipe, batch=2)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="np")
+    expected = pipe(["a red apple", "a blue car"], latents=latents.clone(), **kwargs)
+    for mode in ("none", "trasce"):
+        ours = TraSCEPipeline.from_pipe(pipe, concept="an apple", mode=mode)(["a red apple", "a blue car"],
+                                                                            latents=latents.clone(), **kwargs)
+        assert ours.nsfw_content_detected == expected.nsfw_content_detected == [flags_every_image] * 2
+        assert ours.stats(1)["nsfw_content_detected"] is flags_every_image
+        assert bool(ours.images.max() == 0) is flags_every_image  # flagged images are black
+        if mode == "none":
+            assert abs(ours.images - expected.images).max() < 1e-4
+    # no checker, no flags
+    assert TraSCEPipeline.from_pipe(tiny_sd, mode="none")("a red apple", **kwargs).nsfw_content_detected is None
+
+
+def test_generators_may_come_as_a_tuple(tiny_sd):
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent")
+    as_list = trasce(["a red apple", "a blue car"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                     **kwargs).images
+    as_tuple = trasce(["a red apple", "a blue car"], generator=tuple(torch.Generator().manual_seed(s) for s in (1, 2)),
+                      **kwargs).images
+    assert torch.equal(as_list, as_tuple)
 
 
 def test_batch_equals_one_at_a_time(tiny_sd):

@@ -160,7 +160,8 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
 
     if model in random_models.BUILDERS:
         return random_models.build(model, dtype=dtype, device=device)
-    return load_diffusers_pipeline(model, torch_dtype=dtype).to(device)  # SD v1.x's PNDM becomes DDIM there
+    # SD v1.x's PNDM becomes DDIM there; the safety checker would time a classifier, not generation
+    return load_diffusers_pipeline(model, torch_dtype=dtype, safety_checker=False).to(device)
 
 
 def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,

@@ -357,15 +357,19 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
         def run_sld(prompts: list[str], latents: torch.Tensor, generators: list[torch.Generator], scales: list[float],
                     steps: int):
             images: list = [None] * len(prompts)
+            stats: list[dict] = [{} for _ in prompts]
             # SLD takes one CFG scale per call: one call per distinct scale, each image back in its place.
             for scale in dict.fromkeys(scales):
                 index = [i for i, s in enumerate(scales) if s == scale]
                 final = safe([prompts[i] for i in index], height=height, width=width, num_inference_steps=steps,
                              guidance_scale=scale, latents=latents[index].to(pipe.adapter.device, pipe.adapter.dtype),
                              generator=[generators[i] for i in index], output_type="latent", **config).images
-                for i, image in zip(index, pipe.adapter.decode(final, "pil"), strict=True):
+                decoded, flagged = pipe.adapter.decode(final, "pil")
+                for j, (i, image) in enumerate(zip(index, decoded, strict=True)):
                     images[i] = image
-            return images, [{} for _ in prompts]
+                    if flagged is not None:
+                        stats[i]["nsfw_content_detected"] = flagged[j]
+            return images, stats
 
         return run_sld
 
@@ -714,6 +718,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         hide_loading_bars()
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(options.model, torch_dtype=dtype, scheduler=options.scheduler,
+                                              safety_checker=False,
                                               concept=concept, preset=preset, loss_scale=options.loss_scale,
                                               step_size=options.step_size, sigma=options.sigma).to(device)
     else:

@@ -114,6 +114,9 @@ def _choice(values) -> click.Choice:
 @click.option("--compile", "compile_mode", type=_choice(COMPILE_CHOICES),
               help="torch.compile the denoiser in this mode, or with the cudagraphs backend (its backward pass is "
                    "checked against the uncompiled denoiser's once per shape)")
+@click.option("--safety-checker", is_flag=True,
+              help="keep an SD 1.x/2.x model's safety checker, as diffusers loads it: it blacks out the images it "
+                   "flags, and the manifest records its flag (off by default: judges then see what the model made)")
 @click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
 @click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)

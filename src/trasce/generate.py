@@ -49,6 +49,7 @@ class GenerateOptions:
     steer_window: tuple[float, float] = (0.0, 1.0)
     gradient_checkpointing: bool = False
     compile_mode: str | None = None  # a pipeline.COMPILE_CHOICES name; None: not compiled
+    safety_checker: bool = False  # keep an SD 1.x/2.x model's safety checker (load_diffusers_pipeline)
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -212,7 +213,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         hide_loading_bars()
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(
-            options.model, torch_dtype=dtype, scheduler=options.scheduler, concept=options.concept,
+            options.model, torch_dtype=dtype, scheduler=options.scheduler, safety_checker=options.safety_checker,
+            concept=options.concept,
             preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
             sigma=options.sigma, kernel=options.kernel,
             lazy_tolerance=None if options.exact else options.lazy_tolerance, one_call=options.one_call,
@@ -236,6 +238,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
         "one_call": pipe.settings.one_call, "steer_window": list(pipe.settings.steer_window),
         "gradient_checkpointing": options.gradient_checkpointing,
+        # whether one ran (a wrapped pipeline keeps its own): it blacks out the images it flags
+        "safety_checker": getattr(pipe.pipe, "safety_checker", None) is not None,
         "compile_mode": options.compile_mode or ("compiled by the caller" if pipe.adapter.compiled else None),
         "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,

@@ -37,6 +37,14 @@ def cfg(pred_0: torch.Tensor, pred_p: torch.Tensor, scale: float | torch.Tensor)
     return pred_0 + _per_image(scale, pred_p) * (pred_p - pred_0)
 
 
+def as_diffusers(guided: torch.Tensor, pred_p: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``guided`` where ``scale`` is above 1, else ``pred_p``: diffusers' pipelines switch guidance off
+    at a scale of 1 or less and use the prompt's prediction alone (the same at 1, not below)."""
+    if isinstance(scale, torch.Tensor):
+        return torch.where(_per_image(scale, pred_p) > 1, guided, pred_p)
+    return guided if scale > 1 else pred_p
+
+
 def negative_prompt(pred_c: torch.Tensor, pred_p: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Conventional negative prompting (diffusers' ``negative_prompt=``): ``pred_c + s * (pred_p - pred_c)``.
 

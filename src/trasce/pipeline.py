@@ -40,12 +40,15 @@ class TraSCEOutput:
     concept); ``min_distance``: the smallest ``||eps_p - eps_c||``; ``steered_steps``: how many
     steps ran the backward pass for the image. All are ``(B,)`` CPU tensors; the first two are
     ``None`` in mode ``none`` (no concept branch), ``steered_steps`` in modes that do not steer.
+    ``nsfw_content_detected``: as diffusers' SD pipeline returns it, the flags of the pipeline's
+    safety checker, whose flagged images are black (``None``: no checker ran).
     """
 
     images: object
     max_kernel: torch.Tensor | None = None
     min_distance: torch.Tensor | None = None
     steered_steps: torch.Tensor | None = None
+    nsfw_content_detected: list[bool] | None = None
 
     def stats(self, i: int) -> dict[str, float | int]:
         """Image ``i``'s statistics as plain numbers, for a manifest (only those the mode has)."""
@@ -55,6 +58,8 @@ class TraSCEOutput:
             stats["min_distance"] = round(float(self.min_distance[i]), 6)
         if self.steered_steps is not None:
             stats["steered_steps"] = int(self.steered_steps[i])
+        if self.nsfw_content_detected is not None:
+            stats["nsfw_content_detected"] = self.nsfw_content_detected[i]
         return stats
 
 
@@ -69,7 +74,7 @@ def resolve_model(model: str | Path) -> str:
 
 
 def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
-                            **kwargs):
+                            safety_checker: bool = True, **kwargs):
     """Load a diffusers pipeline from a hub id (cache) or a folder, including VAE-less ones.
 
     A folder whose ``model_index.json`` lists no VAE is a pixel-space model (like the embedded
@@ -83,6 +88,9 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
     compared on one model share a scheduler. Other schedulers that would drop them are left for the
     steering modes to refuse with what to set instead (DDIM's config need not fit them), and so is
     any scheduler of a pipeline the user wraps.
+
+    ``safety_checker=False`` leaves out the safety checker of an SD 1.x/2.x model (diffusers loads
+    it by default, and it blacks out the images it flags), so that judges see what the model made.
     """
     from diffusers import DiffusionPipeline
 
@@ -102,6 +110,9 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
         for optional in ("vae", "safety_checker", "feature_extractor"):
             if listed.get(optional, [None])[0] is None and optional in takes:
                 kwargs.setdefault(optional, None)
+        if not safety_checker and "safety_checker" in takes:
+            kwargs.setdefault("safety_checker", None)
+            kwargs.setdefault("requires_safety_checker", False)
     with warnings.catch_warnings():
         # StableDiffusionPipeline warns (and prints the whole config) about clip_sample, which
         # the pixel model needs on and gets back below.
@@ -115,6 +126,8 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
             cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise OSError(f"cannot load model {str(model)!r}: it is no folder here, and as a hub id: {cause} (give a "
                           "diffusers folder, a cached hub id, or 'toy')") from error
+    if not safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # a hub id, whose pipeline class was not known before loading
     if pixel_space:
         from diffusers.image_processor import VaeImageProcessor
 
@@ -236,13 +249,15 @@ class TraSCEPipeline:
     @classmethod
     def from_pretrained(cls, model: str | Path = "toy", torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, scheduler: str | None = None,
-                        pipeline_kwargs: dict | None = None, **settings) -> TraSCEPipeline:
+                        safety_checker: bool = True, pipeline_kwargs: dict | None = None,
+                        **settings) -> TraSCEPipeline:
         """Load ``model`` (hub id, folder, or ``"toy"``) the diffusers way, then wrap it.
 
         ``settings`` are ``TraSCEPipeline``'s own arguments (``concept``, ``preset``, ``mode``...).
-        ``scheduler``: see ``load_diffusers_pipeline``.
+        ``scheduler`` and ``safety_checker``: see ``load_diffusers_pipeline``.
         """
-        pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, scheduler=scheduler, **(pipeline_kwargs or {}))
+        pipe = load_diffusers_pipeline(model, torch_dtype=torch_dtype, scheduler=scheduler,
+                                       safety_checker=safety_checker, **(pipeline_kwargs or {}))
         if device is not None:
             pipe.to(device)
         return cls(pipe, **settings)
@@ -347,6 +362,8 @@ class TraSCEPipeline:
 
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images; give one or one per image")
+        if isinstance(generator, tuple):
+            generator = list(generator)  # diffusers' noise and schedulers take one generator per image as a list
 
         scheduler = self.pipe.scheduler
         # Timesteps first: some schedulers' init_noise_sigma depends on them (Euler); flow-matching
@@ -364,9 +381,13 @@ class TraSCEPipeline:
             x, max_kernel, min_distance, steered = self._denoise(x, cond_0, cond_p, cond_c, scale_arg,
                                                                  num_inference_steps, generator, callback, progress)
         # Latents are returned in the denoiser's dtype, as diffusers returns them.
-        images = x.to(self.adapter.dtype) if output_type == "latent" else self.adapter.decode(x, output_type)
+        flagged = None
+        if output_type == "latent":
+            images = x.to(self.adapter.dtype)
+        else:
+            images, flagged = self.adapter.decode(x, output_type)
         return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,
-                            steered_steps=steered)
+                            steered_steps=steered, nsfw_content_detected=flagged)
 
     def _denoise(self, x, cond_0, cond_p, cond_c, scale, num_inference_steps, generator, callback, progress):
         """Run the sampler over ``x``; return the final latents and the per-image statistics (on the CPU)."""

@@ -160,8 +160,9 @@ class Adapter:
         # Flow-matching schedulers have no init_noise_sigma: they start from unit-variance noise.
         return latents.to(device, dtype).to(held) * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
 
-    def decode(self, latents: torch.Tensor, output_type: str):
-        """Images from final latents: PIL list, numpy ``(B, H, W, C)`` or torch ``(B, C, H, W)``."""
+    def decode(self, latents: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
+        """Images from final latents (PIL list, numpy ``(B, H, W, C)`` or torch ``(B, C, H, W)``) and
+        the safety checker's flags, as diffusers' pipeline makes them (see ``postprocess``)."""
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
             images = latents  # pixel-space model: the latents are the images, in [-1, 1]
@@ -170,4 +171,19 @@ class Adapter:
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = latents.to(vae.dtype)
             images = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(images.detach(), output_type=output_type)
+        return self.postprocess(images.detach(), output_type)
+
+    def postprocess(self, images: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
+        """Decoded ``images`` in ``[-1, 1]`` as ``output_type``, through the pipeline's safety checker if it has one.
+
+        As in diffusers' SD 1.x/2.x pipeline, a checker blacks out the images it flags, and the flags
+        are returned (``None``: the pipeline has no checker). A wrapped pipeline keeps its checker;
+        ``trasce generate`` loads models without one unless given ``--safety-checker``.
+        """
+        flagged = None
+        if getattr(self.pipe, "safety_checker", None) is not None and hasattr(self.pipe, "run_safety_checker"):
+            images, flagged = self.pipe.run_safety_checker(images, self.device, self.dtype)
+            flagged = [bool(flag) for flag in flagged]
+        denormalize = None if flagged is None else [not flag for flag in flagged]
+        return self.pipe.image_processor.postprocess(images, output_type=output_type,
+                                                     do_denormalize=denormalize), flagged

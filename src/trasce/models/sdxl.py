@@ -75,7 +75,7 @@ class StableDiffusionXLAdapter(Adapter):
         return self.pipe.unet(model_input, t, encoder_hidden_states=embeds,
                               added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
 
-    def decode(self, latents: torch.Tensor, output_type: str):
+    def decode(self, latents: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
         """As diffusers' SDXL: fp16 VAEs that overflow are upcast; ``latents_mean``/``std`` undone."""
         vae = self.pipe.vae
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast
@@ -94,4 +94,4 @@ class StableDiffusionXLAdapter(Adapter):
             vae.to(dtype=torch.float16)
         if getattr(self.pipe, "watermark", None) is not None:
             images = self.pipe.watermark.apply_watermark(images)
-        return self.pipe.image_processor.postprocess(images.detach(), output_type=output_type)
+        return self.postprocess(images.detach(), output_type)
