@@ -1,6 +1,7 @@
 """How large the steering updates that lazy steering skips are, for several growth factors of its estimate.
 
     python benchmarks/lazy_skips.py --growth 1.0 1.25 1.5 --out lazy-skips.json
+    python benchmarks/lazy_skips.py --steps 10 --growth 1.5 2 3 --out lazy-skips-10-steps.json
 
 Lazy steering skips an image's backward pass when its update, estimated from the kernel's slope
 and an estimate of ``||dd/dx||`` (the largest measured so far, times 2, times ``growth`` for every
@@ -37,11 +38,12 @@ def main() -> None:
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--preset", default="toy-shape")
     parser.add_argument("--growth", type=float, nargs="+", default=[1.0, 1.25, 1.5])
+    parser.add_argument("--steps", type=int, help="denoising steps [default: the embedded model's]")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     defaults = model_defaults("toy")
-    steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
+    steps, scale = args.steps or defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
     pipe = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
     lazy_step = sampler._steering_step
     skipped: list[float] = []  # true update / tolerance of every skipped (image, step)
