@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="denoising steps [default: the embedded model's]")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
 
     defaults = model_defaults("toy")
     steps, scale = args.steps or defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
@@ -84,7 +85,7 @@ def main() -> None:
               f"image {passes['concept-near']:.1f} concept-near, {passes['benign']:.1f} benign (of {steps})",
               flush=True)
     result = {"concept": args.concept, "preset": args.preset, "steps": steps, "guidance_scale": scale,
-              "tolerance": pipe.settings.lazy_tolerance, "probe_sets": PROBE_SETS, "trasce_commit": source_commit(),
+              "tolerance": pipe.settings.lazy_tolerance, "probe_sets": PROBE_SETS, "trasce_commit": commit,
               "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), source_commit()
     pipe = random_models.build(args.model)
     pipe.set_progress_bar_config(disable=True)
     trasce = TraSCEPipeline.from_pipe(pipe, concept=CONCEPT, loss_scale=1.0, step_size=1.0, sigma=1.0)
@@ -106,7 +106,7 @@ def main() -> None:
         result = {"model": args.model, "batch_size": args.batch_size, "size": args.size, "dtype": "fp32",
                   "steps": [args.steps, 2 * args.steps], "torch": torch.__version__,
                   "diffusers": diffusers.__version__, "counted": "ATen operator calls through the dispatcher "
-                  "(TorchDispatchMode), forward and backward", "trasce_commit": source_commit(),
+                  "(TorchDispatchMode), forward and backward", "trasce_commit": commit,
                   "seconds": round(time.perf_counter() - started, 1), "rows": results}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

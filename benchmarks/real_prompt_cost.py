@@ -31,6 +31,7 @@ def main() -> None:
     add_speed_arguments(parser, n=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
 
     defaults = model_defaults("toy")
     steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
@@ -64,7 +65,7 @@ def main() -> None:
     result = {"concept": args.concept, "preset": args.preset, "steps": steps, "guidance_scale": scale,
               "repeats": args.repeats, "settings": vars(trasce.settings),
               "machine": {"device": platform.processor() or "cpu", "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}, "trasce_commit": source_commit(), "rows": rows}
+                          "threads": torch.get_num_threads()}, "trasce_commit": commit, "rows": rows}
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 

@@ -660,6 +660,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     """
     from trasce import presets
 
+    commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
     methods = parse_methods(options.methods)
     out = Path(options.out)
     toy = is_toy_model(options.model)
@@ -851,7 +852,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "methods": method_results,
         "protocol": protocol,
         "machine": _machine(device),
-        "versions": {**package_versions(), "trasce_commit": source_commit()},
+        "versions": {**package_versions(), "trasce_commit": commit},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     results = json_ready(results)
