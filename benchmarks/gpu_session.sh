@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lease of a GPU machine, used for everything that needs one (README "Speed"): time the SD v1.4
+# One lease of a GPU machine, used for everything that needs one (docs/speed.md): time the SD v1.4
 # and (unless SDXL=0) SDXL architectures with `trasce bench`, gradient checkpointing's memory, and (PROFILE=1) the
 # launch profile; with TOY_MINUTES > 0, first fine-tune the embedded model. COMPILE="CHOICE ..." (e.g.
 # "cudagraphs reduce-overhead") ends with one more SD v1.4 bench per choice, of the torch.compile rows alone, after

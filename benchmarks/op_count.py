@@ -2,7 +2,7 @@
 
     python benchmarks/op_count.py --model sd14-narrow --batch-size 4 --out op-count.json
 
-On the H100 that timed `trasce bench` (README "Speed"), every row spent more CPU time launching
+On the H100 that timed `trasce bench` (docs/speed.md), every row spent more CPU time launching
 kernels than the GPU spent running them, so a row cost about what its number of launches cost.
 This counts, on the CPU, the ATen operator calls that reach the dispatcher, forward and backward
 passes alike. On a GPU each is one or more kernel launches, except those that only make a view of

@@ -34,11 +34,11 @@ Mode = Literal["trasce", "negation", "steering", "negative_prompt", "none"]
 MODES: tuple[str, ...] = ("trasce", "negation", "steering", "negative_prompt", "none")
 Cond = dict[str, torch.Tensor]
 #: Default lazy-steering tolerance: the RMS per latent element of a steering update worth a backward
-#: pass. Measured on the embedded model (benchmarks/lazy_accuracy.py, README "Speed").
+#: pass. Measured on the embedded model (benchmarks/lazy_accuracy.py, docs/speed.md).
 DEFAULT_LAZY_TOLERANCE = 1e-4
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 #: The most latent numbers a step's steered images may hold for ``one_call=None`` to evaluate them in
-#: one call on CUDA: four SD v1.4 latents at 512 px (4x64x64 each). On an H200 (README "Speed"), four
+#: one call on CUDA: four SD v1.4 latents at 512 px (4x64x64 each). On an H200 (docs/speed.md), four
 #: such images took 14-26 % less time in one call than in two, sixteen 17 % more: there the GPU's
 #: arithmetic, not its kernel launches, sets the pace. On a CPU one call never paid.
 ONE_CALL_MAX_ELEMENTS = 4 * 4 * 64 * 64
@@ -282,7 +282,7 @@ class _GradientNormEstimate:
     maximum alone, the default tolerance skipped updates up to 2.6 times its size on concept-near
     captions; with ``growth`` 1.5 the largest skipped update was 0.36 of it
     (``benchmarks/lazy_skips.py``: each skipped step replayed on the exact path from the same
-    latent; 18 captions, three seeds). README "Speed" gives the final images' differences.
+    latent; 18 captions, three seeds). docs/speed.md gives the final images' differences.
     """
 
     #: factor on the largest norm measured
