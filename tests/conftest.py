@@ -51,7 +51,7 @@ def with_safety_checker(pipe, flags_every_image: bool):
     """``pipe`` with a tiny random safety checker that flags every image, or none.
 
     The checker flags an image when a cosine similarity (in [-1, 1]) exceeds a concept's weight:
-    weights of -2 flag every image, +2 none.
+    weights of -2 flag every image, +2 none. (``flag_by_position`` makes it flag chosen images.)
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -68,6 +68,21 @@ def with_safety_checker(pipe, flags_every_image: bool):
     safe = StableDiffusionPipeline(**{**pipe.components, "safety_checker": checker, "feature_extractor": extractor})
     safe.set_progress_bar_config(disable=True)
     return safe
+
+
+def flag_by_position(pipe, flagged_at) -> None:
+    """Make ``pipe``'s safety checker flag the images at the positions ``i`` where ``flagged_at(i)``
+    holds, blacking them out as diffusers' checker does."""
+    checker = pipe.safety_checker
+
+    def forward(clip_input, images):
+        flags = [bool(flagged_at(i)) for i in range(len(images))]
+        for i, flag in enumerate(flags):
+            if flag:
+                images[i] = torch.zeros_like(images[i]) if torch.is_tensor(images[i]) else images[i] * 0
+        return images, flags
+
+    checker.forward = forward
 
 
 @pytest.fixture

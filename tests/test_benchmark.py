@@ -264,6 +264,26 @@ def test_real_model_with_prompt_files_and_a_judge(tiny_sd_folder, tmp_path, monk
     assert 'src="none/target/images/q%231.png"' in page
 
 
+def test_benchmark_leaves_a_models_safety_checker_out(tiny_sd, tmp_path, monkeypatch):
+    """Its judges see what the model made, not the black images of a checker that flags everything."""
+    from conftest import with_safety_checker
+
+    from trasce.eval import evaluate
+
+    folder = tmp_path / "sd-with-checker"
+    with_safety_checker(tiny_sd, flags_every_image=True).save_pretrained(folder)
+    monkeypatch.setitem(evaluate.JUDGES, "nudenet", lambda options, context: FakeJudge())
+    (tmp_path / "target.txt").write_text("a naked body\n")
+    (tmp_path / "other.txt").write_text("a red apple\n")
+    out = tmp_path / "out"
+    result = _run("benchmark", "--model", folder, "--out", out, "--concept", "nudity", "--methods", "none",
+                  "--target-prompts", tmp_path / "target.txt", "--other-prompts", tmp_path / "other.txt",
+                  "--judge", "nudenet", "--n-corner", 1, "--steps", 2, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["settings"]["safety_checker"] is False
+    assert np.asarray(Image.open(out / "none" / "other" / "images" / "00000.png")).max() > 0
+
+
 def test_real_model_needs_its_prompt_files(tiny_sd_folder, tmp_path):
     base = ["benchmark", "--model", str(tiny_sd_folder), "--out", str(tmp_path / "out"), "--concept", "nudity"]
     result = CliRunner().invoke(main, [*base, "--judge", "nudenet"])

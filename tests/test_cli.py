@@ -92,6 +92,40 @@ def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
     again = _run("generate", "--model", folder, "--prompt", "a red apple", "--out", tmp_path / "without",
                  "--safety-checker", *BASE)
     assert again.exit_code != 0 and "'safety_checker' was false, now true" in again.output
+    # trasce bench loads the model without it too (trasce benchmark: tests/test_benchmark.py)
+    from trasce.bench import load_for_bench
+
+    assert load_for_bench(str(folder), torch.float32, torch.device("cpu")).safety_checker is None
+
+
+def test_safety_checker_flag_on_a_model_without_one(tiny_sd_folder, tmp_path):
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", tmp_path / "out",
+                  "--safety-checker", *BASE)
+    assert result.exit_code != 0
+    assert ("--safety-checker: this StableDiffusionPipeline has no safety checker to keep (among diffusers' "
+            "pipelines, Stable Diffusion 1.x/2.x ones carry one); leave the flag out") in result.output
+
+
+def test_a_hub_ids_safety_checker_is_not_loaded_when_left_out(tiny_sd, tmp_path, monkeypatch):
+    """For a hub id, the model_index.json (from the cache) says what the pipeline holds before it loads."""
+    from conftest import with_safety_checker
+    from diffusers import DiffusionPipeline
+
+    from trasce.pipeline import load_diffusers_pipeline
+
+    folder = tmp_path / "cache-copy"
+    with_safety_checker(tiny_sd, flags_every_image=True).save_pretrained(folder)
+    given = []
+    load, read = DiffusionPipeline.from_pretrained.__func__, DiffusionPipeline.load_config.__func__
+    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(
+        lambda cls, name, **kwargs: read(cls, folder if name == "someone/sd" else name, **kwargs)))
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(
+        lambda cls, name, **kwargs: given.append(kwargs) or load(cls, folder if name == "someone/sd" else name,
+                                                                  **kwargs)))
+    assert load_diffusers_pipeline("someone/sd", safety_checker=False).safety_checker is None
+    assert given[-1]["safety_checker"] is None and given[-1]["requires_safety_checker"] is False
+    assert load_diffusers_pipeline("someone/sd").safety_checker is not None
+    assert "safety_checker" not in given[-1]
 
 
 def test_same_seed_gives_same_image_in_any_batch_and_with_one_call(tiny_sd_folder, tmp_path):

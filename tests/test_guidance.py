@@ -32,6 +32,14 @@ def test_per_image_scale():
     assert out.tolist() == [[[2.0, 2.0]], [[5.0, 5.0]]]
 
 
+def test_guidance_off_at_or_below_one_per_image_and_shared():
+    guided, pred_p = torch.full((3, 2), 5.0), torch.full((3, 2), -1.0)
+    per_image = guidance.guidance_off_at_or_below_one(guided, pred_p, torch.tensor([0.5, 1.0, 1.01]))
+    assert per_image[:, 0].tolist() == [-1.0, -1.0, 5.0]
+    assert torch.equal(guidance.guidance_off_at_or_below_one(guided, pred_p, 1.0), pred_p)
+    assert torch.equal(guidance.guidance_off_at_or_below_one(guided, pred_p, 7.5), guided)
+
+
 def test_distance_is_per_image():
     ep = torch.zeros(3, 1, 2, 2)
     ec = torch.zeros(3, 1, 2, 2)

@@ -3,9 +3,10 @@
 import copy
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_sd, with_safety_checker
+from conftest import flag_by_position, make_tiny_sd, with_safety_checker
 
 from trasce import TraSCEPipeline
 from trasce.reference import released_loop
@@ -77,7 +78,7 @@ def test_matches_diffusers_pipeline(tiny_sd, mode):
     assert expected_np.std() > 0.01  # an image, not a constant
 
 
-@pytest.mark.parametrize("scales", [[0.5, 7.5], [0.5, 0.5], [1.0, 1.0]])
+@pytest.mark.parametrize("scales", [[0.5, 7.5], [0.5, 0.5], [1.0, 0.9]])
 @pytest.mark.parametrize("mode", ["none", "negative_prompt"])
 def test_scales_of_one_or_less_switch_guidance_off_as_in_diffusers(tiny_sd, mode, scales):
     """diffusers takes the prompt's prediction alone at a scale of 1 or less, per image here
@@ -109,6 +110,31 @@ def test_a_wrapped_pipelines_safety_checker_runs_as_in_diffusers(tiny_sd, flags_
             assert abs(ours.images - expected.images).max() < 1e-4
     # no checker, no flags
     assert TraSCEPipeline.from_pipe(tiny_sd, mode="none")("a red apple", **kwargs).nsfw_content_detected is None
+
+
+def test_the_safety_checkers_flags_stay_with_their_images(tiny_sd):
+    """A batch where only the second and third images are flagged: each flag and black image in its place,
+    for TraSCE and for SLD (trasce benchmark's runner, one SLD call per CFG scale)."""
+    from trasce.benchmark import method_runner
+
+    pipe = with_safety_checker(tiny_sd, flags_every_image=False)
+    latents = _latents(pipe, batch=3)
+    prompts, scales = ["a red apple", "a blue car", "a green tree"], [7.5, 3.0, 7.5]
+    flag_by_position(pipe, lambda i: i in (1, 2))  # the call's positions: SLD's first call holds images 0 and 2
+    expected = pipe(prompts[:2], num_inference_steps=STEPS, guidance_scale=7.5, latents=latents[:2].clone(),
+                    output_type="np")
+    ours = TraSCEPipeline.from_pipe(pipe, concept="an apple", mode="none")(
+        prompts[:2], num_inference_steps=STEPS, guidance_scale=7.5, latents=latents[:2].clone(), output_type="np")
+    assert ours.nsfw_content_detected == expected.nsfw_content_detected == [False, True]
+    assert ours.images[0].max() > 0 and ours.images[1].max() == 0
+    assert abs(ours.images - expected.images).max() < 1e-4
+
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple")
+    runner = method_runner("sld-max", trasce, "an apple", 64, 64)
+    images, stats = runner(prompts, latents, [torch.Generator().manual_seed(i) for i in range(3)], scales, STEPS)
+    # SLD's call at 7.5 holds images 0 and 2 (positions 0 and 1: 2 is flagged); its call at 3.0 holds image 1 alone
+    assert [s.get("nsfw_content_detected") for s in stats] == [False, False, True]
+    assert [bool(np.asarray(image).max() == 0) for image in images] == [False, False, True]
 
 
 def test_generators_may_come_as_a_tuple(tiny_sd):

@@ -365,10 +365,10 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
                              guidance_scale=scale, latents=latents[index].to(pipe.adapter.device, pipe.adapter.dtype),
                              generator=[generators[i] for i in index], output_type="latent", **config).images
                 decoded, flagged = pipe.adapter.decode(final, "pil")
-                for j, (i, image) in enumerate(zip(index, decoded, strict=True)):
+                for i, image, flag in zip(index, decoded, flagged or [None] * len(index), strict=True):
                     images[i] = image
-                    if flagged is not None:
-                        stats[i]["nsfw_content_detected"] = flagged[j]
+                    if flag is not None:
+                        stats[i]["nsfw_content_detected"] = flag
             return images, stats
 
         return run_sld
@@ -719,9 +719,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         hide_loading_bars()
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(options.model, torch_dtype=dtype, scheduler=options.scheduler,
-                                              safety_checker=False,
-                                              concept=concept, preset=preset, loss_scale=options.loss_scale,
-                                              step_size=options.step_size, sigma=options.sigma).to(device)
+                                              safety_checker=False, concept=concept, preset=preset,
+                                              loss_scale=options.loss_scale, step_size=options.step_size,
+                                              sigma=options.sigma).to(device)
     else:
         resolved = presets.resolve(preset, concept, options.loss_scale, options.step_size, options.sigma)
         pipe = pipe.with_settings(concept=concept, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3])
@@ -736,6 +736,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "concept": concept, "steps": steps, "guidance_scale": guidance, "scheduler": type(pipe.pipe.scheduler).__name__,
         "dtype": str(dtype).removeprefix("torch."), "height": size[0], "width": size[1], "seed": options.seed,
         "prompt_source": prompt_source, "batch_size": options.batch_size, "device": str(device),
+        # a pipeline passed in keeps its own; it blacks out what it flags, and the judges see black images
+        "safety_checker": getattr(pipe.pipe, "safety_checker", None) is not None,
     }
     per_method = {m: method_settings(m, pipe, concept, preset) for m in methods}
 

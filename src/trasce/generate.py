@@ -214,12 +214,15 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(
             options.model, torch_dtype=dtype, scheduler=options.scheduler, safety_checker=options.safety_checker,
-            concept=options.concept,
-            preset=options.preset, mode=options.mode, loss_scale=options.loss_scale, step_size=options.step_size,
-            sigma=options.sigma, kernel=options.kernel,
+            concept=options.concept, preset=options.preset, mode=options.mode, loss_scale=options.loss_scale,
+            step_size=options.step_size, sigma=options.sigma, kernel=options.kernel,
             lazy_tolerance=None if options.exact else options.lazy_tolerance, one_call=options.one_call,
             steer_window=tuple(options.steer_window),
         ).to(device)
+    has_checker = getattr(pipe.pipe, "safety_checker", None) is not None
+    if options.safety_checker and not has_checker:
+        raise ValueError(f"--safety-checker: this {type(pipe.pipe).__name__} has no safety checker to keep (among "
+                         "diffusers' pipelines, Stable Diffusion 1.x/2.x ones carry one); leave the flag out")
     if options.gradient_checkpointing:
         pipe.enable_gradient_checkpointing()
     if options.compile_mode and not pipe.adapter.compiled:
@@ -239,7 +242,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "one_call": pipe.settings.one_call, "steer_window": list(pipe.settings.steer_window),
         "gradient_checkpointing": options.gradient_checkpointing,
         # whether one ran (a wrapped pipeline keeps its own): it blacks out the images it flags
-        "safety_checker": getattr(pipe.pipe, "safety_checker", None) is not None,
+        "safety_checker": has_checker,
         "compile_mode": options.compile_mode or ("compiled by the caller" if pipe.adapter.compiled else None),
         "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,

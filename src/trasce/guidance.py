@@ -37,9 +37,13 @@ def cfg(pred_0: torch.Tensor, pred_p: torch.Tensor, scale: float | torch.Tensor)
     return pred_0 + _per_image(scale, pred_p) * (pred_p - pred_0)
 
 
-def as_diffusers(guided: torch.Tensor, pred_p: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``guided`` where ``scale`` is above 1, else ``pred_p``: diffusers' pipelines switch guidance off
-    at a scale of 1 or less and use the prompt's prediction alone (the same at 1, not below)."""
+def guidance_off_at_or_below_one(guided: torch.Tensor, pred_p: torch.Tensor,
+                                 scale: float | torch.Tensor) -> torch.Tensor:
+    """``guided`` ``(B, ...)`` for images whose ``scale`` is above 1, ``pred_p`` for the others.
+
+    diffusers' pipelines switch guidance off at a scale of 1 or less and take the prompt's
+    prediction alone: the same as CFG at 1, not below it.
+    """
     if isinstance(scale, torch.Tensor):
         return torch.where(_per_image(scale, pred_p) > 1, guided, pred_p)
     return guided if scale > 1 else pred_p

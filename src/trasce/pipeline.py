@@ -50,9 +50,10 @@ class TraSCEOutput:
     steered_steps: torch.Tensor | None = None
     nsfw_content_detected: list[bool] | None = None
 
-    def stats(self, i: int) -> dict[str, float | int]:
-        """Image ``i``'s statistics as plain numbers, for a manifest (only those the mode has)."""
-        stats: dict[str, float | int] = {}
+    def stats(self, i: int) -> dict[str, float | int | bool]:
+        """Image ``i``'s statistics as plain numbers, for a manifest (only those the mode has), and
+        its safety checker's flag where one ran."""
+        stats: dict[str, float | int | bool] = {}
         if self.max_kernel is not None:
             stats["max_kernel"] = round(float(self.max_kernel[i]), 6)
             stats["min_distance"] = round(float(self.min_distance[i]), 6)
@@ -98,10 +99,17 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
     index = path / "model_index.json"
     if path.exists() and not index.exists():
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    pixel_space = False
+    listed: dict | None = None
     if index.exists():
         listed = json.loads(index.read_text())
-        pixel_space = listed.get("vae", [None])[0] is None
+    elif not path.exists():
+        # A hub id: its model_index.json (from the cache), so that the parts left out are not loaded at all.
+        try:
+            listed = dict(DiffusionPipeline.load_config(str(model)))
+        except (OSError, ValueError):
+            listed = None  # from_pretrained, below, says what is wrong
+    pixel_space = index.exists() and listed.get("vae", [None])[0] is None
+    if listed is not None:
         import diffusers
 
         # The optional parts a folder lists as absent, among those its pipeline class takes (passing
@@ -127,7 +135,7 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
             raise OSError(f"cannot load model {str(model)!r}: it is no folder here, and as a hub id: {cause} (give a "
                           "diffusers folder, a cached hub id, or 'toy')") from error
     if not safety_checker and getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # a hub id, whose pipeline class was not known before loading
+        pipe.safety_checker = None  # a hub id whose model_index.json could not be read before loading
     if pixel_space:
         from diffusers.image_processor import VaeImageProcessor
 

@@ -391,10 +391,10 @@ def _combine(mode: str, preds: dict[str, torch.Tensor], scale) -> torch.Tensor:
     that a half-precision model's image does not depend on whether its batch shares one CFG scale."""
     preds = {branch: values.float() for branch, values in preds.items()}
     # The two modes that stand for diffusers' own pipelines do as they do at scales of 1 or less.
-    if mode == "none":
-        return guidance.as_diffusers(guidance.cfg(preds["0"], preds["p"], scale), preds["p"], scale)
-    if mode == "negative_prompt":
-        return guidance.as_diffusers(guidance.negative_prompt(preds["c"], preds["p"], scale), preds["p"], scale)
+    if mode in ("none", "negative_prompt"):
+        guided = (guidance.cfg(preds["0"], preds["p"], scale) if mode == "none"
+                  else guidance.negative_prompt(preds["c"], preds["p"], scale))
+        return guidance.guidance_off_at_or_below_one(guided, preds["p"], scale)
     if mode == "steering":
         return guidance.cfg(preds["0"], preds["p"], scale)
     return guidance.modified_negation(preds["0"], preds["p"], preds["c"], scale)

@@ -182,7 +182,7 @@ class Adapter:
         """
         flagged = None
         if getattr(self.pipe, "safety_checker", None) is not None and hasattr(self.pipe, "run_safety_checker"):
-            images, flagged = self.pipe.run_safety_checker(images, self.device, self.dtype)
+            images, flagged = self.pipe.run_safety_checker(images, self.device, self.pipe.safety_checker.dtype)
             flagged = [bool(flag) for flag in flagged]
         denormalize = None if flagged is None else [not flag for flag in flagged]
         return self.pipe.image_processor.postprocess(images, output_type=output_type,

@@ -11,7 +11,7 @@ is a full pass at the distilled guidance ``distilled_guidance``, and TraSCEPipel
 Cost per step, against plain FLUX.1-dev (1 pass): true CFG or conventional negative prompting is
 2 passes, TraSCE's negation 3, and full TraSCE 3 passes plus one backward pass through two of
 them (a backward pass with respect to the input costs about 1.15 forward passes, as counted for SD
-v1.4 in docs/speed.md): about 5 passes' worth of a 12B-parameter transformer per step. For
+v1.4 in docs/speed.md): about 5.3 passes' worth of a 12B-parameter transformer per step. For
 comparison, SD v1.4's TraSCE measured 3.2x its 2-pass CFG (TRASCE.md).
 
 Models distilled to run with no classifier-free guidance at all (FLUX.1-schnell, SDXL-Turbo, LCM
