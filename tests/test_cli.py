@@ -98,6 +98,24 @@ def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
     assert load_for_bench(str(folder), torch.float32, torch.device("cpu")).safety_checker is None
 
 
+def test_a_folder_guided_below_one_before_guidance_switched_off_there_does_not_resume(tiny_sd_folder, tmp_path):
+    """Modes none and negative_prompt once guided rows at scales <= 1; now they take the prompt's prediction
+    alone, and a folder made before (its run.json without the key) does not resume into mixed images."""
+    resumed = {}
+    for scale in (0.5, 7.5):
+        out = tmp_path / f"scale-{scale}"
+        args = ("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--prompt", "a blue car",
+                "--out", out, "--mode", "none", "--guidance-scale", scale, *BASE)
+        assert _run(*args, "--end", 1).exit_code == 0
+        run_json = json.loads((out / "run.json").read_text())
+        assert run_json["settings"].pop("guidance_off_at_or_below_one", None) is (True if scale <= 1 else None)
+        (out / "run.json").write_text(json.dumps(run_json))
+        resumed[scale] = _run(*args)
+    assert resumed[7.5].exit_code == 0 and len(_manifest(tmp_path / "scale-7.5")) == 2
+    assert resumed[0.5].exit_code != 0
+    assert "'guidance_off_at_or_below_one' was false, now true" in resumed[0.5].output
+
+
 def test_safety_checker_flag_on_a_model_without_one(tiny_sd_folder, tmp_path):
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", tmp_path / "out",
                   "--safety-checker", *BASE)

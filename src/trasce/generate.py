@@ -252,6 +252,10 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "start": options.start, "end": options.end, "batch_size": options.batch_size, "device": str(device),
         "num_processes": state.num_processes,
     }
+    if pipe.settings.mode in ("none", "negative_prompt") and any(row.guidance_scale <= 1 for row in all_rows):
+        # These modes take the prompt's prediction alone at scales of 1 or less, as diffusers does; run
+        # folders made before they did have no such key, and do not resume into mixed images.
+        settings["guidance_off_at_or_below_one"] = True
     is_main = state.is_main_process
     if is_main:
         if options.overwrite:
