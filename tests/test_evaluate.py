@@ -60,15 +60,19 @@ def blank(n: int = 1, size: int = 8) -> list[Image.Image]:
 
 
 def make_folder(path: Path, prompts: list[str], images: list[Image.Image], concept: str | None = None,
-                extras: list[dict] | None = None) -> Path:
-    """A ``trasce generate``-style folder: run.json, images/<case>.png and manifest.jsonl."""
+                extras: list[dict] | None = None, checker_flags: list[bool] | None = None) -> Path:
+    """A ``trasce generate``-style folder: run.json, images/<case>.png and manifest.jsonl (with each
+    image's safety-checker flag when ``checker_flags`` are given)."""
     folder = RunFolder(path)
     folder.write_run_json({"model": "toy", "concept": concept, "mode": "trasce"})
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
         case = f"{i:05d}"
         atomic_save_image(folder.image_path(case), image)
-        folder.append_manifest({"file": folder.image_file(case), "case": case, "k": 0, "prompt": prompt,
-                                "concept": concept, "extra": (extras[i] if extras else {})})
+        record = {"file": folder.image_file(case), "case": case, "k": 0, "prompt": prompt, "concept": concept,
+                  "extra": (extras[i] if extras else {})}
+        if checker_flags is not None:
+            record["nsfw_content_detected"] = checker_flags[i]
+        folder.append_manifest(record)
     return path
 
 
@@ -267,6 +271,17 @@ def test_toy_summary_against_hand_count(toy_folder: Path) -> None:
     on_disk = json.loads(summary_path(toy_folder, "toy").read_text())
     assert on_disk["target"] == target and on_disk["settings"]["target"] == ["shape", "circle"]
     assert "target shape=circle seen, prompt uses an alias" in format_table(on_disk)
+
+
+def test_summary_counts_the_images_a_safety_checker_blacked_out(tmp_path: Path, toy_folder: Path) -> None:
+    flagged = make_folder(tmp_path / "checked", TOY_CAPTIONS, toy_images(), concept="circle",
+                          checker_flags=[False, True, True, False])
+    summary = evaluate_folder(flagged, "toy", quiet=True)
+    assert summary["safety_checker_flagged"] == 2
+    assert ("a safety checker ran when these images were made and blacked out 2 of 4; the judge saw them black"
+            in format_table(summary))
+    unchecked = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert unchecked["safety_checker_flagged"] is None and "safety checker" not in format_table(unchecked)
 
 
 def test_toy_without_a_toy_concept(tmp_path: Path) -> None:

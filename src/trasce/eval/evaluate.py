@@ -6,8 +6,9 @@ Files written next to the images, one pair per judge, so several judges can scor
     DIR/verdicts-<judge>.jsonl   a header line {"header": true, "judge", "settings", ...}, then one line per
                                  image: file, case, k, prompt, image_sha256 (of the PNG bytes judged) and
                                  the judge's raw outputs and decision
-    DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report, and
-                                 whether the folder holds every image trasce generate was asked for
+    DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report,
+                                 whether the folder holds every image trasce generate was asked for,
+                                 and how many images a safety checker blacked out when they were made
 
 Each verdict line is appended (one ``write`` under an exclusive ``flock``, fsynced) as soon as its image
 is judged, so an interrupted evaluation loses at most the batch in flight. A rerun judges only the
@@ -232,6 +233,23 @@ def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
     return run_folder, records
 
 
+def safety_checker_flags(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How many images a safety checker blacked out when they were made (``trasce generate --safety-checker``).
+
+    Returns ``safety_checker_flagged`` (``None``: no checker ran) and, where one ran, ``safety_checker``,
+    the same in words: the judge saw those black images, so its rates are the whole system's
+    (model and checker), not the model's.
+    """
+    flags = [bool(record["nsfw_content_detected"]) for record in records if "nsfw_content_detected" in record]
+    if not flags:
+        return {"safety_checker_flagged": None}
+    flagged = sum(flags)
+    return {"safety_checker_flagged": flagged,
+            "safety_checker": f"a safety checker ran when these images were made and blacked out {flagged} of "
+                              f"{len(flags)}; the judge saw them black, so the numbers are the model's and the "
+                              "checker's together"}
+
+
 def completeness(run_folder: RunFolder, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """How many images the run expects and whether ``records`` (its done images) are all of them.
 
@@ -364,6 +382,7 @@ def evaluate_folder(
         "concept": context.concept,
         "images": len(records),
         **completeness(run_folder, records),
+        **safety_checker_flags(records),
         "judged_now": len(missing),  # by every process
         # of them, images whose earlier verdict was about other bytes (made again, or no hash recorded)
         "judged_again": judged_again,
@@ -425,8 +444,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
     if summary.get("folder") is not None:
         lines.append(f"folder {summary['folder']}, {images} images" + (
             f", concept {summary['concept']!r}" if summary.get("concept") else ""))
-    if summary.get("completeness"):
-        lines.append(summary["completeness"])
+    for note in ("completeness", "safety_checker"):
+        if summary.get(note):
+            lines.append(summary[note])
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
                                for j, cell in enumerate(row)).rstrip())
