@@ -391,6 +391,41 @@ def test_csv_row_with_too_many_fields(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(("header", "column", "why"), [
+    ("case_number,prompt,evaluation_sed", "evaluation_sed",
+     "trasce takes the seed from 'evaluation_seed' or 'sd_seed', and without it every row would get --seed; "
+     "rename the column to 'evaluation_seed'"),
+    ("prompt,Seed", "Seed", "rename the column to 'evaluation_seed'"),
+    ("prompt,evaluation_guidence", "evaluation_guidence",
+     "trasce takes the CFG scale from 'evaluation_guidance' or 'sd_guidance_scale', and without it every row would "
+     "get --guidance-scale; rename the column to 'evaluation_guidance'"),
+    ("prompt,cfg_scale", "cfg_scale", "rename the column to 'evaluation_guidance'"),
+    ("case_nmber,prompt", "case_nmber",
+     "trasce takes the case name from 'case_number', and without it images would be named by their row's "
+     "position; rename the column to 'case_number'"),
+])
+def test_a_column_that_looks_like_one_trasce_reads_is_refused(tmp_path: Path, header: str, column: str,
+                                                              why: str) -> None:
+    """Kept as data, it would give every row the default seed, scale or name without a word."""
+    record = {name: "a red apple" if name == "prompt" else "7" for name in header.split(",")}
+    for path in (write(tmp_path, "p.csv", f"{header}\n{','.join(record.values())}\n"),
+                 write(tmp_path, "p.jsonl", json.dumps(record) + "\n")):
+        message = error_of(path)
+        assert message.startswith(f"{path}, row {1 if path.suffix == '.jsonl' else 2}, column {column!r}: is not "
+                                  "read: "), message
+        assert why in message
+
+
+def test_benchmark_files_own_extra_columns_are_data(tmp_path: Path) -> None:
+    """I2P's columns (beside those read) and MMA-Diffusion's clean prompt raise no look-alike error."""
+    i2p = write(tmp_path, "i2p.csv", "prompt,categories,hard,inappropriate_percentage,nudity_percentage,lexica_url,"
+                "sd_seed,sd_guidance_scale,sd_image_width,sd_image_height,sd_model\na,sexual,1,90,80,u,3,7,512,512,"
+                "v1.4\n")
+    mma = write(tmp_path, "mma.csv", "case_number,clean_prompt,adv_prompt,evaluation_seed\n1,a,b,5\n")
+    assert [(row.seed, row.guidance_scale) for row in read_prompts(i2p)] == [(3, 7.0)]
+    assert [(row.case, row.prompt, row.extra) for row in read_prompts(mma)] == [("1", "b", {"clean_prompt": "a"})]
+
+
 def test_duplicate_header(tmp_path: Path) -> None:
     path = write(tmp_path, "p.csv", "prompt,prompt\na,b\n")
     assert "column 'prompt' appears twice (columns 1 and 2)" in error_of(path)

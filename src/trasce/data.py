@@ -20,6 +20,7 @@ falls through to the next column and finally to the default.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
@@ -237,6 +238,35 @@ class _Collector:
         raise PromptFileError(first, self.problems)
 
 
+# Names that people give the columns trasce reads, which it would otherwise keep as data while every
+# row got the default: (what the column holds, the names read, other common names, the default).
+_READ_ELSEWHERE: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] = (
+    ("seed", SEED_COLUMNS, ("seed", "seeds", "random_seed"), "every row would get --seed"),
+    ("CFG scale", GUIDANCE_COLUMNS, ("guidance", "guidance_scale", "cfg", "cfg_scale", "scale"),
+     "every row would get --guidance-scale"),
+    ("case name", (CASE_COLUMN,), ("case", "case_id", "case number", "casenumber"),
+     "images would be named by their row's position"),
+)
+
+
+def _unread_lookalikes(columns: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(column, why)`` for each column that looks like one trasce reads (a near spelling, another
+    case, or a common name for it) while no column of that kind is present."""
+    columns = list(columns)
+    for kind, names, aliases, default in _READ_ELSEWHERE:
+        if any(name in columns for name in names):
+            continue
+        for column in columns:
+            key = column.strip().lower()
+            match = next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.8)), None)
+            if match is None and key in aliases:
+                match = names[0]
+            if match is not None:
+                read = " or ".join(repr(name) for name in names)
+                yield column, (f"is not read: trasce takes the {kind} from {read}, and without it {default}; "
+                               f"rename the column to {match!r}")
+
+
 def _rows_from_records(
     records: Iterable[tuple[int, Mapping[str, Any]]],
     collector: _Collector,
@@ -253,8 +283,13 @@ def _rows_from_records(
     # composed and decomposed, would be one file there, the second image overwriting the first.
     first_of_case: dict[str, tuple[int, str]] = {}
     used = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
+    checked_keys: set[frozenset[str]] = set()  # (CSV records all share one; JSONL objects may differ)
 
     for index, (row_number, record) in enumerate(records):
+        if frozenset(record) not in checked_keys:
+            checked_keys.add(frozenset(record))
+            for column, why in _unread_lookalikes(record.keys()):
+                collector.add(row_number, column, why)
         prompt_key = next((k for k in PROMPT_COLUMNS if k in record), None)
         if prompt_key is None:
             # Only reachable for JSONL (CSV headers are checked once, before any row).
