@@ -14,11 +14,13 @@ STEPS = 3
 
 def test_bench_rows_ratios_and_backward_passes(tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--dtype", "fp32", "--batch-size", "2",
+    # without --dtype: auto, which is fp32 on a CPU (half precision there is many times slower)
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--batch-size", "2",
                                        "--steps", str(STEPS), "--device", "cpu", "--repeats", "1",
                                        "--json", str(out)])
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
+    assert {r["dtype"] for r in written["rows"]} == {"fp32"}
     assert written["rounds_done"] == written["repeats"] == 1
     rows = written["rows"]
     by_name = {(r["method"], r["prompts"], r["batch_size"]): r for r in rows}

@@ -164,7 +164,7 @@ def load_for_bench(model: str, dtype: torch.dtype, device: torch.device):
     return load_diffusers_pipeline(model, torch_dtype=dtype, safety_checker=False).to(device)
 
 
-def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, steps: int = 50,
+def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, steps: int = 50,
               height: int | None = None, width: int | None = None, device: str = "auto", repeats: int = 2,
               released: bool = True, prompt: str = PROMPT,
               concept: str | None = None, preset: str | None = None, benign_prompt: str | None = None,
@@ -190,6 +190,10 @@ def run_bench(model: str = "sd14", dtype: str = "fp16", batch_size: int = 4, ste
         raise ValueError(f"--benign-prompt and --near-prompt need a trained model; {model!r} has random weights, "
                          "whose benign and concept-near rows are emulated")
     dev = pick_device(device)
+    if dtype == "auto":  # as trasce generate: CPU half precision is far slower than fp32
+        dtype = "fp16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     pipe = load_for_bench(model, torch_dtype, dev)
     pipe.set_progress_bar_config(disable=True)

@@ -186,8 +186,10 @@ def demo(out: Path, concept: str, steps: int | None, device: str, quiet: bool, o
 
 @main.command()
 @click.option("--model", default="sd14", show_default=True,
-              help="a random-weight architecture (sd14, sd21, sdxl, tiny-sd, ...) or a real model path/id")
-@click.option("--dtype", type=_choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+              help="a random-weight architecture (sd14, sd21, sdxl, tiny-sd, ...), 'toy' (the embedded model) or a "
+                   "real model path/id")
+@click.option("--dtype", type=_choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="auto: fp16 on CUDA, fp32 elsewhere")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--height", type=int)
