@@ -116,6 +116,16 @@ def test_a_folder_guided_below_one_before_guidance_switched_off_there_does_not_r
     assert "'guidance_off_at_or_below_one' was false, now true" in resumed[0.5].output
 
 
+def test_a_rerun_of_a_finished_folder_says_so(tiny_sd_folder, tmp_path):
+    args = ("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", tmp_path / "out",
+            *(a for a in BASE if a != "--quiet"))
+    assert "already" not in _run(*args).output
+    again = _run(*args)
+    assert again.exit_code == 0
+    assert f"generate: nothing to make; the 1 image asked of this process is in {tmp_path / 'out'} already" in (
+        again.output)
+
+
 def test_safety_checker_flag_on_a_model_without_one(tiny_sd_folder, tmp_path):
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", tmp_path / "out",
                   "--safety-checker", *BASE)

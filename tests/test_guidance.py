@@ -111,6 +111,16 @@ def test_published_presets_are_the_papers_table():
     assert resolve("nudity", None, None, 5.0, None) == (nudity, 1.5, 5.0, 2.0)  # an explicit value wins
 
 
+@pytest.mark.parametrize(("preset", "example"), [("toy-shape", "circle"), ("object", "French Horn"),
+                                                  ("style", "Van Gogh"), (None, "Van Gogh")])
+def test_a_missing_concept_is_asked_for_with_an_example_of_its_kind(preset, example):
+    from trasce import presets
+
+    with pytest.raises(ValueError) as info:
+        presets.resolve(preset, None, None, None, None)
+    assert str(info.value).endswith(f"(e.g. concept={example!r}; on the command line, --concept {example!r})")
+
+
 def test_gaussian_kernel_slope_and_bound_by_hand():
     """L = -lam * exp(-d^2 / (2 sigma^2)); dL/dd = lam * d / sigma^2 * exp(-d^2 / (2 sigma^2))."""
     lam, eta, sigma = 2.0, 0.5, 3.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,9 +272,13 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         folder.record_requested(folder.image_file(row.case, k, n) for row in rows for k in range(n))
     rows = data.shard(rows, state.process_index, state.num_processes)
     todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
+    if not todo and is_main and not options.quiet:
+        count = len(rows) * n
+        print(f"generate: nothing to make; the {count} image{'s' if count != 1 else ''} asked of this process "
+              f"{'are' if count != 1 else 'is'} in {folder.path} already", file=sys.stderr)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=options.quiet or not is_main,
+    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=options.quiet or not is_main or not todo,
                dynamic_ncols=True)
     noise_cache: dict[str, tuple[torch.Tensor, list[torch.Generator]]] = {}
     with contextlib.closing(bar):

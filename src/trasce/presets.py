@@ -55,8 +55,9 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
     concept = concept if concept is not None else base.concept
     if not concept or not concept.strip():
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
-        raise ValueError(f"no concept to erase: {hint} (e.g. concept='Van Gogh'; on the command line, "
-                         "--concept 'Van Gogh')")
+        example = {"object": "French Horn", "toy-shape": "circle", "toy-fill": "striped"}.get(preset, "Van Gogh")
+        raise ValueError(f"no concept to erase: {hint} (e.g. concept={example!r}; on the command line, "
+                         f"--concept {example!r})")
     return (
         concept,
         base.loss_scale if loss_scale is None else float(loss_scale),
