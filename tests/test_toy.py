@@ -121,10 +121,12 @@ def test_demo_end_to_end(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "TraSCE" in html and "negative prompt" in html and html.count("<img") >= 24 + 1
     assert "report:" in result.output
-    counts = {label: int(n) for label, n in re.findall(
-        r"(unprotected|negative prompt|TraSCE): (\d) of 8 images show shape = circle", result.output)}
+    counts = {label: (int(asked), int(others)) for label, asked, others in re.findall(
+        r"(unprotected|negative prompt|TraSCE): shape = circle in (\d) of the 4 images asking for it, (\d) of the 4 "
+        "others", result.output)}
     assert set(counts) == {"unprotected", "negative prompt", "TraSCE"}
-    assert counts["TraSCE"] < counts["unprotected"], counts  # measured at 6 steps: 0 against 2
+    assert counts["TraSCE"][0] < counts["unprotected"][0], counts  # measured at 6 steps: 0 against 2
+    assert "6 steps of DDIMScheduler, CFG 1.5" in html and "preset <code>toy-shape</code>" in html
     # other settings in the same folder: refused, then started afresh with --overwrite
     again = ["demo", "--out", str(tmp_path / "demo"), "--steps", "5"]
     result = CliRunner().invoke(main, again)

@@ -40,6 +40,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     from PIL import Image
 
     from trasce.benchmark import PRESET_FOR_ATTRIBUTE, toy_target
+    from trasce.eval.toy import mention_kind
     from trasce.toy.judge import Judge
 
     started = time.perf_counter()
@@ -54,7 +55,8 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
 
     judge = Judge.load()
     cells, rows = [], []
-    counts = {mode: 0 for mode, _ in METHODS}
+    asks = [mention_kind(prompt, attribute, value) != "none" for prompt in prompts]
+    counts = {mode: [0, 0] for mode, _ in METHODS}  # images showing the concept: [prompts asking for it, others]
     records = {mode: {r["case"]: r for r in folders[mode].read_manifest()} for mode, _ in METHODS}
     for i, prompt in enumerate(prompts):
         images, row = [], [prompt]
@@ -64,7 +66,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
             image = Image.open(path).convert("RGB")
             verdict = judge.classify_pil([image])[0]
             present = verdict[attribute] == value
-            counts[mode] += present
+            counts[mode][0 if asks[i] else 1] += present
             images.append(image)
             words = f"{verdict['color']} {verdict['fill']} {verdict['shape']} on {verdict['background']}"
             mark = f'<span class="bad">{html.escape(value)}</span>' if present else '<span class="good">no</span>'
@@ -75,18 +77,26 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
 
     picture = save_png(grid(cells, row_labels=prompts, column_labels=[label for _, label in METHODS], cell=120),
                        out / "grid.png")
-    summary = table(["method", f"images with {attribute} = {value} (of {len(prompts)})"],
-                    [[label, counts[mode]] for mode, label in METHODS])
+    n_ask = sum(asks)
+    summary = table(["method", f"images with {attribute} = {value}: of the {n_ask} prompts asking for it",
+                     f"of the {len(prompts) - n_ask} others"],
+                    [[label, *counts[mode]] for mode, label in METHODS])
+    used = folders["trasce"].read_run_json()["settings"]
     body = (
-        f"<p>Embedded model, concept to erase: <code>{html.escape(concept)}</code>. Same seeds in every "
-        f"column; verdicts by the embedded judge (shape, colour, fill, background).</p>"
+        f"<p>Embedded model, concept to erase: <code>{html.escape(concept)}</code>. Same seed ({seed}) in every "
+        f"column; {used['steps']} steps of {used['scheduler']}, CFG {used['guidance_scale']:g}. The negative "
+        f"prompt is the concept's text; TraSCE uses preset <code>{html.escape(str(used['preset']))}</code> "
+        f"(λ {used['loss_scale']:g}, η {used['step_size']:g}, σ {used['sigma']:g}). Verdicts by the embedded "
+        "judge (shape, colour, fill, background); this small model does not follow background words, so most "
+        "images come out gray whatever the prompt asks.</p>"
         f"{summary}<p>{image_tag(picture, out)}</p>"
         + table(["prompt", *[label for _, label in METHODS]], rows)
     )
     report = write_page(out / "report.html", f"trasce demo: erasing '{concept}'", body)
     if not quiet:
         for mode, label in METHODS:
-            print(f"{label:>16}: {counts[mode]} of {len(prompts)} images show {attribute} = {value}")
+            print(f"{label:>16}: {attribute} = {value} in {counts[mode][0]} of the {n_ask} images asking for it, "
+                  f"{counts[mode][1]} of the {len(prompts) - n_ask} others")
         print(f"report: {report}\ngrid:   {picture}\ntook {time.perf_counter() - started:.0f} s (a rerun "
               "only rebuilds the report)")
     return report
