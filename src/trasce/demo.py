@@ -87,8 +87,8 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
         f"column; {used['steps']} steps of {used['scheduler']}, CFG {used['guidance_scale']:g}. The negative "
         f"prompt is the concept's text; TraSCE uses preset <code>{html.escape(str(used['preset']))}</code> "
         f"(λ {used['loss_scale']:g}, η {used['step_size']:g}, σ {used['sigma']:g}). Verdicts by the embedded "
-        "judge (shape, colour, fill, background); this small model does not follow background words, so most "
-        "images come out gray whatever the prompt asks.</p>"
+        "judge (shape, colour, fill, background); this small model does not follow background words, so an "
+        "image's background often differs from the one its prompt asks for.</p>"
         f"{summary}<p>{image_tag(picture, out)}</p>"
         + table(["prompt", *[label for _, label in METHODS]], rows)
     )
