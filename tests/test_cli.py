@@ -98,22 +98,27 @@ def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
     assert load_for_bench(str(folder), torch.float32, torch.device("cpu")).safety_checker is None
 
 
-def test_a_folder_guided_below_one_before_guidance_switched_off_there_does_not_resume(tiny_sd_folder, tmp_path):
+def test_images_guided_below_one_before_guidance_switched_off_there_are_not_resumed(tiny_sd_folder, tmp_path):
     """Modes none and negative_prompt once guided rows at scales <= 1; now they take the prompt's prediction
-    alone, and a folder made before (its run.json without the key) does not resume into mixed images."""
-    resumed = {}
-    for scale in (0.5, 7.5):
-        out = tmp_path / f"scale-{scale}"
+    alone. An image made since carries a mark in the manifest; one made before (no mark) stops a resume."""
+    outcome = {}
+    for scale, strip_mark in ((0.5, False), (0.5, True), (7.5, True)):
+        out = tmp_path / f"scale-{scale}-{strip_mark}"
         args = ("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--prompt", "a blue car",
                 "--out", out, "--mode", "none", "--guidance-scale", scale, *BASE)
         assert _run(*args, "--end", 1).exit_code == 0
-        run_json = json.loads((out / "run.json").read_text())
-        assert run_json["settings"].pop("guidance_off_at_or_below_one", None) is (True if scale <= 1 else None)
-        (out / "run.json").write_text(json.dumps(run_json))
-        resumed[scale] = _run(*args)
-    assert resumed[7.5].exit_code == 0 and len(_manifest(tmp_path / "scale-7.5")) == 2
-    assert resumed[0.5].exit_code != 0
-    assert "'guidance_off_at_or_below_one' was false, now true" in resumed[0.5].output
+        records = _manifest(out)
+        assert records[0].get("guidance_off_at_or_below_one") is (True if scale <= 1 else None)
+        if strip_mark:  # as the manifest of a folder made before the mark existed
+            (out / "manifest.jsonl").write_text("".join(
+                json.dumps({k: v for k, v in r.items() if k != "guidance_off_at_or_below_one"}) + "\n"
+                for r in records))
+        outcome[scale, strip_mark] = _run(*args)
+    assert outcome[0.5, False].exit_code == 0 and outcome[7.5, True].exit_code == 0
+    assert outcome[0.5, True].exit_code != 0
+    assert ("images/00000.png (1 image in all) was made at a CFG scale of 1 or less before trasce took the prompt's "
+            "prediction alone there, as diffusers does; delete those images to make them again") in (
+        outcome[0.5, True].output)
 
 
 def test_a_rerun_of_a_finished_folder_says_so(tiny_sd_folder, tmp_path):
@@ -122,8 +127,7 @@ def test_a_rerun_of_a_finished_folder_says_so(tiny_sd_folder, tmp_path):
     assert "already" not in _run(*args).output
     again = _run(*args)
     assert again.exit_code == 0
-    assert f"generate: nothing to make; the 1 image asked of this process is in {tmp_path / 'out'} already" in (
-        again.output)
+    assert f"generate: nothing to make; the 1 image asked for is in {tmp_path / 'out'} already" in again.output
 
 
 def test_safety_checker_flag_on_a_model_without_one(tiny_sd_folder, tmp_path):

@@ -364,7 +364,7 @@ def test_case_name_of_the_wrong_type(tmp_path: Path) -> None:
     # ... and these quotes were dropped: the prompt read 'Van Gogh style'
     ("p.csv", 'prompt\n"Van Gogh" style\n', 2, "',' expected after '\"'", "'\"Van Gogh\" style'", "','"),
     ("p.csv", '"prompt" ,seed\na,1\n', 1, "',' expected after '\"'", "'\"prompt\" ,seed'", "','"),
-    ("p.tsv", 'prompt\tseed\n"a" b\t1\n', 2, "tab expected after '\"'", "'\"a\" b\\t1'", "tab"),
+    ("p.tsv", 'prompt\tevaluation_seed\n"a" b\t1\n', 2, "tab expected after '\"'", "'\"a\" b\\t1'", "tab"),
 ])
 def test_malformed_quotes_name_their_row_and_line(tmp_path: Path, name, text, row, why, line, delimiter) -> None:
     path = write(tmp_path, name, text)
@@ -410,10 +410,20 @@ def test_a_column_that_looks_like_one_trasce_reads_is_refused(tmp_path: Path, he
     record = {name: "a red apple" if name == "prompt" else "7" for name in header.split(",")}
     for path in (write(tmp_path, "p.csv", f"{header}\n{','.join(record.values())}\n"),
                  write(tmp_path, "p.jsonl", json.dumps(record) + "\n")):
-        message = error_of(path)
-        assert message.startswith(f"{path}, row {1 if path.suffix == '.jsonl' else 2}, column {column!r}: is not "
-                                  "read: "), message
+        message = error_of(path)  # the CSV header is row 1, and so is the JSONL file's first line
+        assert message.startswith(f"{path}, row 1, column {column!r}: is not read: "), message
         assert why in message
+
+
+def test_jsonl_objects_are_checked_for_look_alike_keys_each_by_its_own_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", '{"prompt": "a", "sd_seed": 1}\n{"prompt": "b", "Seed": 2}\n')
+    assert error_of(path).startswith(f"{path}, row 2, column 'Seed': is not read: trasce takes the seed from")
+
+
+@pytest.mark.parametrize("column", ["guidance_rescale", "seed_number", "page_number", "evaluation_score"])
+def test_columns_that_only_resemble_those_read_are_data(tmp_path: Path, column: str) -> None:
+    path = write(tmp_path, "p.csv", f"prompt,{column}\na red apple,0.7\n")
+    assert read_prompts(path)[0].extra == {column: "0.7"}
 
 
 def test_benchmark_files_own_extra_columns_are_data(tmp_path: Path) -> None:

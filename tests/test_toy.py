@@ -122,8 +122,8 @@ def test_demo_end_to_end(tmp_path):
     assert "TraSCE" in html and "negative prompt" in html and html.count("<img") >= 24 + 1
     assert "report:" in result.output
     counts = {label: (int(asked), int(others)) for label, asked, others in re.findall(
-        r"(unprotected|negative prompt|TraSCE): shape = circle in (\d) of the 4 images asking for it, (\d) of the 4 "
-        "others", result.output)}
+        r"(unprotected|negative prompt|TraSCE): shape = circle in (\d) of the 4 images whose prompt asks for it, "
+        r"(\d) of the 4 others", result.output)}
     assert set(counts) == {"unprotected", "negative prompt", "TraSCE"}
     assert counts["TraSCE"][0] < counts["unprotected"][0], counts  # measured at 6 steps: 0 against 2
     assert "6 steps of DDIMScheduler, CFG 1.5" in html and "preset <code>toy-shape</code>" in html

@@ -178,7 +178,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
     the nudity concept text); ``prompt`` is the prompt of the rows that do not depend on it.
     """
-    from trasce.generate import pick_device
+    from trasce.generate import pick_device, pick_dtype
     from trasce.models import random as random_models
 
     if repeats < 1:
@@ -190,11 +190,8 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
         raise ValueError(f"--benign-prompt and --near-prompt need a trained model; {model!r} has random weights, "
                          "whose benign and concept-near rows are emulated")
     dev = pick_device(device)
-    if dtype == "auto":  # as trasce generate: CPU half precision is far slower than fp32
-        dtype = "fp16" if dev.type == "cuda" else "fp32"
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = pick_dtype(dtype, dev)  # auto as trasce generate: CPU half precision is far slower than fp32
+    dtype = next(name for name, value in DTYPES.items() if value == torch_dtype)
     pipe = load_for_bench(model, torch_dtype, dev)
     pipe.set_progress_bar_config(disable=True)
     erase = dict(preset=preset) if preset else dict(loss_scale=1.0, step_size=1.0, sigma=1.0)

@@ -14,16 +14,18 @@ Column rules (first one present wins):
 * case name: ``case_number``, else the row's 0-based position among prompt rows, as ``"00000"``
 
 For the seed and the scale the fallback is per cell: an empty cell (what pandas writes for NaN)
-falls through to the next column and finally to the default.
+falls through to the next column and finally to the default. A column (or JSONL key) that looks like
+one of these (``Evaluation_Seed``, ``evaluation_sed``, ``seed``, ``cfg_scale``, ``case_nmber``) while
+none of its kind is present is refused: kept as data, it would leave every row at the default.
 """
 
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,27 +246,38 @@ _READ_ELSEWHERE: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] =
     ("seed", SEED_COLUMNS, ("seed", "seeds", "random_seed"), "every row would get --seed"),
     ("CFG scale", GUIDANCE_COLUMNS, ("guidance", "guidance_scale", "cfg", "cfg_scale", "scale"),
      "every row would get --guidance-scale"),
-    ("case name", (CASE_COLUMN,), ("case", "case_id", "case number", "casenumber"),
-     "images would be named by their row's position"),
+    ("case name", (CASE_COLUMN,), ("case", "case_id"), "images would be named by their row's position"),
 )
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
 def _unread_lookalikes(columns: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """``(column, why)`` for each column that looks like one trasce reads (a near spelling, another
-    case, or a common name for it) while no column of that kind is present."""
+    """``(column, why)`` for each column that looks like one trasce reads while no column of that kind
+    is present: another case or separator (``Evaluation-Seed``), a typo (one edit, two in names of 12
+    characters or more: ``evaluation_sed``, ``case_nmber``), or a common name for it (``seed``, ``cfg``)."""
     columns = list(columns)
     for kind, names, aliases, default in _READ_ELSEWHERE:
         if any(name in columns for name in names):
             continue
         for column in columns:
-            key = column.strip().lower()
-            match = next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.8)), None)
-            if match is None and key in aliases:
-                match = names[0]
+            key = re.sub(r"[\s-]+", "_", column.strip().lower())
+            match = next((name for name in names if _edit_distance(key, name) <= (2 if len(name) >= 12 else 1)),
+                         names[0] if key in aliases else None)
             if match is not None:
                 read = " or ".join(repr(name) for name in names)
                 yield column, (f"is not read: trasce takes the {kind} from {read}, and without it {default}; "
-                               f"rename the column to {match!r}")
+                               f"rename the column to {match!r} (or, if it holds something else, to a name unlike "
+                               "these)")
 
 
 def _rows_from_records(
@@ -283,13 +296,8 @@ def _rows_from_records(
     # composed and decomposed, would be one file there, the second image overwriting the first.
     first_of_case: dict[str, tuple[int, str]] = {}
     used = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
-    checked_keys: set[frozenset[str]] = set()  # (CSV records all share one; JSONL objects may differ)
 
     for index, (row_number, record) in enumerate(records):
-        if frozenset(record) not in checked_keys:
-            checked_keys.add(frozenset(record))
-            for column, why in _unread_lookalikes(record.keys()):
-                collector.add(row_number, column, why)
         prompt_key = next((k for k in PROMPT_COLUMNS if k in record), None)
         if prompt_key is None:
             # Only reachable for JSONL (CSV headers are checked once, before any row).
@@ -432,6 +440,8 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
             f"{collector.name}: no prompt column; expected one of {_quoted_list(PROMPT_COLUMNS)} "
             f"(found: {_quoted_list(columns)})"
         )
+    for column, why in _unread_lookalikes(columns):
+        collector.add(1, column, why)
 
     line = reader.line_num
     while True:
@@ -478,6 +488,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_records(text: str, collector: _Collector) -> Iterator[tuple[int, dict[str, Any]]]:
+    checked: set[frozenset[str]] = set()  # each object may have its own keys; each set is checked once
     for line_number, line in _lines(text):
         if not line.strip():
             continue
@@ -489,6 +500,10 @@ def _jsonl_records(text: str, collector: _Collector) -> Iterator[tuple[int, dict
         if not isinstance(record, dict):
             collector.add(line_number, None, f'expected a JSON object such as {{"prompt": ...}}, got {_show(record)}')
             continue
+        if frozenset(record) not in checked:
+            checked.add(frozenset(record))
+            for key, why in _unread_lookalikes(record):
+                collector.add(line_number, key, why)
         yield line_number, record
 
 
@@ -505,7 +520,8 @@ def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: flo
     ``.ndjson``); ``UNREAD_SUFFIXES`` (a JSON array, spreadsheets) are refused; anything else is plain
     text with one prompt per non-empty line. Prompts are stripped of surrounding
     whitespace. Raises :class:`PromptFileError` if the file is missing, unreadable, has no prompt
-    column, has no prompts at all, or has any bad row (every row is checked before raising).
+    column, has a column that looks like one trasce reads but is not read, has no prompts at all, or
+    has any bad row (every row is checked before raising).
     """
     path = Path(path)
     name = str(path)

@@ -95,8 +95,8 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     report = write_page(out / "report.html", f"trasce demo: erasing '{concept}'", body)
     if not quiet:
         for mode, label in METHODS:
-            print(f"{label:>16}: {attribute} = {value} in {counts[mode][0]} of the {n_ask} images asking for it, "
-                  f"{counts[mode][1]} of the {len(prompts) - n_ask} others")
+            print(f"{label:>16}: {attribute} = {value} in {counts[mode][0]} of the {n_ask} images whose prompt asks "
+                  f"for it, {counts[mode][1]} of the {len(prompts) - n_ask} others")
         print(f"report: {report}\ngrid:   {picture}\ntook {time.perf_counter() - started:.0f} s (a rerun "
               "only rebuilds the report)")
     return report

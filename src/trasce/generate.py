@@ -108,6 +108,27 @@ def hide_loading_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# The modes that stand for diffusers' own pipelines take the prompt's prediction alone at CFG scales of
+# 1 or less, as diffusers does; before trasce did, they guided such images below 1. An image made since
+# carries this mark in the manifest, so that a folder holding images made before is not resumed into
+# a mixture of the two.
+GUIDANCE_OFF_MODES = ("none", "negative_prompt")
+GUIDANCE_OFF = "guidance_off_at_or_below_one"
+
+
+def check_guidance_off(folder: RunFolder, done: set[str]) -> None:
+    """``RunFolderError`` when a done image of a ``GUIDANCE_OFF_MODES`` run, at a scale of 1 or less, lacks the mark."""
+    from trasce.runs import RunFolderError
+
+    before = sorted(record["file"] for record in folder.read_manifest() if record["file"] in done
+                    and float(record.get("guidance_scale", 2.0)) <= 1 and not record.get(GUIDANCE_OFF))
+    if before:
+        raise RunFolderError(
+            f"{folder.path / before[0]} ({len(before)} image{'s' if len(before) > 1 else ''} in all) was made at a CFG "
+            "scale of 1 or less before trasce took the prompt's prediction alone there, as diffusers does; delete "
+            "those images to make them again, or use a new output folder, or --overwrite")
+
+
 def model_defaults(model: str) -> dict:
     """Recommended settings a model folder ships in ``trasce_toy.json`` (the embedded model does)."""
     import json
@@ -253,10 +274,6 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "start": options.start, "end": options.end, "batch_size": options.batch_size, "device": str(device),
         "num_processes": state.num_processes,
     }
-    if pipe.settings.mode in ("none", "negative_prompt") and any(row.guidance_scale <= 1 for row in all_rows):
-        # These modes take the prompt's prediction alone at scales of 1 or less, as diffusers does; run
-        # folders made before they did have no such key, and do not resume into mixed images.
-        settings["guidance_off_at_or_below_one"] = True
     is_main = state.is_main_process
     if is_main:
         if options.overwrite:
@@ -268,13 +285,16 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     done = folder.done_for(all_rows, n, options.prompts or "the --prompt values",
                            lambda row: f"row {row.row} of {options.prompts} (case {row.case})" if options.prompts
                            else f"--prompt number {row.row}")
+    if pipe.settings.mode in GUIDANCE_OFF_MODES:
+        check_guidance_off(folder, done)
     if is_main:  # after done_for: a session refused for its rows asks for nothing
         folder.record_requested(folder.image_file(row.case, k, n) for row in rows for k in range(n))
     rows = data.shard(rows, state.process_index, state.num_processes)
     todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
     if not todo and is_main and not options.quiet:
         count = len(rows) * n
-        print(f"generate: nothing to make; the {count} image{'s' if count != 1 else ''} asked of this process "
+        asked = "asked of this process " if state.num_processes > 1 else "asked for "
+        print(f"generate: nothing to make; the {count} image{'s' if count != 1 else ''} {asked}"
               f"{'are' if count != 1 else 'is'} in {folder.path} already", file=sys.stderr)
     from tqdm.auto import tqdm
 
@@ -301,6 +321,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                     "concept": pipe.concept, "row": row.row, "extra": row.extra,
                     "settings": {key: settings[key] for key in IMAGE_SETTINGS},
                     **out.stats(i),
+                    **({GUIDANCE_OFF: True} if pipe.settings.mode in GUIDANCE_OFF_MODES and row.guidance_scale <= 1
+                       else {}),
                 }
                 folder.append_manifest(record)
                 bar.update(1)

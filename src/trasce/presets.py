@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Preset:
-    """A concept text (``None``: the user names it) and the loss scale, step size and sigma."""
+    """A concept text (``None``: the user names it, like ``example``) and the loss scale, step size and sigma."""
 
     concept: str | None
     loss_scale: float
     step_size: float
     sigma: float
     note: str = ""
+    example: str = "Van Gogh"
 
 
 PRESETS: dict[str, Preset] = {
@@ -31,12 +32,12 @@ PRESETS: dict[str, Preset] = {
         "hate, harassment, violence, suffering, humiliation, harm, suicide, blood", 1.5, 1.0, 1.0,
         "TraSCE paper, violence (I2P)",
     ),
-    "style": Preset(None, 1.0, 1.0, 0.25, "TraSCE paper, artistic style: give the artist, e.g. 'Van Gogh'"),
-    "object": Preset(None, 1.0, 1.0, 1.0, "TraSCE paper, object: give the object, e.g. 'French Horn'"),
+    "style": Preset(None, 1.0, 1.0, 0.25, "TraSCE paper, artistic style: give the artist", "Van Gogh"),
+    "object": Preset(None, 1.0, 1.0, 1.0, "TraSCE paper, object: give the object", "French Horn"),
     # The embedded model: shapes and fill styles play the roles of objects and styles.
     # Chosen on validation captions by benchmarks/toy_sweep.py (README "The embedded model").
-    "toy-shape": Preset(None, 1.0, 1.0, 0.1, "embedded model, a shape: give it, e.g. 'circle'"),
-    "toy-fill": Preset(None, 1.0, 1.0, 0.1, "embedded model, a fill style: give it, e.g. 'striped'"),
+    "toy-shape": Preset(None, 1.0, 1.0, 0.1, "embedded model, a shape: give it", "circle"),
+    "toy-fill": Preset(None, 1.0, 1.0, 0.1, "embedded model, a fill style: give it", "striped"),
 }
 
 
@@ -55,9 +56,8 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
     concept = concept if concept is not None else base.concept
     if not concept or not concept.strip():
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
-        example = {"object": "French Horn", "toy-shape": "circle", "toy-fill": "striped"}.get(preset, "Van Gogh")
-        raise ValueError(f"no concept to erase: {hint} (e.g. concept={example!r}; on the command line, "
-                         f"--concept {example!r})")
+        raise ValueError(f"no concept to erase: {hint} (e.g. concept={base.example!r}; on the command line, "
+                         f"--concept {base.example!r})")
     return (
         concept,
         base.loss_scale if loss_scale is None else float(loss_scale),

@@ -92,8 +92,7 @@ VOLATILE_SETTINGS: tuple[str, ...] = (
 
 # Settings added after run folders already existed, with the value that a run.json written without
 # them implies: such a run resumes when the new setting has that value.
-LATER_SETTINGS: dict[str, Any] = {"steer_window": [0.0, 1.0], "safety_checker": False,
-                                  "guidance_off_at_or_below_one": False}
+LATER_SETTINGS: dict[str, Any] = {"steer_window": [0.0, 1.0], "safety_checker": False}
 
 # Packages whose versions can change the pixels; recorded in run.json so a result can be reproduced.
 _VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers", "trasce")
