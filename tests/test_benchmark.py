@@ -264,6 +264,22 @@ def test_real_model_with_prompt_files_and_a_judge(tiny_sd_folder, tmp_path, monk
     assert 'src="none/target/images/q%231.png"' in page
 
 
+def test_images_guided_below_one_before_guidance_switched_off_there_are_not_resumed(tmp_path):
+    out = tmp_path / "out"
+    args = ("benchmark", "--concept", "circle", "--methods", "none", "--n-target", 1, "--n-corner", 1,
+            "--n-other", 1, "--steps", 2, "--guidance-scale", 0.5, "--out", out, "--quiet")
+    assert _run(*args).exit_code == 0
+    manifest = out / "none" / "other" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["guidance_off_at_or_below_one"] for r in records] == [True]
+    assert _run(*args).exit_code == 0  # made since: resumes
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "guidance_off_at_or_below_one"})
+                                + "\n" for r in records))  # as made before the mark existed
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2
+    assert "was made at a CFG scale of 1 or less before trasce took the prompt's prediction alone" in result.output
+
+
 def test_benchmark_leaves_a_models_safety_checker_out(tiny_sd, tmp_path, monkeypatch):
     """Its judges see what the model made, not the black images of a checker that flags everything."""
     from conftest import with_safety_checker

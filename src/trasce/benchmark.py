@@ -47,7 +47,10 @@ from trasce.bench import json_ready, synchronize
 from trasce.data import MAX_SEED
 from trasce.eval.base import rate_entry
 from trasce.generate import (
+    GUIDANCE_OFF,
+    GUIDANCE_OFF_MODES,
     batches,
+    check_guidance_off,
     hide_loading_bars,
     initial_noise,
     model_defaults,
@@ -423,6 +426,7 @@ def _generate(folder: RunFolder, todo: list[Prompt], runner: Runner, pipe: TraSC
                 "file": folder.image_file(p.case), "case": p.case, "k": 0, "prompt": p.prompt, "seed": p.seed,
                 "guidance_scale": p.guidance_scale, "method": method, "split": split, "concept": concept,
                 "seconds": round(seconds, 6), "batch": len(batch), **extra,
+                **({GUIDANCE_OFF: True} if method in GUIDANCE_OFF_MODES and p.guidance_scale <= 1 else {}),
             })
         bar.update(len(batch))
 
@@ -756,6 +760,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     done = {(m, s): folders[m][s].done_for(sets[s], 1, f"prompt set {s}",
                                            lambda p, s=s: f"case {p.case} of prompt set {s}", extra_ok=True)
             for m in methods for s in sets}
+    for (m, s), files in done.items():
+        if m in GUIDANCE_OFF_MODES:
+            check_guidance_off(folders[m][s], files)
     todo = {(m, s): [p for p in sets[s] if folders[m][s].image_file(p.case) not in done[m, s]]
             for m in methods for s in sets}
     for method in methods:  # what each folder is to hold, for trasce evaluate's count of missing images
