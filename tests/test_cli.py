@@ -130,6 +130,20 @@ def test_a_rerun_of_a_finished_folder_says_so(tiny_sd_folder, tmp_path):
     assert f"generate: nothing to make; the 1 image asked for is in {tmp_path / 'out'} already" in again.output
 
 
+def test_a_preset_made_for_another_model_is_warned_about(tiny_sd_folder, tmp_path):
+    toy = _run("generate", "--prompt", "a red circle", "--preset", "nudity", "--out", tmp_path / "toy", "--steps", 1,
+               "--quiet")
+    assert toy.exit_code == 0
+    assert ("warning: preset 'nudity' holds settings chosen for Stable Diffusion v1.4, not for this model (toy)"
+            in toy.output)
+    sd = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--preset", "toy-shape",
+              "--out", tmp_path / "sd", *BASE)
+    assert sd.exit_code == 0 and "preset 'toy-shape' holds settings chosen for the embedded model" in sd.output
+    fitting = _run("generate", "--prompt", "a red circle", "--preset", "toy-shape", "--concept", "circle",
+                   "--out", tmp_path / "fits", "--steps", 1, "--quiet")
+    assert fitting.exit_code == 0 and "warning" not in fitting.output
+
+
 def test_safety_checker_flag_on_a_model_without_one(tiny_sd_folder, tmp_path):
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", tmp_path / "out",
                   "--safety-checker", *BASE)

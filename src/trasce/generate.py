@@ -231,6 +231,12 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
 
+    toy_preset = (options.preset or "").startswith("toy-")
+    if options.preset and toy_preset != bool(defaults) and state.is_main_process:  # defaults: a toy model's
+        made_for = "the embedded model" if toy_preset else "Stable Diffusion v1.4"
+        print(f"warning: preset {options.preset!r} holds settings chosen for {made_for}, not for this model "
+              f"({options.model}); give --loss-scale, --step-size and --sigma, or a preset made for it",
+              file=sys.stderr)
     if options.quiet:
         hide_loading_bars()
     if pipe is None:
