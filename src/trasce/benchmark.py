@@ -57,7 +57,7 @@ from trasce.generate import (
     pick_device,
     pick_dtype,
 )
-from trasce.pipeline import TraSCEPipeline, resolve_model
+from trasce.pipeline import TraSCEPipeline, is_toy_model
 from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions, source_commit
 
 METHODS: dict[str, str] = {
@@ -159,11 +159,6 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     if not chosen:
         raise ValueError(f"no method given; valid methods: {', '.join(METHODS)}")
     return chosen
-
-
-def is_toy_model(model: str) -> bool:
-    """The embedded model, or a retrained one (a folder carrying ``trasce_toy.json``)."""
-    return str(model) == "toy" or (Path(resolve_model(model)) / "trasce_toy.json").is_file()
 
 
 def toy_target(concept: str | None) -> tuple[str, str]:
@@ -741,7 +736,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "dtype": str(dtype).removeprefix("torch."), "height": size[0], "width": size[1], "seed": options.seed,
         "prompt_source": prompt_source, "batch_size": options.batch_size, "device": str(device),
         # a pipeline passed in keeps its own; it blacks out what it flags, and the judges see black images
-        "safety_checker": getattr(pipe.pipe, "safety_checker", None) is not None,
+        "safety_checker": pipe.adapter.has_safety_checker,
     }
     per_method = {m: method_settings(m, pipe, concept, preset) for m in methods}
 

@@ -21,7 +21,7 @@ import torch
 
 from trasce import data
 from trasce.data import PromptRow
-from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options
+from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model
 from trasce.runs import RunFolder, atomic_save_image
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, check_scheduler
 
@@ -121,7 +121,7 @@ def check_guidance_off(folder: RunFolder, done: set[str]) -> None:
     from trasce.runs import RunFolderError
 
     before = sorted(record["file"] for record in folder.read_manifest() if record["file"] in done
-                    and float(record.get("guidance_scale", 2.0)) <= 1 and not record.get(GUIDANCE_OFF))
+                    and record["guidance_scale"] <= 1 and not record.get(GUIDANCE_OFF))
     if before:
         raise RunFolderError(
             f"{folder.path / before[0]} ({len(before)} image{'s' if len(before) > 1 else ''} in all) was made at a CFG "
@@ -232,7 +232,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
 
     toy_preset = (options.preset or "").startswith("toy-")
-    if options.preset and toy_preset != bool(defaults) and state.is_main_process:  # defaults: a toy model's
+    if options.preset and toy_preset != is_toy_model(options.model) and state.is_main_process:
         made_for = "the embedded model" if toy_preset else "Stable Diffusion v1.4"
         print(f"warning: preset {options.preset!r} holds settings chosen for {made_for}, not for this model "
               f"({options.model}); give --loss-scale, --step-size and --sigma, or a preset made for it",
@@ -247,8 +247,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             lazy_tolerance=None if options.exact else options.lazy_tolerance, one_call=options.one_call,
             steer_window=tuple(options.steer_window),
         ).to(device)
-    has_checker = getattr(pipe.pipe, "safety_checker", None) is not None
-    if options.safety_checker and not has_checker:
+    if options.safety_checker and not pipe.adapter.has_safety_checker:
         raise ValueError(f"--safety-checker: this {type(pipe.pipe).__name__} has no safety checker to keep (among "
                          "diffusers' pipelines, Stable Diffusion 1.x/2.x ones carry one); leave the flag out")
     if options.gradient_checkpointing:
@@ -270,7 +269,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "one_call": pipe.settings.one_call, "steer_window": list(pipe.settings.steer_window),
         "gradient_checkpointing": options.gradient_checkpointing,
         # whether one ran (a wrapped pipeline keeps its own): it blacks out the images it flags
-        "safety_checker": has_checker,
+        "safety_checker": pipe.adapter.has_safety_checker,
         "compile_mode": options.compile_mode or ("compiled by the caller" if pipe.adapter.compiled else None),
         "steps": steps,
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,

@@ -74,6 +74,11 @@ def resolve_model(model: str | Path) -> str:
     return str(embedded_model_path()) if str(model) == "toy" else str(model)
 
 
+def is_toy_model(model: str | Path) -> bool:
+    """The embedded model, or a retrained one (a folder carrying ``trasce_toy.json``)."""
+    return str(model) == "toy" or (Path(resolve_model(model)) / "trasce_toy.json").is_file()
+
+
 def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
                             safety_checker: bool = True, **kwargs):
     """Load a diffusers pipeline from a hub id (cache) or a folder, including VAE-less ones.

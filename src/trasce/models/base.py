@@ -173,6 +173,11 @@ class Adapter:
             images = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
         return self.postprocess(images.detach(), output_type)
 
+    @property
+    def has_safety_checker(self) -> bool:
+        """Whether decoding runs the pipeline's safety checker (SD 1.x/2.x pipelines loaded with one)."""
+        return getattr(self.pipe, "safety_checker", None) is not None and hasattr(self.pipe, "run_safety_checker")
+
     def postprocess(self, images: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
         """Decoded ``images`` in ``[-1, 1]`` as ``output_type``, through the pipeline's safety checker if it has one.
 
@@ -181,7 +186,7 @@ class Adapter:
         ``trasce generate`` loads models without one unless given ``--safety-checker``.
         """
         flagged = None
-        if getattr(self.pipe, "safety_checker", None) is not None and hasattr(self.pipe, "run_safety_checker"):
+        if self.has_safety_checker:
             images, flagged = self.pipe.run_safety_checker(images, self.device, self.pipe.safety_checker.dtype)
             flagged = [bool(flag) for flag in flagged]
         denormalize = None if flagged is None else [not flag for flag in flagged]
