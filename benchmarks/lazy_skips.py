@@ -25,7 +25,7 @@ import torch
 
 import trasce.sampler as sampler
 from trasce import TraSCEPipeline
-from trasce.generate import model_defaults
+from trasce.pipeline import toy_defaults
 from trasce.runs import source_commit
 from trasce.toy.prompts import speed_prompt_sets
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
 
-    defaults = model_defaults("toy")
+    defaults = toy_defaults("toy")
     steps, scale = args.steps or defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
     pipe = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
     lazy_step = sampler._steering_step

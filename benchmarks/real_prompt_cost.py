@@ -21,7 +21,7 @@ import torch
 
 from trasce import TraSCEPipeline
 from trasce.bench import time_round_robin
-from trasce.generate import model_defaults
+from trasce.pipeline import toy_defaults
 from trasce.runs import source_commit
 from trasce.toy.prompts import add_speed_arguments, speed_prompt_sets
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
 
-    defaults = model_defaults("toy")
+    defaults = toy_defaults("toy")
     steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
     sets = speed_prompt_sets(args.concept, args.n, args.seed)
     trasce = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)

@@ -21,7 +21,7 @@ import torch
 
 from trasce import TraSCEPipeline
 from trasce.eval.toy import toy_concept
-from trasce.generate import model_defaults
+from trasce.pipeline import toy_defaults
 from trasce.toy import captions
 from trasce.toy.judge import Judge
 from trasce.toy.prompts import prompt_sets
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    defaults = model_defaults("toy")
+    defaults = toy_defaults("toy")
     steps = args.steps or defaults.get("steps", 25)
     scale = args.guidance_scale or defaults.get("guidance_scale", 3.0)
     attribute, value = toy_concept(args.concept)

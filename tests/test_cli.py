@@ -67,6 +67,21 @@ def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, t
     assert np.abs(made[0] - made[1]).mean() > 5  # two images of one prompt, not one image twice
 
 
+def test_steps_and_cfg_left_out_are_the_models(tiny_sd_folder, tmp_path):
+    from trasce.pipeline import model_call_defaults
+
+    assert model_call_defaults(tiny_sd_folder) == {"guidance_scale": 7.5, "steps": 50}  # StableDiffusionPipeline's
+    # What a folder recommends in trasce_toy.json (as the embedded model does) comes first.
+    (tiny_sd_folder / "trasce_toy.json").write_text(json.dumps({"defaults": {"guidance_scale": 2.0, "steps": 3}}))
+    out = tmp_path / "out"
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", out, "--height", 64,
+                  "--width", 64, "--quiet", "--concept", "an apple")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert (settings["guidance_scale"], settings["steps"]) == (2.0, 3)
+    assert _manifest(out)[0]["guidance_scale"] == 2.0
+
+
 def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
     import numpy as np
     from conftest import with_safety_checker

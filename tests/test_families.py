@@ -286,6 +286,31 @@ def test_unsupported_pipeline_lists_the_supported_ones():
     assert "FLUX.1-schnell, SDXL-Turbo, LCM" in str(error.value)
 
 
+@pytest.mark.parametrize(("family", "label", "guidance", "steps"),
+                         [("sdxl", "SDXL", 5.0, 50), ("sd3", "SD3", 7.0, 28), ("flux", "FLUX", 3.5, 28)])
+def test_steps_and_cfg_left_out_are_the_family_pipelines(pipes, tmp_path, family, label, guidance, steps):
+    from trasce.cli import CFG_DEFAULTS
+    from trasce.pipeline import model_call_defaults
+
+    pipes[family].save_pretrained(tmp_path / family)  # known from its model_index.json, before loading
+    assert model_call_defaults(tmp_path / family) == {"guidance_scale": guidance, "steps": steps}
+    assert TraSCEPipeline.from_pipe(pipes[family], concept="x").call_defaults == {"guidance_scale": guidance,
+                                                                                   "steps": steps}
+    assert f"{guidance:g} for {label}" in CFG_DEFAULTS  # what the commands' --help says
+
+
+def test_a_call_without_steps_and_cfg_runs_the_defaults(pipes):
+    pipe = pipes["flux"]  # true CFG 3.5, where FluxPipeline's own guidance_scale is another thing
+    trasce = TraSCEPipeline.from_pipe(pipe, concept="an apple", mode="negation")
+    seen = []
+    latents = _latents(pipe)
+    left_out = trasce(["a red apple"], latents=latents.clone(), height=HEIGHT, width=WIDTH, output_type="latent",
+                      callback=seen.append).images
+    given = trasce(["a red apple"], num_inference_steps=28, guidance_scale=3.5, latents=latents.clone(),
+                   height=HEIGHT, width=WIDTH, output_type="latent").images
+    assert len(seen) == 28 and torch.equal(left_out, given)
+
+
 def test_from_pretrained_picks_the_adapter(pipes, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 

@@ -81,10 +81,10 @@ def test_shipped_model_loads_offline(monkeypatch):
 
 def test_fidelity_smoke(toy_pipe):
     """A few prompts at the model's defaults come out with the prompted shape, by the judge."""
-    from trasce.generate import model_defaults
+    from trasce.pipeline import toy_defaults
     from trasce.toy.judge import Judge
 
-    defaults = model_defaults("toy")
+    defaults = toy_defaults("toy")
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a purple cross", "a disc"]
     out = toy_pipe(prompts, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], output_type="pt")

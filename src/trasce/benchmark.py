@@ -53,11 +53,10 @@ from trasce.generate import (
     check_guidance_off,
     hide_loading_bars,
     initial_noise,
-    model_defaults,
     pick_device,
     pick_dtype,
 )
-from trasce.pipeline import TraSCEPipeline, is_toy_model
+from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults
 from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions, source_commit
 
 METHODS: dict[str, str] = {
@@ -667,9 +666,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     if options.split not in ("test", "val"):
         raise ValueError(f"--split must be test or val, got {options.split!r}")
 
-    defaults = model_defaults(options.model)
-    guidance = options.guidance_scale if options.guidance_scale is not None else defaults.get("guidance_scale", 7.5)
-    steps = options.steps if options.steps is not None else defaults.get("steps", 50)
+    defaults = pipe.call_defaults if pipe is not None else model_call_defaults(options.model)
+    guidance = options.guidance_scale if options.guidance_scale is not None else defaults["guidance_scale"]
+    steps = options.steps if options.steps is not None else defaults["steps"]
     if steps < 1:
         raise ValueError(f"--steps must be 1 or more, got {steps}")
 

@@ -23,6 +23,11 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 # A prompt file's problems shown at most; a file with a systematic fault (a wrong column) repeats one per row.
 MAX_PROBLEMS_SHOWN = 20
 SCHEDULER_HELP = "default: the model's own, except PNDM (SD v1.x's), which loses steering updates: DDIM then"
+# Steps and CFG default to the model's (trasce.pipeline.model_call_defaults); tests check these figures.
+CFG_DEFAULTS = ("the model's: 7.5 for SD 1.x/2.x, 5 for SDXL, 7 for SD3, true CFG 3.5 for FLUX, 1.5 for the embedded "
+                "model")
+STEPS_HELP = ("denoising steps [default: the model's: 50 for SD 1.x/2.x and SDXL, 28 for SD3 and FLUX, 25 for the "
+              "embedded model]")
 
 
 class _Fail(click.ClickException):
@@ -117,8 +122,8 @@ def _choice(values) -> click.Choice:
 @click.option("--safety-checker", is_flag=True,
               help="keep an SD 1.x/2.x model's safety checker, as diffusers loads it: it blacks out the images it "
                    "flags, and the manifest records its flag (off by default: judges then see what the model made)")
-@click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
-@click.option("--guidance-scale", type=float, help="CFG scale where the file has none [default: 7.5, or the model's]")
+@click.option("--steps", type=int, help=STEPS_HELP)
+@click.option("--guidance-scale", type=float, help=f"CFG scale where the file has none [default: {CFG_DEFAULTS}]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
               help="seed where the file has none")
@@ -258,8 +263,8 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--loss-scale", type=float, help="lambda (released: --guidance_loss_scale)")
 @click.option("--step-size", type=float, help="eta (released: --discriminator_guidance_scale)")
 @click.option("--sigma", type=float, help="kernel width (released: --sigma)")
-@click.option("--steps", type=int, help="denoising steps [default: 50, or the model's own]")
-@click.option("--guidance-scale", type=float, help="CFG scale where a prompt has none [default: 7.5, or the model's]")
+@click.option("--steps", type=int, help=STEPS_HELP)
+@click.option("--guidance-scale", type=float, help=f"CFG scale where a prompt has none [default: {CFG_DEFAULTS}]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
 @click.option("--seed", type=click.IntRange(0, MAX_BASE_SEED), default=42, show_default=True,
               help="base seed of the prompts and their noise")

@@ -21,7 +21,7 @@ import torch
 
 from trasce import data
 from trasce.data import PromptRow
-from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model
+from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults
 from trasce.runs import RunFolder, atomic_save_image
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, check_scheduler
 
@@ -129,16 +129,6 @@ def check_guidance_off(folder: RunFolder, done: set[str]) -> None:
             "those images to make them again, or use a new output folder, or --overwrite")
 
 
-def model_defaults(model: str) -> dict:
-    """Recommended settings a model folder ships in ``trasce_toy.json`` (the embedded model does)."""
-    import json
-
-    from trasce.pipeline import resolve_model
-
-    path = Path(resolve_model(model)) / "trasce_toy.json"
-    return json.loads(path.read_text()).get("defaults", {}) if path.exists() else {}
-
-
 def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptRow]:
     """Every prompt row of ``--prompts`` or ``--prompt``, validated, before anything is generated."""
     if options.prompts is not None and options.prompt:
@@ -207,9 +197,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
     device = state.device if state.num_processes > 1 else pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)
-    defaults = model_defaults(options.model)
-    guidance_default = options.guidance_scale if options.guidance_scale is not None else defaults.get(
-        "guidance_scale", 7.5)
+    defaults = pipe.call_defaults if pipe is not None else model_call_defaults(options.model)
+    guidance_default = options.guidance_scale if options.guidance_scale is not None else defaults["guidance_scale"]
     all_rows = read_rows(options, guidance_default)
     rows = select_rows(all_rows, options)
     if options.images_per_prompt < 1:
@@ -256,7 +245,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         pipe.compile(**compile_options(options.compile_mode))
     pipe.pipe.set_progress_bar_config(disable=True)
     height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
-    steps = options.steps if options.steps is not None else defaults.get("steps", 50)
+    steps = options.steps if options.steps is not None else defaults["steps"]
     # Before run.json records a run that cannot run:
     check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
     check_steps(pipe.pipe.scheduler, steps)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from trasce import presets
-from trasce.models import Adapter, adapter_for
+from trasce.models import Adapter, adapter_class_for, adapter_for
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
 
 SCHEDULERS = {
@@ -79,6 +80,47 @@ def is_toy_model(model: str | Path) -> bool:
     return str(model) == "toy" or (Path(resolve_model(model)) / "trasce_toy.json").is_file()
 
 
+def toy_defaults(model: str | Path) -> dict:
+    """The settings a model folder recommends in its ``trasce_toy.json`` (the embedded model does); else none."""
+    path = Path(resolve_model(model)) / "trasce_toy.json"
+    return json.loads(path.read_text()).get("defaults", {}) if path.is_file() else {}
+
+
+def _listed_parts(model: str | Path) -> dict | None:
+    """``model``'s ``model_index.json`` (a folder's, or a hub id's from the cache); None where there is none."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(resolve_model(model))
+    index = path / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    if path.exists():
+        return None
+    try:
+        return dict(DiffusionPipeline.load_config(str(model)))
+    except (OSError, ValueError):
+        return None
+
+
+def model_call_defaults(model: str | Path) -> dict[str, float | int]:
+    """``guidance_scale`` and ``steps`` for ``model`` where neither the caller nor a prompt gives one.
+
+    Known without loading the model: its ``trasce_toy.json`` recommendations where it has one,
+    over its family's defaults (``Adapter.call_defaults``) for the pipeline class that its
+    ``model_index.json`` names; 7.5 and 50 (SD v1.4's, TraSCE's published setting) where that cannot
+    be read, which loading the model then reports.
+    """
+    import diffusers
+
+    listed = _listed_parts(model) or {}
+    pipeline_class = getattr(diffusers, str(listed.get("_class_name", "")), None)
+    defaults = {"guidance_scale": 7.5, "steps": 50}
+    if isinstance(pipeline_class, type):
+        with contextlib.suppress(TypeError):  # an unsupported pipeline; loading it says so
+            defaults = adapter_class_for(pipeline_class).call_defaults(pipeline_class)
+    return {**defaults, **toy_defaults(model)}
+
+
 def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
                             safety_checker: bool = True, **kwargs):
     """Load a diffusers pipeline from a hub id (cache) or a folder, including VAE-less ones.
@@ -104,15 +146,9 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
     index = path / "model_index.json"
     if path.exists() and not index.exists():
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    listed: dict | None = None
-    if index.exists():
-        listed = json.loads(index.read_text())
-    elif not path.exists():
-        # A hub id: its model_index.json (from the cache), so that the parts left out are not loaded at all.
-        try:
-            listed = dict(DiffusionPipeline.load_config(str(model)))
-        except (OSError, ValueError):
-            listed = None  # from_pretrained, below, says what is wrong
+    # For a hub id too (from the cache), so that the parts left out are not loaded at all; where
+    # it cannot be read, from_pretrained, below, says what is wrong.
+    listed = _listed_parts(model)
     pixel_space = index.exists() and listed.get("vae", [None])[0] is None
     if listed is not None:
         import diffusers
@@ -254,6 +290,11 @@ class TraSCEPipeline:
             resolved = presets.resolve(preset, concept, loss_scale, step_size, sigma)
         self.concept = resolved[0]
         self.preset = preset
+        #: ``guidance_scale`` and ``steps`` where a call gives none: the model family's (``Adapter.call_defaults``),
+        #: or what the folder the model was loaded from recommends in ``trasce_toy.json``
+        loaded_from = getattr(pipe.config, "_name_or_path", None)  # None for a pipeline built in memory
+        self.call_defaults = {**type(self.adapter).call_defaults(type(pipe)),
+                              **(toy_defaults(loaded_from) if loaded_from else {})}
         self.settings = EraseSettings(mode=mode, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3],
                                       kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window,
                                       one_call=one_call)
@@ -337,8 +378,8 @@ class TraSCEPipeline:
     def __call__(
         self,
         prompt: str | Sequence[str],
-        num_inference_steps: int = 50,
-        guidance_scale: float | Sequence[float] = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -351,13 +392,19 @@ class TraSCEPipeline:
     ) -> TraSCEOutput:
         """Generate images for ``prompt`` with the concept erased.
 
-        ``guidance_scale`` and ``concept`` may be given per prompt; ``generator`` is one
+        ``num_inference_steps`` and ``guidance_scale`` default to ``call_defaults``, the model's (as the
+        diffusers pipeline's own, but true CFG at 3.5 for FLUX). ``guidance_scale`` and ``concept`` may
+        be given per prompt; ``generator`` is one
         generator for the whole batch (diffusers' semantics) or one per image. With
         ``output_type="latent"``, ``images`` holds the final latents ``(B, C, h, w)``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
+        if num_inference_steps is None:
+            num_inference_steps = int(self.call_defaults["steps"])
+        if guidance_scale is None:
+            guidance_scale = float(self.call_defaults["guidance_scale"])
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         n = num_images_per_prompt

@@ -19,19 +19,24 @@ CFG_FREE_NOTE = (
 )
 
 
-def adapter_for(pipe) -> Adapter:
-    """The adapter for ``pipe``, matched by its class or the nearest base class that one accepts.
+def adapter_class_for(pipeline_class: type) -> type[Adapter]:
+    """The adapter class for ``pipeline_class``, matched by the class or the nearest base class that one accepts.
 
     The class hierarchy is walked from the most specific class up, so a pipeline that subclasses
     a supported one gets the subclass' own adapter when there is one, whatever ``ADAPTERS``' order.
     """
-    for cls in type(pipe).__mro__:
+    for cls in pipeline_class.__mro__:
         for adapter in ADAPTERS:
             if cls.__name__ in adapter.pipeline_classes:
-                return adapter(pipe)
+                return adapter
     supported = ", ".join(c for a in ADAPTERS for c in a.pipeline_classes)
-    raise TypeError(f"{type(pipe).__name__} is not supported; trasce supports: {supported}. {CFG_FREE_NOTE}")
+    raise TypeError(f"{pipeline_class.__name__} is not supported; trasce supports: {supported}. {CFG_FREE_NOTE}")
+
+
+def adapter_for(pipe) -> Adapter:
+    """The adapter for ``pipe`` (see ``adapter_class_for``)."""
+    return adapter_class_for(type(pipe))(pipe)
 
 
 __all__ = ["ADAPTERS", "CFG_FREE_NOTE", "Adapter", "FluxAdapter", "StableDiffusion3Adapter", "StableDiffusionAdapter",
-           "StableDiffusionXLAdapter", "adapter_for"]
+           "StableDiffusionXLAdapter", "adapter_class_for", "adapter_for"]

@@ -7,6 +7,8 @@ initial noise and decodes the final latents. It never copies or modifies the pip
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from trasce.sampler import Cond, GradientCheck
@@ -122,6 +124,22 @@ class Adapter:
         """Pixels per latent pixel; 1 for pixel-space models (no VAE)."""
         vae = getattr(self.pipe, "vae", None)
         return 1 if vae is None else self.pipe.vae_scale_factor
+
+    @classmethod
+    def call_defaults(cls, pipeline_class: type) -> dict[str, float | int]:
+        """``guidance_scale`` and ``steps`` where a caller gives none: ``pipeline_class``'s own.
+
+        A class method, so that a command can know them from a model folder's ``model_index.json``
+        before it loads the model. Diffusers' defaults: CFG 7.5 and 50 steps for SD 1.x/2.x, 5 and 50
+        for SDXL, 7 and 28 for SD3 (7.5 and 50 where a pipeline class states none).
+        """
+        parameters = inspect.signature(pipeline_class.__call__).parameters
+        defaults: dict[str, float | int] = {"guidance_scale": 7.5, "steps": 50}
+        for key, name, kind in (("guidance_scale", "guidance_scale", float), ("steps", "num_inference_steps", int)):
+            value = getattr(parameters.get(name), "default", None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                defaults[key] = kind(value)
+        return defaults
 
     def default_size(self) -> tuple[int, int]:
         """``(height, width)`` the model was trained at."""

@@ -59,6 +59,16 @@ class FluxAdapter(Adapter):
                           "run without classifier-free guidance, so TraSCE's branches carry no signal to steer by",
                           stacklevel=2)
 
+    @classmethod
+    def call_defaults(cls, pipeline_class: type) -> dict[str, float | int]:
+        """FluxPipeline's 28 steps, and true CFG at 3.5.
+
+        FluxPipeline's own ``guidance_scale`` (3.5) is the distilled guidance and its ``true_cfg_scale``
+        is 1 (off); here ``guidance_scale`` is the true-CFG scale, and SD's 7.5 would over-saturate.
+        3.5 is within the usual range and equal to the distilled guidance it runs at.
+        """
+        return {**super().call_defaults(pipeline_class), "guidance_scale": 3.5}
+
     def default_size(self) -> tuple[int, int]:
         size = self.pipe.default_sample_size * self.vae_scale_factor
         return size, size
