@@ -581,6 +581,84 @@ def test_the_denoiser_parameters_are_frozen_during_a_call_and_restored_after(tin
     assert [p.requires_grad for p in tiny_sd.unet.parameters()] == flags
 
 
+def test_overlapping_calls_share_the_freeze_and_keep_their_own_timesteps(tiny_sd):
+    # Two threads on one pipeline: A (2 steps) enters, B (5 steps) enters, A leaves, B leaves; each
+    # waits inside its first step for the other. Each image is the one it makes alone, and the
+    # flags come back although the last call out came in while the first had them off.
+    import threading
+
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    latents = _latents(tiny_sd, batch=1)
+    alone = {steps: trasce(["a red apple"], num_inference_steps=steps, output_type="latent", latents=latents).images
+             for steps in (2, 5)}
+    a_inside, b_inside, a_done, together = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def first_step_waits(step, arrived, wait_for):
+        if step.index == 0:
+            arrived.set()
+            assert wait_for.wait(timeout=60)
+
+    def call(steps, arrived, wait_for, done=None):
+        together[steps] = trasce(["a red apple"], num_inference_steps=steps, output_type="latent", latents=latents,
+                                 callback=lambda step: first_step_waits(step, arrived, wait_for)).images
+        if done is not None:
+            done.set()
+
+    a = threading.Thread(target=call, args=(2, a_inside, b_inside, a_done))
+    a.start()
+    assert a_inside.wait(timeout=60)
+    call(5, b_inside, a_done)
+    a.join()
+    assert all(torch.equal(together[steps], alone[steps]) for steps in (2, 5))
+    assert all(p.requires_grad for p in tiny_sd.unet.parameters())
+    assert tiny_sd.scheduler.num_inference_steps is None  # the wrapped pipeline's scheduler is left alone
+
+
+def test_steering_runs_under_inference_mode(tiny_sd):
+    # as servers often call pipelines; the latents may be inference tensors too
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
+                                      lazy_tolerance=None)
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    expected = trasce(["a red apple"], latents=_latents(tiny_sd), **kwargs)
+    with torch.inference_mode():
+        out = trasce(["a red apple"], latents=_latents(tiny_sd), **kwargs)
+    assert out.steered_steps.tolist() == [2] and torch.equal(out.images, expected.images)
+
+
+def test_with_settings_checks_as_the_constructor(tiny_sd):
+    plain = TraSCEPipeline.from_pipe(tiny_sd, mode="none")
+    with pytest.raises(ValueError, match="no concept to erase: give a concept or a preset"):
+        plain.with_settings(mode="trasce")
+    nudity = plain.with_settings(mode="trasce", preset="nudity")
+    assert nudity.concept.startswith("naked, nude") and (nudity.settings.loss_scale, nudity.settings.sigma) == (1.5, 2)
+    # a new preset brings its own settings, except those given with it; other changes keep the rest
+    violence = nudity.with_settings(preset="violence", sigma=3.0)
+    assert violence.concept.startswith("hate,") and (violence.settings.loss_scale, violence.settings.sigma) == (1.5, 3)
+    assert nudity.with_settings(sigma=0.5).concept == nudity.concept
+    with pytest.raises(ValueError, match="sigma must be a positive finite number, got 0"):
+        nudity.with_settings(sigma=0.0)
+    with pytest.raises(TypeError, match="with_settings\\(\\) got 'sigmaa'; it takes concept, kernel, "):
+        nudity.with_settings(sigmaa=1.0)
+
+
+def test_the_output_indexes_as_diffusers(tiny_sd):
+    kwargs = dict(num_inference_steps=1, guidance_scale=7.5, output_type="pt")
+    for pipe, parts in ((tiny_sd, 1), (with_safety_checker(tiny_sd, flags_every_image=False), 2)):
+        expected = pipe(["a red apple"], latents=_latents(pipe), **kwargs)
+        ours = TraSCEPipeline.from_pipe(pipe, mode="none")(["a red apple"], latents=_latents(pipe), **kwargs)
+        assert len(ours.to_tuple()) == len(expected.to_tuple()) == parts  # the checker's flags where one ran
+        assert torch.allclose(ours[0], expected[0], atol=1e-4)
+        assert ours.to_tuple()[1:] == expected.to_tuple()[1:]
+
+
+def test_offloaded_models_are_freed_after_a_call_as_in_diffusers(tiny_sd, monkeypatch):
+    freed = []
+    monkeypatch.setattr(tiny_sd, "maybe_free_model_hooks", lambda: freed.append(True))
+    TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")(["a red apple"], num_inference_steps=1)
+    assert freed == [True]
+
+
 def test_compile_choices_map_to_torch_compile_arguments():
     from trasce.pipeline import compile_options
 
@@ -765,6 +843,12 @@ def test_bad_arguments(tiny_sd):
         trasce(["a", "b"], generator=[torch.Generator()], num_inference_steps=1)
     with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
         trasce("a car", num_inference_steps=0)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be at least 1, got 0"):
+        trasce("a car", num_inference_steps=1, num_images_per_prompt=0)
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings, got NoneType"):
+        trasce(None, num_inference_steps=1)
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings; it holds int"):
+        trasce(["a car", 3], num_inference_steps=1)
     with pytest.raises(ValueError, match="unknown mode 'erase'"):
         TraSCEPipeline.from_pipe(tiny_sd, concept="x", mode="erase")
     with pytest.raises(ValueError, match="preset 'style' needs the concept named"):

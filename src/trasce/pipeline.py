@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 import json
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -50,6 +53,14 @@ class TraSCEOutput:
     min_distance: torch.Tensor | None = None
     steered_steps: torch.Tensor | None = None
     nsfw_content_detected: list[bool] | None = None
+
+    def to_tuple(self) -> tuple:
+        """``(images, nsfw_content_detected)`` as diffusers' SD output gives them, without the flags where no
+        checker ran; ``out[0]`` is the images, as in diffusers."""
+        return (self.images,) if self.nsfw_content_detected is None else (self.images, self.nsfw_content_detected)
+
+    def __getitem__(self, index: int):
+        return self.to_tuple()[index]
 
     def stats(self, i: int) -> dict[str, float | int | bool]:
         """Image ``i``'s statistics as plain numbers, for a manifest (only those the mode has), and
@@ -192,6 +203,10 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
     return pipe
 
 
+_frozen_lock = threading.Lock()
+_frozen: dict[torch.nn.Module, tuple[int, list]] = {}  # module -> (calls inside, the flags it had)
+
+
 @contextmanager
 def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
     """Turn ``requires_grad`` off on ``module``'s parameters for the block, then restore each flag.
@@ -199,16 +214,40 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
     The steering backward pass wants ``dd/dx`` only. Parameters that require gradients make autograd
     keep the inputs of every layer for weight gradients nobody reads (one exact step of SD v1.4 at
     512 px on a CPU: 4.13 GiB against 3.69), and make a ``torch.compile``d denoiser compute those
-    weight gradients in its backward.
+    weight gradients in its backward. Calls that overlap (threads sharing one pipeline) share one
+    freeze: the first in saves the flags, the last out restores them.
     """
-    flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
+    with _frozen_lock:
+        inside, flags = _frozen.get(module, (0, []))
+        if not inside:
+            flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
+            for parameter, _ in flags:
+                parameter.requires_grad_(False)
+        _frozen[module] = (inside + 1, flags)
     try:
         yield
     finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+        with _frozen_lock:
+            inside, flags = _frozen.pop(module)
+            if inside > 1:
+                _frozen[module] = (inside - 1, flags)
+            else:
+                for parameter, flag in flags:
+                    parameter.requires_grad_(flag)
+
+
+def _outside_inference_mode(call: Callable) -> Callable:
+    """``call`` without gradients, as diffusers' pipelines run, but outside ``torch.inference_mode``.
+
+    Servers often call pipelines under inference mode, which no block inside can leave for
+    ``torch.enable_grad``: steering, which takes a gradient, would fail there.
+    """
+    @functools.wraps(call)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return call(*args, **kwargs)
+
+    return wrapper
 
 
 def flow_matching(scheduler) -> bool:
@@ -284,20 +323,26 @@ class TraSCEPipeline:
                 raise ValueError(f"{key!r} is not an option of {self.adapter.family}; its options: "
                                  f"{', '.join(self.adapter.options) or 'none'}")
             setattr(self.adapter, key, value)
+        #: ``guidance_scale`` and ``steps`` where a call gives none: the model family's (``Adapter.call_defaults``),
+        #: or what the folder the model was loaded from recommends in ``trasce_toy.json``
+        loaded_from = getattr(pipe.config, "_name_or_path", None)  # None for a pipeline built in memory
+        self.call_defaults = {**type(self.adapter).call_defaults(type(pipe)),
+                              **(toy_defaults(loaded_from) if loaded_from else {})}
+        self._set_erasure(concept=concept, preset=preset, mode=mode, loss_scale=loss_scale, step_size=step_size,
+                          sigma=sigma, kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window,
+                          one_call=one_call)
+
+    def _set_erasure(self, concept: str | None, preset: str | None, mode: Mode, loss_scale: float | None,
+                     step_size: float | None, sigma: float | None, **settings) -> None:
+        """``concept``, ``preset`` and ``settings`` from the constructor's arguments, checked."""
         if concept is None and preset is None and mode == "none":
             resolved = ("", 1.0, 1.0, 1.0)  # plain generation needs no concept
         else:
             resolved = presets.resolve(preset, concept, loss_scale, step_size, sigma)
         self.concept = resolved[0]
         self.preset = preset
-        #: ``guidance_scale`` and ``steps`` where a call gives none: the model family's (``Adapter.call_defaults``),
-        #: or what the folder the model was loaded from recommends in ``trasce_toy.json``
-        loaded_from = getattr(pipe.config, "_name_or_path", None)  # None for a pipeline built in memory
-        self.call_defaults = {**type(self.adapter).call_defaults(type(pipe)),
-                              **(toy_defaults(loaded_from) if loaded_from else {})}
         self.settings = EraseSettings(mode=mode, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3],
-                                      kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window,
-                                      one_call=one_call)
+                                      **settings)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -365,16 +410,26 @@ class TraSCEPipeline:
         return self
 
     def with_settings(self, **changes) -> TraSCEPipeline:
-        """A copy sharing the same models with some settings changed (``mode``, ``sigma``...)."""
+        """A copy sharing the same models, with some of the constructor's settings changed, checked as it checks them.
+
+        ``changes``: ``concept``, ``preset``, ``mode``, ``sigma``... (not ``family_options``, which
+        copies share). A new ``preset`` brings its concept and settings, except those given with it.
+        """
+        current = {field.name: getattr(self.settings, field.name) for field in fields(self.settings)}
+        current.update(concept=self.concept or None, preset=self.preset)  # "": none was needed (mode none)
+        unknown = sorted(set(changes) - set(current))
+        if unknown:
+            raise TypeError(f"with_settings() got {', '.join(map(repr, unknown))}; it takes "
+                            f"{', '.join(sorted(current))}")
+        if "preset" in changes:
+            current.update(concept=None, loss_scale=None, step_size=None, sigma=None)
         other = object.__new__(TraSCEPipeline)
         other.__dict__.update(self.__dict__)
-        if "concept" in changes:
-            other.concept = changes.pop("concept")
-        other.settings = replace(self.settings, **changes)
+        other._set_erasure(**{**current, **changes})
         return other
 
     # -- generation --------------------------------------------------------------------------
-    @torch.no_grad()
+    @_outside_inference_mode
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -398,9 +453,16 @@ class TraSCEPipeline:
         generator for the whole batch (diffusers' semantics) or one per image. With
         ``output_type="latent"``, ``images`` holds the final latents ``(B, C, h, w)``.
         """
+        if not isinstance(prompt, (str, Sequence)):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings; it holds "
+                            f"{', '.join(sorted({type(p).__name__ for p in prompts if not isinstance(p, str)}))}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if num_inference_steps is None:
             num_inference_steps = int(self.call_defaults["steps"])
         if guidance_scale is None:
@@ -425,11 +487,13 @@ class TraSCEPipeline:
         if isinstance(generator, tuple):
             generator = list(generator)  # diffusers' noise and schedulers take one generator per image as a list
 
-        scheduler = self.pipe.scheduler
+        # A copy for this call: calls that overlap (threads sharing the pipeline) would otherwise set and
+        # step one scheduler's timesteps in turn, and the wrapped pipeline's is left as it was.
+        scheduler = copy.deepcopy(self.pipe.scheduler)
         # Timesteps first: some schedulers' init_noise_sigma depends on them (Euler); flow-matching
         # families shift them by image size, so the adapter sets them.
         self.adapter.set_timesteps(scheduler, num_inference_steps, self.adapter.device, height, width)
-        x = self.adapter.prepare_latents(batch, height, width, generator, latents)
+        x = self.adapter.prepare_latents(batch, height, width, scheduler, generator, latents)
 
         cond_p = self.adapter.encode(images_prompts)
         cond_0 = self.adapter.encode_unconditional(batch)
@@ -438,7 +502,7 @@ class TraSCEPipeline:
         scale_arg: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else scale_tensor
 
         with frozen_parameters(self.adapter.denoiser_module):
-            x, max_kernel, min_distance, steered = self._denoise(x, cond_0, cond_p, cond_c, scale_arg,
+            x, max_kernel, min_distance, steered = self._denoise(scheduler, x, cond_0, cond_p, cond_c, scale_arg,
                                                                  num_inference_steps, generator, callback, progress)
         # Latents are returned in the denoiser's dtype, as diffusers returns them.
         flagged = None
@@ -446,12 +510,14 @@ class TraSCEPipeline:
             images = x.to(self.adapter.dtype)
         else:
             images, flagged = self.adapter.decode(x, output_type)
+        if hasattr(self.pipe, "maybe_free_model_hooks"):
+            self.pipe.maybe_free_model_hooks()  # as diffusers' pipelines end: offloaded models go back to the CPU
         return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,
                             steered_steps=steered, nsfw_content_detected=flagged)
 
-    def _denoise(self, x, cond_0, cond_p, cond_c, scale, num_inference_steps, generator, callback, progress):
+    def _denoise(self, scheduler, x, cond_0, cond_p, cond_c, scale, num_inference_steps, generator, callback,
+                 progress):
         """Run the sampler over ``x``; return the final latents and the per-image statistics (on the CPU)."""
-        scheduler = self.pipe.scheduler
         max_kernel = min_distance = steered = None
         denoise = partial(self.adapter.denoise_latents, dtype=self.adapter.dtype)  # the dtype asked once per call
         steps = sample(denoise, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,

@@ -156,10 +156,10 @@ class Adapter:
         f = self.vae_scale_factor
         return (self.denoiser_module.config.in_channels, height // f, width // f)
 
-    def prepare_latents(self, batch: int, height: int, width: int,
+    def prepare_latents(self, batch: int, height: int, width: int, scheduler,
                         generator: torch.Generator | list[torch.Generator] | None = None,
                         latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Initial noise ``(B, ...)`` scaled for the scheduler, drawn as diffusers draws it, in float32.
+        """Initial noise ``(B, ...)`` scaled for ``scheduler``, drawn as diffusers draws it, in float32.
 
         With a list of generators each image is drawn from its own, which makes an image
         independent of the batch it is in; CPU generators make it independent of the device too.
@@ -176,7 +176,7 @@ class Adapter:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
         held = torch.promote_types(dtype, torch.float32)  # float64 denoisers keep float64
         # Flow-matching schedulers have no init_noise_sigma: they start from unit-variance noise.
-        return latents.to(device, dtype).to(held) * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
+        return latents.to(device, dtype).to(held) * getattr(scheduler, "init_noise_sigma", 1.0)
 
     def decode(self, latents: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
         """Images from final latents (PIL list, numpy ``(B, H, W, C)`` or torch ``(B, C, H, W)``) and

@@ -81,17 +81,19 @@ class StableDiffusionXLAdapter(Adapter):
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast
         if upcast:
             vae.to(dtype=torch.float32)
-        latents = latents.to(vae.device, vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        if upcast:
-            vae.to(dtype=torch.float16)
+        try:
+            latents = latents.to(vae.device, vae.dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            images = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:  # back to fp16 even when decoding fails (out of memory), as the user loaded it
+                vae.to(dtype=torch.float16)
         if getattr(self.pipe, "watermark", None) is not None:
             images = self.pipe.watermark.apply_watermark(images)
         return self.postprocess(images.detach(), output_type)
