@@ -131,12 +131,14 @@ class BenchmarkOptions:
 
 @dataclass
 class Prompt:
-    """One image to make: its name in the run folder, its text, seed and CFG scale."""
+    """One image to make: its name in the run folder, its text, seed and CFG scale, and the prompt file's
+    other columns (``extra``: I2P's ``categories`` give per-category rates, imagenet's ``class`` the label)."""
 
     case: str
     prompt: str
     seed: int
     guidance_scale: float
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def real_prompt_sets(options: BenchmarkOptions, concept: str, guidance: float) -
             sets[key] = _rows(j, [concept.strip()] * options.n_corner, options.seed, guidance)
         elif files[key] is not None:
             rows = data.read_prompts(files[key], options.seed, guidance)
-            sets[key] = [Prompt(r.case, r.prompt, r.seed, r.guidance_scale) for r in rows]
+            sets[key] = [Prompt(r.case, r.prompt, r.seed, r.guidance_scale, r.extra) for r in rows]
     return sets
 
 
@@ -414,12 +416,12 @@ def _generate(folder: RunFolder, todo: list[Prompt], runner: Runner, pipe: TraSC
         images, stats = runner([p.prompt for p in batch], latents, generators, [p.guidance_scale for p in batch], steps)
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(batch)
-        for p, image, extra in zip(batch, images, stats, strict=True):
+        for p, image, image_stats in zip(batch, images, stats, strict=True):
             atomic_save_image(folder.image_path(p.case), image)
             folder.append_manifest({
                 "file": folder.image_file(p.case), "case": p.case, "k": 0, "prompt": p.prompt, "seed": p.seed,
                 "guidance_scale": p.guidance_scale, "method": method, "split": split, "concept": concept,
-                "seconds": round(seconds, 6), "batch": len(batch), **extra,
+                "seconds": round(seconds, 6), "batch": len(batch), "extra": p.extra, **image_stats,
                 **({GUIDANCE_OFF: True} if method in GUIDANCE_OFF_MODES and p.guidance_scale <= 1 else {}),
             })
         bar.update(len(batch))
@@ -507,7 +509,9 @@ def _real_evaluate(folders: dict[str, dict[str, RunFolder]], sets: dict[str, lis
     for method, by_split in folders.items():
         results[method] = {}
         for split, folder in by_split.items():
-            summary = evaluate_folder(folder.path, judge_name, judge_options, quiet=quiet)
+            # (--overwrite here would discard the images too)
+            summary = evaluate_folder(folder.path, judge_name, judge_options, quiet=quiet,
+                                      rejudge_hint="delete that file (the images stay)")
             settings = {"judge": summary["judge"], "settings": summary["settings"], "protocol": summary.get("protocol")}
             _, verdicts_by_file = read_verdicts(verdicts_path(folder.path, summary["judge"]))
             verdicts = [verdicts_by_file[folder.image_file(p.case)] for p in sets[split]]

@@ -290,6 +290,7 @@ def evaluate_folder(
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    rejudge_hint: str = "use --overwrite (or delete that file)",
 ) -> dict[str, Any]:
     """Judge every image listed in ``folder``'s manifest; returns the summary (also written to disk).
 
@@ -297,7 +298,8 @@ def evaluate_folder(
     ``clip_model``, ``device``...; see :data:`JUDGE_OPTIONS`), plus ``batch_size``; ``None`` values
     are ignored. Images that already have a verdict made under the same settings are not judged again;
     ``overwrite`` discards this judge's verdicts and summary first. Every user error is a one-line
-    ``ValueError`` naming the path or option.
+    ``ValueError`` naming the path or option; one about verdicts that cannot be kept says how to judge
+    again with ``rejudge_hint`` (a command whose ``--overwrite`` means something else words it).
     """
     folder = Path(folder)
     name = (judge_name or "").strip().lower()
@@ -323,7 +325,8 @@ def evaluate_folder(
     state.wait_for_everyone()
     header, done = read_verdicts(verdict_file)
     if header is None and done:
-        raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; use --overwrite")
+        raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; {rejudge_hint} "
+                         "to judge every image again")
     if header is None and state.is_main_process:
         # Empty, or only the start of a header that a crash cut short: begin it again, header first.
         verdict_file.unlink(missing_ok=True)
@@ -334,7 +337,7 @@ def evaluate_folder(
             old, new = (header.get("settings") or {}).get(key, "<not set>"), settings.get(key, "<not set>")
             raise ValueError(
                 f"{verdict_file} holds verdicts made with other settings: {key!r} was {_show(old)}, now "
-                f"{_show(new)}; use --overwrite (or delete that file) to judge every image again"
+                f"{_show(new)}; {rejudge_hint} to judge every image again"
             )
     new_header = {
         "header": True,
