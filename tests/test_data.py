@@ -102,7 +102,7 @@ def test_i2p_like_csv_with_float_seeds_and_extra(tmp_path: Path) -> None:
 
 
 def test_float_seed_keeps_every_digit(tmp_path: Path) -> None:
-    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,4294967295.0\nb,4.2e1\n")
+    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,4294967295.0\nb,42.000\n")
     assert [r.seed for r in read_prompts(path)] == [2**32 - 1, 42]
 
 
@@ -208,6 +208,21 @@ def test_plain_text(tmp_path: Path, name: str) -> None:
     ]
 
 
+@pytest.mark.parametrize(("name", "header", "why"), [
+    ("p.txt", "case_number,prompt,evaluation_seed", "its extension '.txt'"),
+    ("prompts", "prompt", "it has no extension"),
+    ("p.prompts", 'id\t"Sensitive Prompt"', "its extension '.prompts'"),
+])
+def test_a_table_read_as_plain_text_is_refused(tmp_path: Path, name: str, header: str, why: str) -> None:
+    # Its rows would become prompts such as 'a red circle,7', all drawn from one seed.
+    path = write(tmp_path, name, f"\n{header}\na red circle,7\n", bom=True)
+    kind = "TSV" if "\t" in header else "CSV"
+    column = "sensitive prompt" if "\t" in header else "case_number" if "case" in header else "prompt"
+    assert error_of(path) == (f"{path}, line 2: {header!r} looks like a {kind} header (column {column!r}), but the "
+                              f"file is read as plain text, one prompt per line, because {why}; rename it to "
+                              f".{kind.lower()}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors
 
@@ -248,6 +263,14 @@ def test_non_numeric_seed_exact_message(tmp_path: Path) -> None:
 def test_non_integral_seed(tmp_path: Path, value: str) -> None:
     path = write(tmp_path, "p.csv", f"prompt,sd_seed\na,{value}\n")
     assert error_of(path) == f"{path}, row 2, column 'sd_seed': '{value}' is not an integer seed"
+
+
+@pytest.mark.parametrize("value", ["2.73497E+09", "1e2"])
+def test_a_seed_in_exponent_notation_is_refused(tmp_path: Path, value: str) -> None:
+    # what a spreadsheet writes for 2734971234 after rounding it: read, it would be seed 2734970000
+    path = write(tmp_path, "p.csv", f"prompt,sd_seed\na,{value}\n")
+    assert error_of(path) == (f"{path}, row 2, column 'sd_seed': '{value}' is in exponent notation, which spreadsheets "
+                              "write for large numbers after dropping digits; write the seed in plain digits")
 
 
 def test_negative_and_too_large_seed(tmp_path: Path) -> None:

@@ -158,6 +158,9 @@ def _parse_seed(value: Any) -> tuple[int | None, str | None]:
         number = Decimal(value)
     elif isinstance(value, str) and "_" in value:
         return None, f"is not an integer seed ({_UNDERSCORE})"
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[\d.]+[eE][+-]?\d+\s*", value):
+        return None, ("is in exponent notation, which spreadsheets write for large numbers after dropping "
+                      "digits; write the seed in plain digits")
     elif isinstance(value, (float, str)):
         try:
             number = Decimal(str(value).strip())
@@ -507,10 +510,29 @@ def _jsonl_records(text: str, collector: _Collector) -> Iterator[tuple[int, dict
         yield line_number, record
 
 
-def _text_records(text: str) -> Iterator[tuple[int, dict[str, str]]]:
+def _text_records(text: str, name: str, suffix: str) -> Iterator[tuple[int, dict[str, str]]]:
+    first = True
     for line_number, line in _lines(text):
-        if line.strip():
-            yield line_number, {"prompt": line}
+        if not line.strip():
+            continue
+        if first:
+            _refuse_a_header(line, line_number, name, suffix)
+            first = False
+        yield line_number, {"prompt": line}
+
+
+def _refuse_a_header(line: str, line_number: int, name: str, suffix: str) -> None:
+    """Refuse a plain-text file whose first line is a table's header: its rows would become prompts."""
+    delimiter = "\t" if "\t" in line and "," not in line else ","
+    cells = [cell.strip().strip('"').strip().lower() for cell in line.lstrip("\ufeff").split(delimiter)]
+    column = next((cell for cell in cells if cell in (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS,
+                                                       CASE_COLUMN)), None)
+    if column is not None:
+        kind = "CSV" if delimiter == "," else "TSV"
+        extension = f"its extension {suffix!r}" if suffix else "it has no extension"
+        raise PromptFileError(
+            f"{name}, line {line_number}: {_show(line)} looks like a {kind} header (column {column!r}), but the file "
+            f"is read as plain text, one prompt per line, because {extension}; rename it to .{kind.lower()}")
 
 
 def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: float = 7.5) -> list[PromptRow]:
@@ -547,7 +569,7 @@ def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: flo
         raise PromptFileError(f"{name}: {suffix} files are not read; give CSV (.csv), TSV (.tsv), JSON lines "
                               "(.jsonl, one object per line) or plain text (one prompt per line)")
     else:
-        records = _text_records(text)
+        records = _text_records(text, name, suffix)
 
     rows = _rows_from_records(records, collector, seed_ok, default_guidance)
     collector.raise_if_any()
