@@ -177,10 +177,11 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
     assert safe.unet is pipe.pipe.unet and safe.safety_concept == "circle"
     noise = torch.cat([initial_noise(pipe, seed, 1, 32, 32)[0] for seed in (1, 2)])
     prompts = ["a red circle", "a green square"]
-    plain = pipe.with_settings(mode="none")(prompts, num_inference_steps=2, latents=noise, output_type="pt").images
+    plain = pipe.with_settings(mode="none")(prompts, num_inference_steps=2, guidance_scale=7.5, latents=noise,
+                                            output_type="pt").images
     with torch.no_grad():
-        final = safe(prompts, height=32, width=32, num_inference_steps=2, latents=noise, output_type="latent",
-                     sld_guidance_scale=0.0).images
+        final = safe(prompts, height=32, width=32, num_inference_steps=2, guidance_scale=7.5, latents=noise,
+                     output_type="latent", sld_guidance_scale=0.0).images
     assert torch.equal(pipe.adapter.decode(final, "pt")[0], plain)
 
 
@@ -197,6 +198,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
     result = CliRunner().invoke(main, ["benchmark", "--out", str(tmp_path / "out"), *map(str, args)])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_started_as_several_processes_it_stops_before_making_anything(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it
+    result = CliRunner().invoke(main, ["benchmark", "--concept", "circle", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert ("error: trasce benchmark runs in one process, and times it; it was started as 2 processes (accelerate "
+            "launch), each of which would make every image.") in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
 
 

@@ -125,7 +125,9 @@ def record(folder: RunFolder, case: str, **extra: object) -> dict[str, object]:
 
 
 def make_image(folder: RunFolder, case: str) -> None:
-    atomic_write_bytes(folder.image_path(case), b"png")
+    from PIL import Image
+
+    atomic_save_image(folder.image_path(case), Image.new("RGB", (2, 2)))
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
@@ -154,6 +156,10 @@ def test_done_needs_both_image_and_manifest_line(tmp_path: Path) -> None:
     folder.append_manifest(record(folder, "both"))
     folder.append_manifest(record(folder, "line-only"))  # image missing (deleted or lost)
     make_image(folder, "image-only")  # crash between saving and recording
+    make_image(folder, "cut")
+    folder.append_manifest(record(folder, "cut"))
+    whole = folder.image_path("cut").read_bytes()
+    folder.image_path("cut").write_bytes(whole[:-1])  # a copy that stopped one byte short
     assert folder.done() == {"images/both.png"}
 
 
@@ -297,8 +303,11 @@ def test_finished_images_without_run_json_are_refused(tmp_path: Path) -> None:
 def test_run_json_corrupt(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path)
     folder.run_json_path.write_text("{not json")
-    with pytest.raises(RunFolderError, match="not valid JSON"):
+    with pytest.raises(RunFolderError) as error:
         folder.write_run_json(SETTINGS)
+    assert str(error.value) == (f"{folder.run_json_path} is not valid JSON (Expecting property name enclosed in double "
+                                "quotes at line 1); restore it from a copy to keep the images already made, or run "
+                                "into a new output folder (--overwrite would discard those images)")
     folder.write_run_json(SETTINGS, force=True)
     assert folder.read_run_json() is not None
 

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import html
 import json
+import os
 import platform
 import time
 import warnings
@@ -438,8 +439,11 @@ def _image_tensor(paths: Sequence[Path]) -> torch.Tensor:
 
     arrays = []
     for path in paths:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a damaged file
+            raise ValueError(f"cannot read image {path} ({error}); delete it and rerun to make it again") from error
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
@@ -622,10 +626,13 @@ def write_report(out: Path, results: dict, folders: dict[str, dict[str, RunFolde
     picture, cells = _grid(out, results, folders, sets, rows_per_set)
     s = results["settings"]
     target = results.get("target")
+    scales = sorted({prompt.guidance_scale for prompts in sets.values() for prompt in prompts})
+    cfg = (f"CFG {scales[0]:g}" if len(scales) == 1 else
+           f"CFG from the prompt files' rows ({', '.join(f'{scale:g}' for scale in scales)})")
     about = (f"Model <code>{html.escape(str(s['model']))}</code>, "
              f"concept <code>{html.escape(results['concept'])}</code>"
              + (f" ({html.escape(target['attribute'])} = {html.escape(target['value'])})" if target else "")
-             + f"; {s['steps']} steps, CFG {s['guidance_scale']}, {html.escape(str(s['scheduler']))}, "
+             + f"; {s['steps']} steps, {cfg}, {html.escape(str(s['scheduler']))}, "
              f"{s['height']}x{s['width']}, {s['dtype']} on {html.escape(str(s['device']))}; prompts: "
              f"{html.escape(str(s['prompt_source']))}; TraSCE lambda {s['loss_scale']}, eta {s['step_size']}, "
              f"sigma {s['sigma']} (preset {html.escape(str(s['preset']))}). Same components, prompts and initial "
@@ -663,6 +670,11 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     from trasce import presets
 
     commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
+    processes = os.environ.get("WORLD_SIZE", "1")  # set by accelerate launch and torchrun
+    if processes.isdigit() and int(processes) > 1:
+        raise ValueError(f"trasce benchmark runs in one process, and times it; it was started as {processes} "
+                         "processes (accelerate launch), each of which would make every image. Run it alone; to "
+                         "spread many prompts over GPUs, run trasce generate and trasce evaluate under accelerate")
     methods = parse_methods(options.methods)
     out = Path(options.out)
     toy = is_toy_model(options.model)
@@ -832,7 +844,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "noise": ("one CPU generator per prompt, seeded with the prompt's seed, draws the initial noise, then the "
                   "seed of the generator for what a stochastic scheduler adds (trasce.generate.initial_noise): "
                   f"prompt i of prompt set j has seed {options.seed} + {SEED_STRIDE} j + i (prompt files: the "
-                  "file's seeds)"),
+                  f"file's seeds, and {options.seed} for every row that gives none)"),
     }
     if any(m in SLD_LEVELS for m in methods):
         protocol["sld"] = ("diffusers' StableDiffusionPipelineSafe (deprecated in diffusers, run as is) on the same "

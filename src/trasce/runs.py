@@ -160,6 +160,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+#: What to do about a damaged run.json: the images it describes are worth keeping.
+RUN_JSON_REMEDY = ("restore it from a copy to keep the images already made, or run into a new output folder "
+                   "(--overwrite would discard those images)")
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk: IEND, empty, and its checksum
+
+
+def whole_image(path: Path) -> bool:
+    """Whether ``path`` is a file, and, for a PNG, one that ends as PNG files end (a copy or disk that
+    stopped part-way leaves one cut short; trasce's own writes are atomic)."""
+    try:
+        with open(path, "rb") as file:
+            if path.suffix.lower() != ".png":
+                return True
+            file.seek(0, os.SEEK_END)
+            if file.tell() < len(_PNG_END):
+                return False
+            file.seek(-len(_PNG_END), os.SEEK_END)
+            return file.read() == _PNG_END
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
 def atomic_save_image(path: str | Path, image: Image, format: str | None = None) -> None:
     """Save a PIL image atomically (see :func:`atomic_write_bytes`).
 
@@ -379,14 +402,15 @@ class RunFolder:
     def done(self) -> set[str]:
         """Manifest ``file`` names (like ``images/12.png``) whose image is also on disk.
 
-        A manifest line whose image is missing is not done (the image was deleted or lost); an image
-        without a manifest line is not done either and will be overwritten by the next run.
+        A manifest line whose image is missing or cut short (``whole_image``) is not done (the image was
+        deleted or damaged); an image without a manifest line is not done either and will be overwritten
+        by the next run.
         """
         return set(self._done_records())
 
     def _done_records(self) -> dict[str, dict[str, Any]]:
         """The manifest lines of :meth:`done`'s images, by ``file``."""
-        return {r["file"]: r for r in self.read_manifest() if (self.path / r["file"]).is_file()}
+        return {r["file"]: r for r in self.read_manifest() if whole_image(self.path / r["file"])}
 
     # -- what the run is to make -----------------------------------------------------------------
 
@@ -471,14 +495,10 @@ class RunFolder:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise RunFolderError(
-                f"{self.run_json_path} is not valid JSON ({error.msg} at line {error.lineno}); "
-                "run trasce generate into a new output folder, or again with --overwrite"
+                f"{self.run_json_path} is not valid JSON ({error.msg} at line {error.lineno}); {RUN_JSON_REMEDY}"
             ) from error
         if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
-            raise RunFolderError(
-                f"{self.run_json_path} has no 'settings' object; run trasce generate into a new output folder, "
-                "or again with --overwrite"
-            )
+            raise RunFolderError(f"{self.run_json_path} has no 'settings' object; {RUN_JSON_REMEDY}")
         return data
 
     def write_run_json(

@@ -188,7 +188,8 @@ def _load_image(path: Path) -> tuple[Any, str]:
                     hashlib.sha256(data).hexdigest())
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise ValueError(
-            f"cannot read image {path} ({error}); delete it and rerun trasce generate to make it again"
+            f"cannot read image {path} ({error}); delete it and rerun the command that made it (trasce generate "
+            "or trasce benchmark) to make it again"
         ) from error
 
 
@@ -228,7 +229,8 @@ def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
     if missing:
         raise ValueError(
             f"{folder / missing[0]} is in {MANIFEST_NAME} but does not exist ({len(missing)} of {len(records)} "
-            "images are missing); rerun trasce generate on the folder to make them again"
+            "images are missing); rerun the command that made them (trasce generate or trasce benchmark) to make "
+            "them again"
         )
     return run_folder, records
 
