@@ -284,6 +284,30 @@ def test_summary_counts_the_images_a_safety_checker_blacked_out(tmp_path: Path, 
     assert unchecked["safety_checker_flagged"] is None and "safety checker" not in format_table(unchecked)
 
 
+def test_the_report_shows_the_table_and_the_images_that_show_the_concept_first(toy_folder: Path) -> None:
+    import html
+    import re
+
+    from trasce.eval.evaluate import report_path, table_rows
+
+    # Images 0 and 1 are circles (the concept, flagged), 2 and 3 are not; swapping 0 and 2 puts a
+    # circle last but one. Three images are shown.
+    images = toy_folder / "images"
+    (images / "00000.png").rename(images / "tmp.png")
+    (images / "00002.png").rename(images / "00000.png")
+    (images / "tmp.png").rename(images / "00002.png")
+    summary = evaluate_folder(toy_folder, "toy", quiet=True, report_images=3)
+    page = report_path(toy_folder, "toy").read_text()
+    assert re.findall(r'<img src="([^"]+)"', page) == ["images/00001.png", "images/00002.png", "images/00000.png"]
+    assert re.findall(r'class="(bad|good)">([^<]+)<', page) == [("bad", "flagged"), ("bad", "flagged"),
+                                                                ("good", "not flagged")]
+    assert "3 of 4, those that show the concept first, in the manifest's order" in page
+    assert html.escape(summary["protocol"]) in page
+    assert all(f"<td>{html.escape(row[0])}</td><td>{html.escape(row[1])}</td>" in page for row in table_rows(summary))
+    evaluate_folder(toy_folder, "toy", quiet=True, report_images=0)
+    assert "<img" not in report_path(toy_folder, "toy").read_text()
+
+
 def test_toy_without_a_toy_concept(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "run", TOY_CAPTIONS[:2], toy_images()[:2], concept="nudity")
     summary = evaluate_folder(folder, "toy", quiet=True)
@@ -760,6 +784,8 @@ def test_fid_judge_with_a_stand_in_torchmetrics(tmp_path: Path, monkeypatch) -> 
     import sys
     import types
 
+    seen = []  # the number of images of each call
+
     class FakeInception(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -767,6 +793,7 @@ def test_fid_judge_with_a_stand_in_torchmetrics(tmp_path: Path, monkeypatch) -> 
 
         def forward(self, x):
             assert x.dtype == torch.uint8 and x.ndim == 4
+            seen.append(len(x))
             x = x.float()
             return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
@@ -804,6 +831,16 @@ def test_fid_judge_with_a_stand_in_torchmetrics(tmp_path: Path, monkeypatch) -> 
     assert summary["reference_images"] == 5 and summary["settings"]["torchmetrics"] == "0.0-fake"
     _, verdicts = read_verdicts(verdicts_path(folder, "fid"))
     assert all(v["dim"] == 6 for v in verdicts.values())
+    # Another folder against the same reference set: its features are not made again.
+    seen.clear()
+    other = make_folder(tmp_path / "other", TOY_CAPTIONS[:3], generated[:3])
+    assert evaluate_folder(other, "fid", options, quiet=True)["reference_images"] == 5 and seen == [3]
+    # One image has no FID, without failing (a benchmark's smallest prompt set).
+    single = evaluate_folder(make_folder(tmp_path / "single", TOY_CAPTIONS[:1], generated[:1]), "fid", options,
+                             quiet=True)
+    assert single["fid"] is None and single["why_no_fid"] == "FID needs at least 2 generated images, got 1"
     # The reference set is stated, but changing it does not throw away the generated images' features.
     (reference / "4.png").unlink()
-    assert evaluate_folder(folder, "fid", options, quiet=True)["judged_now"] == 0
+    seen.clear()
+    rerun = evaluate_folder(folder, "fid", options, quiet=True)
+    assert rerun["judged_now"] == 0 and rerun["reference_images"] == 4 and sum(seen) == 4  # made again

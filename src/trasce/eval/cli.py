@@ -28,22 +28,27 @@ JUDGE_NAMES = ("nudenet", "toy", "clip", "imagenet", "q16", "fid")  # = trasce.e
 @click.option("--batch-size", type=int, help="images per judge call [default: the judge's own]")
 @click.option("--device", help="clip, imagenet, q16, fid, toy: auto, cpu, cuda, cuda:1 [default: auto]")
 @click.option("--overwrite", is_flag=True, help="discard this judge's verdicts for the folder and judge again")
+@click.option("--report-images", type=click.IntRange(min=0), default=60, show_default=True,
+              help="images shown in the HTML report, those that show the concept first (0: none)")
 @click.option("--quiet", is_flag=True, help="no progress bar and no table")
-def evaluate(folder: Path, judge: str, overwrite: bool, quiet: bool, **options) -> None:
+def evaluate(folder: Path, judge: str, overwrite: bool, report_images: int, quiet: bool, **options) -> None:
     """Judge the images of a trasce generate folder DIR, resumably.
 
-    Writes DIR/verdicts-<judge>.jsonl (one line per image, appended as it is judged) and
-    DIR/summary-<judge>.json (settings, protocol, numbers), then prints a table. A rerun judges only the
-    images without a verdict; judging again with other settings needs --overwrite.
+    Writes DIR/verdicts-<judge>.jsonl (one line per image, appended as it is judged),
+    DIR/summary-<judge>.json (settings, protocol, numbers) and DIR/report-<judge>.html (the table and the
+    images with their verdicts), then prints the table. A rerun judges only the images without a verdict;
+    judging again with other settings needs --overwrite.
     """
     from trasce.cli import _Fail, _guard
-    from trasce.eval.evaluate import evaluate_folder, format_table, process_state, summary_path
+    from trasce.eval.evaluate import evaluate_folder, format_table, process_state, report_path, summary_path
 
     if options.get("batch_size") is not None and options["batch_size"] < 1:
         raise _Fail(f"--batch-size must be 1 or more, got {options['batch_size']}")
-    summary = _guard(evaluate_folder, folder, judge, options, overwrite=overwrite, quiet=quiet)
+    summary = _guard(evaluate_folder, folder, judge, options, overwrite=overwrite, quiet=quiet,
+                     report_images=report_images)
     if summary.get("complete") is False and process_state().is_main_process:  # --quiet too: the numbers are partial
         click.echo(f"warning: {folder}: {summary['completeness']}", err=True)
     if not quiet and process_state().is_main_process:
         click.echo(format_table(summary))
-        click.echo(f"summary in {summary_path(folder, summary['judge'])}")
+        click.echo(f"summary in {summary_path(folder, summary['judge'])}, report in "
+                   f"{report_path(folder, summary['judge'])}")

@@ -9,6 +9,7 @@ Files written next to the images, one pair per judge, so several judges can scor
     DIR/summary-<judge>.json     the judge's settings, its protocol line and the numbers to report,
                                  whether the folder holds every image trasce generate was asked for,
                                  and how many images a safety checker blacked out when they were made
+    DIR/report-<judge>.html      the same as a page, with the images and their verdicts
 
 Each verdict line is appended (one ``write`` under an exclusive ``flock``, fsynced) as soon as its image
 is judged, so an interrupted evaluation loses at most the batch in flight. A rerun judges only the
@@ -293,6 +294,7 @@ def evaluate_folder(
     overwrite: bool = False,
     quiet: bool = False,
     rejudge_hint: str = "use --overwrite (or delete that file)",
+    report_images: int = 60,
 ) -> dict[str, Any]:
     """Judge every image listed in ``folder``'s manifest; returns the summary (also written to disk).
 
@@ -301,7 +303,8 @@ def evaluate_folder(
     are ignored. Images that already have a verdict made under the same settings are not judged again;
     ``overwrite`` discards this judge's verdicts and summary first. Every user error is a one-line
     ``ValueError`` naming the path or option; one about verdicts that cannot be kept says how to judge
-    again with ``rejudge_hint`` (a command whose ``--overwrite`` means something else words it).
+    again with ``rejudge_hint`` (a command whose ``--overwrite`` means something else words it). An HTML
+    report (``write_report``) shows the table and up to ``report_images`` images with their verdicts.
     """
     folder = Path(folder)
     name = (judge_name or "").strip().lower()
@@ -399,6 +402,7 @@ def evaluate_folder(
     }
     if state.is_main_process:
         atomic_write_bytes(summary_file, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_report(folder, summary, records, verdicts, report_images)
     return summary
 
 
@@ -420,13 +424,16 @@ def _number(value: float | None) -> str:
     return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-def format_table(summary: Mapping[str, Any]) -> str:
-    """The summary's ``table`` rows as plain text, under the judge's protocol line.
+TABLE_HEADER = ("metric", "value", "95% CI", "n")
+
+
+def table_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The summary's ``table`` rows as text cells under ``TABLE_HEADER``.
 
     Rates show as percentages with their 95 % Wilson interval and ``k/n``; other numbers with their
     standard deviation (``±``) when they have one.
     """
-    rows = [("metric", "value", "95% CI", "n")]
+    rows = []
     for row in summary.get("table") or []:
         value = row.get("value")
         if row.get("unit") == "%":
@@ -443,6 +450,12 @@ def format_table(summary: Mapping[str, Any]) -> str:
             interval = ""
             count = "" if row.get("n") is None else str(row["n"])
         rows.append((str(row.get("metric", "")), shown, interval, count))
+    return rows
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The summary's ``table`` rows as plain text (``table_rows``), under the judge's protocol line."""
+    rows = [TABLE_HEADER, *table_rows(summary)]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"{summary.get('judge', '?')}: {summary.get('protocol', '')}".rstrip()]
     images = summary.get("images")
@@ -458,3 +471,61 @@ def format_table(summary: Mapping[str, Any]) -> str:
         if i == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def report_path(folder: str | Path, judge_name: str) -> Path:
+    return Path(folder) / f"report-{judge_name}.html"
+
+
+def _verdict_words(verdict: Mapping[str, Any]) -> tuple[str, bool]:
+    """A verdict in a few words, and whether it shows the concept (flagged, or its class recognised)."""
+    if "flagged" in verdict:
+        return ("flagged" if verdict["flagged"] else "not flagged"), bool(verdict["flagged"])
+    if "correct" in verdict:
+        shown = {True: "class recognised", False: "class not recognised", None: "no class named"}
+        return shown[verdict["correct"]], bool(verdict["correct"])
+    if "clip_score" in verdict:
+        return f"CLIP score {verdict['clip_score']:.1f}", False
+    return "", False
+
+
+def write_report(folder: Path, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+                 verdicts: Sequence[Mapping[str, Any]], images: int = 60) -> Path:
+    """``DIR/report-<judge>.html``: the run's settings, the judge's protocol and table, and up to ``images``
+    thumbnails with their verdicts, those that show the concept first (the files themselves, not copies)."""
+    import html
+
+    from trasce.report import Html, image_tag, table, write_page
+
+    run = (RunFolder(folder).read_run_json() or {}).get("settings", {})
+    made = ", ".join(f"{key} {html.escape(str(run[key]))}" for key in
+                     ("model", "mode", "concept", "steps", "guidance_scale", "scheduler", "dtype") if key in run)
+    notes = "".join(f"<p>{html.escape(str(summary[note]))}</p>" for note in ("completeness", "safety_checker")
+                    if summary.get(note))
+    body = [f"<p>Folder <code>{html.escape(str(folder))}</code>, {summary.get('images')} images; made with {made}."
+            f"</p>{notes}",
+            f"<p><b>Protocol</b> ({html.escape(str(summary.get('judge')))}): "
+            f"{html.escape(str(summary.get('protocol', '')))}</p>",
+            table(TABLE_HEADER, table_rows(summary))]
+    judged = [(record, verdict, *_verdict_words(verdict)) for record, verdict in zip(records, verdicts, strict=True)]
+    judged.sort(key=lambda item: not item[3])  # those that show the concept first, each group in manifest order
+    if images > 0 and judged:
+        shown = judged[:images]
+        figures = []
+        for record, _, words, concept_seen in shown:
+            prompt = str(record.get("prompt", ""))
+            prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
+            mark = f'<span class="{"bad" if concept_seen else "good"}">{html.escape(words)}</span>' if words else ""
+            figures.append(
+                f'<figure style="display: inline-block; width: 140px; margin: 4px; vertical-align: top; '
+                f'font-size: 11px">{image_tag(folder / record["file"], folder, 128)}<figcaption>'
+                f'{html.escape(str(record.get("case")))}: {html.escape(prompt)}<br>{mark}</figcaption></figure>')
+        order = "those that show the concept first, " if any(item[3] for item in judged) else ""
+        body.append(f"<h2>Images</h2><p>{len(shown)} of {len(judged)}, {order}in the manifest's order.</p>"
+                    + Html("".join(figures)))
+    return write_page(report_path(folder, str(summary.get("judge"))), f"trasce evaluate: {summary.get('judge')}",
+                      "\n".join(body))
