@@ -113,6 +113,23 @@ def test_markdown_table_report_and_printout(toy_run):
     assert Image.open(out / "grid.png").size[0] > 4 * 96
 
 
+def test_exact_steering_is_recorded_and_a_lazy_folder_is_not_resumed_exact(tmp_path, toy_run):
+    lazy_out, _ = toy_run
+    lazy = [json.loads(line) for line in (lazy_out / "trasce" / "corner" / "manifest.jsonl").read_text().splitlines()]
+    assert any(r["steered_steps"] < 2 for r in lazy)  # lazy steering skipped some backward passes
+    assert "lazy steering (backward passes skipped below 0.0001 RMS" in (lazy_out / "report.html").read_text()
+    out = tmp_path / "exact"
+    args = ("benchmark", "--out", out, "--concept", "circle", "--methods", "trasce", *SMALL)
+    assert _run(*args, "--exact").exit_code == 0
+    records = [json.loads(line) for line in (out / "trasce" / "corner" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["steered_steps"] for r in records] == [2, 2]  # every backward pass
+    assert json.loads((out / "results.json").read_text())["settings"]["lazy_tolerance"] is None
+    assert "exact steering (every backward pass)" in (out / "report.html").read_text()
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2
+    assert "holds a run with different settings: 'lazy_tolerance' was null, now 0.0001" in result.output
+
+
 def test_rerun_generates_nothing(toy_run, monkeypatch):
     import trasce.benchmark as benchmark
 

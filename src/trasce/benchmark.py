@@ -59,6 +59,7 @@ from trasce.generate import (
 )
 from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults
 from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions, source_commit
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
 METHODS: dict[str, str] = {
     "none": "unprotected: plain classifier-free guidance",
@@ -118,6 +119,8 @@ class BenchmarkOptions:
     loss_scale: float | None = None
     step_size: float | None = None
     sigma: float | None = None
+    lazy_tolerance: float | None = DEFAULT_LAZY_TOLERANCE
+    exact: bool = False
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
@@ -617,6 +620,12 @@ def _grid(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]], se
     return picture, table(["prompt (seed)", *methods], html_rows)
 
 
+def _steering_words(settings: dict) -> str:
+    tolerance = settings.get("lazy_tolerance", DEFAULT_LAZY_TOLERANCE)  # (results written before it was recorded)
+    return ("exact steering (every backward pass)" if tolerance is None else
+            f"lazy steering (backward passes skipped below {tolerance:g} RMS per latent element)")
+
+
 def write_report(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]],
                  sets: dict[str, list[Prompt]], rows_per_set: int) -> Path:
     """``report.html``: the settings, the table, the protocol lines and the grid."""
@@ -635,8 +644,8 @@ def write_report(out: Path, results: dict, folders: dict[str, dict[str, RunFolde
              + f"; {s['steps']} steps, {cfg}, {html.escape(str(s['scheduler']))}, "
              f"{s['height']}x{s['width']}, {s['dtype']} on {html.escape(str(s['device']))}; prompts: "
              f"{html.escape(str(s['prompt_source']))}; TraSCE lambda {s['loss_scale']}, eta {s['step_size']}, "
-             f"sigma {s['sigma']} (preset {html.escape(str(s['preset']))}). Same components, prompts and initial "
-             "noise in every row.")
+             f"sigma {s['sigma']} (preset {html.escape(str(s['preset']))}), {_steering_words(s)}. Same components, "
+             "prompts and initial noise in every row.")
     sets_list = "".join(f"<li><b>{html.escape(k)}</b> ({v['n']}): {html.escape(v['description'])}</li>"
                         for k, v in results["prompt_sets"].items())
     protocol = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
@@ -681,6 +690,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     _check_sizes(options, toy)
     if options.split not in ("test", "val"):
         raise ValueError(f"--split must be test or val, got {options.split!r}")
+    if options.lazy_tolerance is not None and not options.lazy_tolerance >= 0:
+        raise ValueError(f"--lazy-tolerance must be at least 0 (or give --exact), got {options.lazy_tolerance:g}")
+    lazy_tolerance = None if options.exact else options.lazy_tolerance
 
     defaults = pipe.call_defaults if pipe is not None else model_call_defaults(options.model)
     guidance = options.guidance_scale if options.guidance_scale is not None else defaults["guidance_scale"]
@@ -735,10 +747,11 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         pipe = TraSCEPipeline.from_pretrained(options.model, torch_dtype=dtype, scheduler=options.scheduler,
                                               safety_checker=False, concept=concept, preset=preset,
                                               loss_scale=options.loss_scale, step_size=options.step_size,
-                                              sigma=options.sigma).to(device)
+                                              sigma=options.sigma, lazy_tolerance=lazy_tolerance).to(device)
     else:
         resolved = presets.resolve(preset, concept, options.loss_scale, options.step_size, options.sigma)
-        pipe = pipe.with_settings(concept=concept, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3])
+        pipe = pipe.with_settings(concept=concept, loss_scale=resolved[1], step_size=resolved[2], sigma=resolved[3],
+                                  lazy_tolerance=lazy_tolerance)
     pipe.pipe.set_progress_bar_config(disable=True)
     if any(m in SLD_LEVELS for m in methods):
         check_sld(pipe)
@@ -750,6 +763,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "concept": concept, "steps": steps, "guidance_scale": guidance, "scheduler": type(pipe.pipe.scheduler).__name__,
         "dtype": str(dtype).removeprefix("torch."), "height": size[0], "width": size[1], "seed": options.seed,
         "prompt_source": prompt_source, "batch_size": options.batch_size, "device": str(device),
+        # the steering methods' (None: exact, every backward pass); the same for every folder
+        "lazy_tolerance": lazy_tolerance,
         # a pipeline passed in keeps its own; it blacks out what it flags, and the judges see black images
         "safety_checker": pipe.adapter.has_safety_checker,
     }

@@ -263,6 +263,10 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--loss-scale", type=float, help="lambda (released: --guidance_loss_scale)")
 @click.option("--step-size", type=float, help="eta (released: --discriminator_guidance_scale)")
 @click.option("--sigma", type=float, help="kernel width (released: --sigma)")
+@click.option("--lazy-tolerance", type=float, default=DEFAULT_LAZY_TOLERANCE, show_default=True,
+              help="steering methods: skip backward passes whose latent update is estimated below this RMS per "
+                   "latent element")
+@click.option("--exact", is_flag=True, help="steering methods: run every backward pass (the released maths)")
 @click.option("--steps", type=int, help=STEPS_HELP)
 @click.option("--guidance-scale", type=float, help=f"CFG scale where a prompt has none [default: {CFG_DEFAULTS}]")
 @click.option("--scheduler", type=_choice(SCHEDULERS), help=SCHEDULER_HELP)
