@@ -107,6 +107,10 @@ def test_markdown_table_report_and_printout(toy_run):
     for method in METHODS:
         assert f"| {method} |" in markdown and f"| {method} |" in output
     assert "target rate, target-name" in markdown and "FID vs none" in markdown and "s/image" in markdown
+    # for a paper: what made the table above it, each column's protocol below it
+    results = json.loads((out / "results.json").read_text())
+    assert markdown.startswith("Model toy, concept 'circle' (shape = circle); 2 steps, CFG 1.5, DDIMScheduler, ")
+    assert f"- **noise**: {results['protocol']['noise']}\n" in markdown
     assert f"report: {out / 'report.html'}" in output
     page = (out / "report.html").read_text()
     assert "grid.png" in page and "circle" in page

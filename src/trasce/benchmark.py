@@ -626,6 +626,21 @@ def _steering_words(settings: dict) -> str:
             f"lazy steering (backward passes skipped below {tolerance:g} RMS per latent element)")
 
 
+def caption(results: dict, sets: dict[str, list[Prompt]]) -> str:
+    """What the table's images were made with, in one paragraph (the report's and results.md's)."""
+    s = results["settings"]
+    target = results.get("target")
+    scales = sorted({prompt.guidance_scale for prompts in sets.values() for prompt in prompts})
+    cfg = (f"CFG {scales[0]:g}" if len(scales) == 1 else
+           f"CFG from the prompt files' rows ({', '.join(f'{scale:g}' for scale in scales)})")
+    return (f"Model {s['model']}, concept {results['concept']!r}"
+            + (f" ({target['attribute']} = {target['value']})" if target else "")
+            + f"; {s['steps']} steps, {cfg}, {s['scheduler']}, {s['height']}x{s['width']}, {s['dtype']} on "
+            f"{s['device']}; prompts: {s['prompt_source']}; TraSCE lambda {s['loss_scale']}, eta {s['step_size']}, "
+            f"sigma {s['sigma']} (preset {s['preset']}), {_steering_words(s)}. Same components, prompts and initial "
+            "noise in every row.")
+
+
 def write_report(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]],
                  sets: dict[str, list[Prompt]], rows_per_set: int) -> Path:
     """``report.html``: the settings, the table, the protocol lines and the grid."""
@@ -633,19 +648,7 @@ def write_report(out: Path, results: dict, folders: dict[str, dict[str, RunFolde
 
     header, rows = results_table(results)
     picture, cells = _grid(out, results, folders, sets, rows_per_set)
-    s = results["settings"]
-    target = results.get("target")
-    scales = sorted({prompt.guidance_scale for prompts in sets.values() for prompt in prompts})
-    cfg = (f"CFG {scales[0]:g}" if len(scales) == 1 else
-           f"CFG from the prompt files' rows ({', '.join(f'{scale:g}' for scale in scales)})")
-    about = (f"Model <code>{html.escape(str(s['model']))}</code>, "
-             f"concept <code>{html.escape(results['concept'])}</code>"
-             + (f" ({html.escape(target['attribute'])} = {html.escape(target['value'])})" if target else "")
-             + f"; {s['steps']} steps, {cfg}, {html.escape(str(s['scheduler']))}, "
-             f"{s['height']}x{s['width']}, {s['dtype']} on {html.escape(str(s['device']))}; prompts: "
-             f"{html.escape(str(s['prompt_source']))}; TraSCE lambda {s['loss_scale']}, eta {s['step_size']}, "
-             f"sigma {s['sigma']} (preset {html.escape(str(s['preset']))}), {_steering_words(s)}. Same components, "
-             "prompts and initial noise in every row.")
+    about = html.escape(caption(results, sets))
     sets_list = "".join(f"<li><b>{html.escape(k)}</b> ({v['n']}): {html.escape(v['description'])}</li>"
                         for k, v in results["prompt_sets"].items())
     protocol = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
@@ -895,7 +898,10 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
 
     header, rows = results_table(results)
     markdown = markdown_table(header, rows)
-    atomic_write_bytes(out / "results.md", (markdown + "\n").encode())
+    # For a paper: the table under what made it, and the protocol of each column.
+    protocol_lines = "".join(f"- **{key}**: {value}\n" for key, value in protocol.items())
+    atomic_write_bytes(out / "results.md",
+                       f"{caption(results, sets)}\n\n{markdown}\n\nProtocol:\n\n{protocol_lines}".encode())
     report = write_report(out, results, folders, sets, options.grid_rows)
     results["markdown"] = markdown
     results["report"] = str(report)
