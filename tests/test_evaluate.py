@@ -304,8 +304,19 @@ def test_the_report_shows_the_table_and_the_images_that_show_the_concept_first(t
     assert "3 of 4, those that show the concept first, in the manifest's order" in page
     assert html.escape(summary["protocol"]) in page
     assert all(f"<td>{html.escape(row[0])}</td><td>{html.escape(row[1])}</td>" in page for row in table_rows(summary))
+    assert "made with model &quot;toy&quot;, mode &quot;trasce&quot;, concept &quot;circle&quot;" in page
     evaluate_folder(toy_folder, "toy", quiet=True, report_images=0)
     assert "<img" not in report_path(toy_folder, "toy").read_text()
+
+
+def test_made_with_states_the_runs_settings_and_the_rows_scales_and_seeds() -> None:
+    from trasce.eval.evaluate import made_with
+
+    run = {"settings": {"model": "m", "mode": "trasce", "sigma": 2.0, "lazy_tolerance": None, "batch_size": 8}}
+    records = [{"guidance_scale": 7.5, "seed": 1}, {"guidance_scale": 12.0, "seed": 1}, {"guidance_scale": 7.5,
+                                                                                         "seed": 3}]
+    assert made_with(run, records) == {"model": "m", "mode": "trasce", "sigma": 2.0, "lazy_tolerance": None,
+                                       "guidance_scales": [7.5, 12.0], "distinct_seeds": 2}
 
 
 def test_toy_without_a_toy_concept(tmp_path: Path) -> None:

@@ -394,6 +394,7 @@ def evaluate_folder(
         "judged_now": len(missing),  # by every process
         # of them, images whose earlier verdict was about other bytes (made again, or no hash recorded)
         "judged_again": judged_again,
+        "made_with": made_with(run, records),
         "settings": settings,
         **{key: value for key, value in result.items() if key not in ("judge", "folder", "settings")},
         "verdicts_file": verdict_file.name,
@@ -477,6 +478,23 @@ def format_table(summary: Mapping[str, Any]) -> str:
 # Report
 
 
+#: run.json settings that say how a folder's images were made (generate's, and benchmark's per method)
+MADE_WITH = ("model", "method", "mode", "concept", "preset", "loss_scale", "step_size", "sigma", "kernel",
+             "lazy_tolerance", "steer_window", "method_settings", "steps", "scheduler", "dtype", "height", "width")
+
+
+def made_with(run: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How the images were made, for the summary and the report: ``MADE_WITH`` from ``run.json``, and the
+    CFG scales and seeds the manifest's rows used (a prompt file may give each row its own)."""
+    settings = (run or {}).get("settings", {})
+    made = {key: settings[key] for key in MADE_WITH if key in settings}
+    scales = sorted({record["guidance_scale"] for record in records if record.get("guidance_scale") is not None})
+    seeds = {record["seed"] for record in records if record.get("seed") is not None}
+    made["guidance_scales"] = scales
+    made["distinct_seeds"] = len(seeds)
+    return made
+
+
 def report_path(folder: str | Path, judge_name: str) -> Path:
     return Path(folder) / f"report-{judge_name}.html"
 
@@ -501,9 +519,8 @@ def write_report(folder: Path, summary: Mapping[str, Any], records: Sequence[Map
 
     from trasce.report import Html, image_tag, table, write_page
 
-    run = (RunFolder(folder).read_run_json() or {}).get("settings", {})
-    made = ", ".join(f"{key} {html.escape(str(run[key]))}" for key in
-                     ("model", "mode", "concept", "steps", "guidance_scale", "scheduler", "dtype") if key in run)
+    made = html.escape(", ".join(f"{key} {json.dumps(value, ensure_ascii=False)}"
+                                 for key, value in summary.get("made_with", {}).items()))
     notes = "".join(f"<p>{html.escape(str(summary[note]))}</p>" for note in ("completeness", "safety_checker")
                     if summary.get(note))
     body = [f"<p>Folder <code>{html.escape(str(folder))}</code>, {summary.get('images')} images; made with {made}."
