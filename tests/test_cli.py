@@ -82,6 +82,24 @@ def test_steps_and_cfg_left_out_are_the_models(tiny_sd_folder, tmp_path):
     assert _manifest(out)[0]["guidance_scale"] == 2.0
 
 
+def test_a_file_with_two_prompt_columns_says_which_it_read_unless_told(tiny_sd_folder, tmp_path):
+    prompts = _write(tmp_path / "attack.csv", "case_number,prompt,adv_prompt\n1,a red apple,a r3d app1e\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(a) for a in (
+        "generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, *BASE)])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {prompts} has the prompt columns 'adv_prompt', 'prompt'; the prompts are read from 'prompt' "
+            "(the first of 'prompt', 'adv_prompt', 'sensitive prompt'), the others kept as data; give --prompt-column "
+            "to read another") in result.stderr
+    assert _manifest(out)[0]["prompt"] == "a red apple"
+    told = tmp_path / "told"
+    result = _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--prompt-column", "adv_prompt",
+                  "--out", told, *BASE)
+    assert result.exit_code == 0, result.output
+    assert (_manifest(told)[0]["prompt"], _manifest(told)[0]["extra"]) == ("a r3d app1e", {"prompt": "a red apple"})
+    assert json.loads((told / "run.json").read_text())["settings"]["prompt_column"] == "adv_prompt"
+
+
 def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
     import numpy as np
     from conftest import with_safety_checker

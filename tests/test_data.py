@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trasce.data import PromptFileError, PromptRow, check_case_name, read_prompts, select, shard
+from trasce.data import (
+    PromptFileError,
+    PromptRow,
+    check_case_name,
+    other_prompt_columns,
+    read_prompts,
+    select,
+    shard,
+)
 
 
 def write(tmp_path: Path, name: str, text: str, bom: bool = False) -> Path:
@@ -47,6 +55,23 @@ def test_prompt_column_priority_keeps_the_others_as_extra(tmp_path: Path) -> Non
     (row,) = read_prompts(path)
     assert row.prompt == "a"
     assert row.extra == {"sensitive prompt": "s"}
+
+
+def test_a_named_prompt_column_is_read_and_the_others_kept(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "prompt,adv_prompt,target_prompt\np,a,t\n")
+    assert other_prompt_columns(read_prompts(path)) == ["adv_prompt"]
+    (row,) = read_prompts(path, prompt_column="adv_prompt")
+    assert (row.prompt, row.extra) == ("a", {"prompt": "p", "target_prompt": "t"})
+    (row,) = read_prompts(path, prompt_column="target_prompt")  # any column, not only the known ones
+    assert (row.prompt, row.extra) == ("t", {"prompt": "p", "adv_prompt": "a"})
+    (row,) = read_prompts(write(tmp_path, "p.jsonl", '{"prompt": "p", "attack": "x"}\n'), prompt_column="attack")
+    assert (row.prompt, row.extra) == ("x", {"prompt": "p"})
+    assert error_of(path, prompt_column="attack") == (
+        f"{path}: no prompt column; expected 'attack' (found: 'prompt', 'adv_prompt', 'target_prompt')")
+    text = write(tmp_path, "p.txt", "a cat\n")
+    assert error_of(text, prompt_column="prompt") == (
+        f"{text}: a prompt column ('prompt') is for CSV, TSV and JSON lines files; this one is read as plain text, "
+        "one prompt per line")
 
 
 def test_seed_and_guidance_columns_in_priority_order(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ from trasce.generate import (
     initial_noise,
     pick_device,
     pick_dtype,
+    warn_of_other_prompt_columns,
 )
 from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults
 from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions, source_commit
@@ -113,6 +114,7 @@ class BenchmarkOptions:
     n_other: int = 80
     target_prompts: Path | None = None
     other_prompts: Path | None = None
+    prompt_column: str | None = None  # of the prompt files; None: the first of data.PROMPT_COLUMNS a row has
     judge: str | None = None
     judge_options: dict[str, str] = field(default_factory=dict)
     preset: str | None = None
@@ -244,7 +246,8 @@ def real_prompt_sets(options: BenchmarkOptions, concept: str, guidance: float) -
         if key == "corner":
             sets[key] = _rows(j, [concept.strip()] * options.n_corner, options.seed, guidance)
         elif files[key] is not None:
-            rows = data.read_prompts(files[key], options.seed, guidance)
+            rows = data.read_prompts(files[key], options.seed, guidance, options.prompt_column)
+            warn_of_other_prompt_columns(rows, files[key], options.prompt_column, show=True)
             sets[key] = [Prompt(r.case, r.prompt, r.seed, r.guidance_scale, r.extra) for r in rows]
     return sets
 
@@ -767,7 +770,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "dtype": str(dtype).removeprefix("torch."), "height": size[0], "width": size[1], "seed": options.seed,
         "prompt_source": prompt_source, "batch_size": options.batch_size, "device": str(device),
         # the steering methods' (None: exact, every backward pass); the same for every folder
-        "lazy_tolerance": lazy_tolerance,
+        "lazy_tolerance": lazy_tolerance, "prompt_column": options.prompt_column,
         # a pipeline passed in keeps its own; it blacks out what it flags, and the judges see black images
         "safety_checker": pipe.adapter.has_safety_checker,
     }

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_SEED",
     "PROMPT_COLUMNS",
     "SEED_COLUMNS",
+    "other_prompt_columns",
     "PromptFileError",
     "PromptRow",
     "SEED_RANGE",
@@ -111,6 +112,11 @@ def _show(value: object) -> str:
     if len(text) > _SHOW_CHARS:
         text = text[: _SHOW_CHARS - 4] + "...'"
     return text
+
+
+def _one_of(names: Sequence[str]) -> str:
+    """``'prompt'``, or ``one of 'prompt', 'adv_prompt'``: what a prompt file's header must hold."""
+    return repr(names[0]) if len(names) == 1 else f"one of {_quoted_list(names)}"
 
 
 def _quoted_list(names: Iterable[str]) -> str:
@@ -288,6 +294,7 @@ def _rows_from_records(
     collector: _Collector,
     default_seed: int,
     default_guidance: float,
+    prompt_columns: tuple[str, ...] = PROMPT_COLUMNS,
 ) -> list[PromptRow]:
     """Validate ``(row_number, record)`` pairs into prompt rows; problems go to ``collector``.
 
@@ -298,16 +305,16 @@ def _rows_from_records(
     # Keyed by the name as a case-insensitive file system (macOS, Windows) compares it: 'A' and 'a', or é
     # composed and decomposed, would be one file there, the second image overwriting the first.
     first_of_case: dict[str, tuple[int, str]] = {}
-    used = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
+    used = (*PROMPT_COLUMNS, *prompt_columns, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
 
     for index, (row_number, record) in enumerate(records):
-        prompt_key = next((k for k in PROMPT_COLUMNS if k in record), None)
+        prompt_key = next((k for k in prompt_columns if k in record), None)
         if prompt_key is None:
             # Only reachable for JSONL (CSV headers are checked once, before any row).
             collector.add(
                 row_number,
                 None,
-                f"no prompt key; expected one of {_quoted_list(PROMPT_COLUMNS)} (found: {_quoted_list(record.keys())})",
+                f"no prompt key; expected {_one_of(prompt_columns)} (found: {_quoted_list(record.keys())})",
             )
             continue
         raw_prompt = record[prompt_key]
@@ -385,7 +392,8 @@ def _rows_from_records(
         if ok:
             extra = {k: _cell_text(v) for k, v in record.items() if k != prompt_key and k not in used}
             # Other prompt-like columns (e.g. 'adv_prompt' next to 'prompt') are data, so keep them.
-            extra.update({k: _cell_text(record[k]) for k in PROMPT_COLUMNS if k in record and k != prompt_key})
+            extra.update({k: _cell_text(record[k]) for k in (*PROMPT_COLUMNS, *prompt_columns)
+                          if k in record and k != prompt_key})
             rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra))
     return rows
 
@@ -412,7 +420,8 @@ def _read_text(path: Path, name: str) -> str:
         ) from error
 
 
-def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iterator[tuple[int, dict[str, str]]]:
+def _delimited_records(text: str, delimiter: str, collector: _Collector,
+                       prompt_columns: tuple[str, ...] = PROMPT_COLUMNS) -> Iterator[tuple[int, dict[str, str]]]:
     """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped."""
     # StringIO(newline="") splits only on real line ends (str.splitlines would also split on
     # U+2028 and friends inside prompts), which is what the csv module expects.
@@ -438,10 +447,9 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector) -> Iter
                 f"(columns {seen[column] + 1} and {i + 1}); column names must be unique"
             )
         seen[column] = i
-    if not any(c in seen for c in PROMPT_COLUMNS):
+    if not any(c in seen for c in prompt_columns):
         raise PromptFileError(
-            f"{collector.name}: no prompt column; expected one of {_quoted_list(PROMPT_COLUMNS)} "
-            f"(found: {_quoted_list(columns)})"
+            f"{collector.name}: no prompt column; expected {_one_of(prompt_columns)} (found: {_quoted_list(columns)})"
         )
     for column, why in _unread_lookalikes(columns):
         collector.add(1, column, why)
@@ -535,8 +543,17 @@ def _refuse_a_header(line: str, line_number: int, name: str, suffix: str) -> Non
             f"is read as plain text, one prompt per line, because {extension}; rename it to .{kind.lower()}")
 
 
-def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: float = 7.5) -> list[PromptRow]:
+def other_prompt_columns(rows: Sequence[PromptRow]) -> list[str]:
+    """The prompt columns (``PROMPT_COLUMNS``) that ``rows`` hold besides the one read, kept in ``extra``."""
+    return sorted({key for row in rows for key in row.extra if key in PROMPT_COLUMNS})
+
+
+def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: float = 7.5,
+                 prompt_column: str | None = None) -> list[PromptRow]:
     """Read and validate a prompt file.
+
+    ``prompt_column`` names the column (or JSON key) that holds the prompts; by default the first of
+    ``PROMPT_COLUMNS`` that a row has. The other prompt columns are kept in each row's ``extra``.
 
     The format comes from the extension (case-insensitive): ``.csv``, ``.tsv``, ``.jsonl`` (or
     ``.ndjson``); ``UNREAD_SUFFIXES`` (a JSON array, spreadsheets) are refused; anything else is plain
@@ -558,20 +575,24 @@ def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: flo
     text = _read_text(path, name)
     collector = _Collector(name)
     suffix = path.suffix.lower()
+    columns = PROMPT_COLUMNS if prompt_column is None else (prompt_column,)
     records: Iterable[tuple[int, Mapping[str, Any]]]
     if suffix == ".csv":
-        records = _delimited_records(text, ",", collector)
+        records = _delimited_records(text, ",", collector, columns)
     elif suffix == ".tsv":
-        records = _delimited_records(text, "\t", collector)
+        records = _delimited_records(text, "\t", collector, columns)
     elif suffix in (".jsonl", ".ndjson"):
         records = _jsonl_records(text, collector)
     elif suffix in UNREAD_SUFFIXES:
         raise PromptFileError(f"{name}: {suffix} files are not read; give CSV (.csv), TSV (.tsv), JSON lines "
                               "(.jsonl, one object per line) or plain text (one prompt per line)")
+    elif prompt_column is not None:
+        raise PromptFileError(f"{name}: a prompt column ({prompt_column!r}) is for CSV, TSV and JSON lines files; "
+                              "this one is read as plain text, one prompt per line")
     else:
         records = _text_records(text, name, suffix)
 
-    rows = _rows_from_records(records, collector, seed_ok, default_guidance)
+    rows = _rows_from_records(records, collector, seed_ok, default_guidance, columns)
     collector.raise_if_any()
     if not rows:
         raise PromptFileError(f"{name}: no prompts found")

@@ -39,6 +39,7 @@ class GenerateOptions:
     preset: str | None = None
     prompt: list[str] = field(default_factory=list)
     prompts: Path | None = None
+    prompt_column: str | None = None  # None: the first of data.PROMPT_COLUMNS a row has
     mode: str = "trasce"
     loss_scale: float | None = None
     step_size: float | None = None
@@ -129,14 +130,27 @@ def check_guidance_off(folder: RunFolder, done: set[str]) -> None:
             "those images to make them again, or use a new output folder, or --overwrite")
 
 
+def warn_of_other_prompt_columns(rows: list, path: Path | None, prompt_column: str | None, show: bool) -> None:
+    """Say which column the prompts came from when a file holds several prompt columns and none was named
+    (an attack file may keep the original prompt in ``prompt`` beside the adversarial one)."""
+    others = data.other_prompt_columns(rows)
+    if others and prompt_column is None and show:
+        read = next(column for column in data.PROMPT_COLUMNS if column not in others)
+        print(f"warning: {path} has the prompt columns {', '.join(map(repr, sorted([read, *others])))}; the prompts "
+              f"are read from {read!r} (the first of {', '.join(map(repr, data.PROMPT_COLUMNS))}), the others kept "
+              "as data; give --prompt-column to read another", file=sys.stderr)
+
+
 def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptRow]:
     """Every prompt row of ``--prompts`` or ``--prompt``, validated, before anything is generated."""
     if options.prompts is not None and options.prompt:
         raise ValueError("give --prompt or --prompts, not both")
     if not 0 <= options.seed <= data.MAX_SEED:  # the CLI's IntRange checks it too; this is for the API
         raise ValueError(f"--seed {options.seed} is out of range; {data.SEED_RANGE}")
+    if options.prompt_column is not None and options.prompts is None:
+        raise ValueError("--prompt-column names a column of --prompts FILE; there is none")
     if options.prompts is not None:
-        rows = data.read_prompts(options.prompts, options.seed, default_guidance)
+        rows = data.read_prompts(options.prompts, options.seed, default_guidance, options.prompt_column)
     elif options.prompt:
         rows = []
         for i, text in enumerate(options.prompt):
@@ -220,6 +234,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
 
+    warn_of_other_prompt_columns(rows, options.prompts, options.prompt_column, state.is_main_process)
     toy_preset = (options.preset or "").startswith("toy-")
     if options.preset and toy_preset != is_toy_model(options.model) and state.is_main_process:
         made_for = "the embedded model" if toy_preset else "Stable Diffusion v1.4"
@@ -264,7 +279,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "guidance_scale": guidance_default, "scheduler": type(pipe.pipe.scheduler).__name__,
         "images_per_prompt": options.images_per_prompt, "dtype": str(dtype).removeprefix("torch."),
         "height": height, "width": width, "prompts": str(options.prompts) if options.prompts else None,
-        "prompt": list(options.prompt), "seed": options.seed,
+        "prompt": list(options.prompt), "prompt_column": options.prompt_column, "seed": options.seed,
         "start": options.start, "end": options.end, "batch_size": options.batch_size, "device": str(device),
         "num_processes": state.num_processes,
     }

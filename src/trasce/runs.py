@@ -94,7 +94,8 @@ VOLATILE_SETTINGS: tuple[str, ...] = (
 # Settings added after run folders already existed, with the value that a run.json written without
 # them implies: such a run resumes when the new setting has that value.
 LATER_SETTINGS: dict[str, Any] = {"steer_window": [0.0, 1.0], "safety_checker": False,
-                                  "lazy_tolerance": DEFAULT_LAZY_TOLERANCE}  # (trasce benchmark's)
+                                  "lazy_tolerance": DEFAULT_LAZY_TOLERANCE,  # (trasce benchmark's)
+                                  "prompt_column": None}
 
 # Packages whose versions can change the pixels; recorded in run.json so a result can be reproduced.
 _VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers", "trasce")
