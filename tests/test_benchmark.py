@@ -368,6 +368,14 @@ def test_real_model_needs_its_prompt_files(tiny_sd_folder, tmp_path):
     assert result.exit_code == 2 and "missing.csv" in result.output
     result = CliRunner().invoke(main, [*base, "--judge", "clip", "--target-prompts", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2 and "--judge clip gives a score per image, which trasce benchmark" in result.output
+    # The judge is built before any image is made: a wrong option or a missing model file stops it at once.
+    (tmp_path / "target.txt").write_text("a naked body\n")
+    result = CliRunner().invoke(main, [*base, "--judge", "fid", "--target-prompts", str(tmp_path / "target.txt")])
+    assert result.exit_code == 2 and "the fid judge needs --inception-weights PATH" in result.output
+    result = CliRunner().invoke(main, [*base, "--judge", "nudenet", "--target-prompts", str(tmp_path / "target.txt"),
+                                       "--judge-option", "thresh=0.6"])
+    assert result.exit_code == 2 and "unknown evaluate option 'thresh'" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_non_finite_number_is_written_as_text_and_the_table_shows_it():

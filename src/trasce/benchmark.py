@@ -725,7 +725,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         prompt_source = f"toy captions, {options.split} split, caption seed {options.seed}"
         judge_name = "toy"
     else:
-        from trasce.eval.evaluate import JUDGES
+        from trasce.eval.evaluate import JUDGES, check_judge
 
         concept = presets.resolve(preset, options.concept, options.loss_scale, options.step_size, options.sigma)[0]
         if options.target_prompts is None:
@@ -740,6 +740,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
                              f"summarise; use {', '.join(BENCHMARK_JUDGES)} (a rate per prompt set, or fid: FID "
                              "against the unprotected images), or trasce evaluate on the method's folders")
         sets = real_prompt_sets(options, concept, guidance)
+        check_judge(judge_name, options.judge_options, concept)  # before any image is made
         split_descriptions = REAL_SPLITS
         prompt_source = ", ".join(f"{k} {v}" for k, v in
                                   (("--target-prompts", options.target_prompts),

@@ -217,6 +217,17 @@ def _check_options(judge_name: str, options: Mapping[str, Any]) -> None:
             raise ValueError(f"{_flag(key)} is for --judge {' or '.join(users)}, not --judge {judge_name}")
 
 
+def check_judge(judge_name: str, options: Mapping[str, Any] | None, concept: str | None) -> None:
+    """Build the judge once, as ``evaluate_folder`` will, so that a wrong option, a missing model file or
+    package stops a command before it makes images for hours rather than after; ``ValueError`` if so."""
+    name = (judge_name or "").strip().lower()
+    if name not in JUDGES:
+        raise ValueError(f"unknown judge {judge_name!r}; valid judges: {', '.join(JUDGES)}")
+    options = {key: value for key, value in dict(options or {}).items() if value is not None}
+    _check_options(name, options)
+    JUDGES[name](options, Context(folder=Path("."), concept=concept))
+
+
 def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
     run_folder = RunFolder(folder)
     if not folder.is_dir():
