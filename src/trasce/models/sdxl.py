@@ -29,26 +29,24 @@ class StableDiffusionXLAdapter(Adapter):
 
     ``original_size``/``target_size`` (``None``: the generated size) and ``crops_coords_top_left``
     are SDXL's micro-conditioning, with diffusers' defaults; the same for all three branches.
-    ``clip_skip``: as diffusers' ``clip_skip``, layers of the text encoders left out (``None``: none).
     """
 
     pipeline_classes = ("StableDiffusionXLPipeline",)
     family = "Stable Diffusion XL"
 
-    options = ("original_size", "target_size", "crops_coords_top_left", "clip_skip")
+    options = ("original_size", "target_size", "crops_coords_top_left")
 
     def __init__(self, pipe):
         super().__init__(pipe)
         self.original_size: tuple[int, int] | None = None
         self.target_size: tuple[int, int] | None = None
         self.crops_coords_top_left: tuple[int, int] = (0, 0)
-        self.clip_skip: int | None = None
 
     def encode(self, prompts: list[str]) -> Cond:
         # diffusers' own encoding: penultimate hidden states of both encoders, concatenated, and
         # the second encoder's pooled projection.
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False, clip_skip=self.clip_skip)
+                                                       do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
     def encode_unconditional(self, batch: int) -> Cond:
