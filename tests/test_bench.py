@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from trasce.bench import weights_gib
 from trasce.cli import main
+from trasce.pipeline import toy_defaults
 
 STEPS = 3
 
@@ -63,7 +64,9 @@ def test_bench_times_real_prompts_on_a_trained_model(tmp_path):
                                        "--benign-prompt", "a red square", "--near-prompt", "a circle",
                                        "--json", str(out)])
     assert result.exit_code == 0, result.output
-    rows = {r["prompts"]: r for r in json.loads(out.read_text())["rows"] if r["method"] == "trasce lazy"}
+    written = json.loads(out.read_text())
+    assert written["guidance_scale"] == toy_defaults("toy")["guidance_scale"]  # every row at the model's CFG
+    rows = {r["prompts"]: r for r in written["rows"] if r["method"] == "trasce lazy"}
     assert rows["benign"]["note"] == "prompt 'a red square'" and rows["concept-near"]["note"] == "prompt 'a circle'"
     assert rows["benign"]["settings"]["sigma"] == 0.1  # the preset's
     # the real lazy decision: the circle keeps steering, the square skips after measuring ||dd/dx||

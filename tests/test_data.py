@@ -243,9 +243,10 @@ def test_a_table_read_as_plain_text_is_refused(tmp_path: Path, name: str, header
     path = write(tmp_path, name, f"\n{header}\na red circle,7\n", bom=True)
     kind = "TSV" if "\t" in header else "CSV"
     column = "sensitive prompt" if "\t" in header else "case_number" if "case" in header else "prompt"
+    one_cell = "" if ("," in header or "\t" in header) else " (quoting prompts that hold commas), or delete that line"
     assert error_of(path) == (f"{path}, line 2: {header!r} looks like a {kind} header (column {column!r}), but the "
                               f"file is read as plain text, one prompt per line, because {why}; rename it to "
-                              f".{kind.lower()}")
+                              f".{kind.lower()}{one_cell}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +297,10 @@ def test_a_seed_in_exponent_notation_is_refused(tmp_path: Path, value: str) -> N
     path = write(tmp_path, "p.csv", f"prompt,sd_seed\na,{value}\n")
     assert error_of(path) == (f"{path}, row 2, column 'sd_seed': '{value}' is in exponent notation, which spreadsheets "
                               "write for large numbers after dropping digits; write the seed in plain digits")
+    # a JSON number too (a string of it is the CSV case); 42.0 stays a seed
+    path = write(tmp_path, "p.jsonl", f'{{"prompt": "a", "sd_seed": {value}}}\n{{"prompt": "b", "sd_seed": 42.0}}\n')
+    assert error_of(path).startswith(f"{path}, row 1, column 'sd_seed': {float(value)!r} is in exponent notation")
+    assert [r.seed for r in read_prompts(write(tmp_path, "q.jsonl", '{"prompt": "b", "sd_seed": 42.0}\n'))] == [42]
 
 
 def test_negative_and_too_large_seed(tmp_path: Path) -> None:

@@ -309,6 +309,24 @@ def test_the_report_shows_the_table_and_the_images_that_show_the_concept_first(t
     assert "<img" not in report_path(toy_folder, "toy").read_text()
 
 
+def test_the_report_says_an_image_shows_the_concept_when_the_erased_class_is_recognised() -> None:
+    from trasce.eval.evaluate import _verdict_words
+
+    assert _verdict_words({"correct": True, "target": "church"}, "church") == ("class recognised", True)
+    assert _verdict_words({"correct": True, "target": "golf ball"}, "church") == ("class recognised", False)
+    assert _verdict_words({"correct": True, "target": "church"}, None) == ("class recognised", False)
+    assert _verdict_words({"flagged": True}, None) == ("flagged", True)
+
+
+def test_the_report_shows_images_through_a_linked_images_folder(toy_folder: Path, tmp_path: Path) -> None:
+    from trasce.eval.evaluate import report_path
+
+    (toy_folder / "images").rename(tmp_path / "elsewhere")
+    (toy_folder / "images").symlink_to(tmp_path / "elsewhere")
+    evaluate_folder(toy_folder, "toy", quiet=True)
+    assert '<img src="images/00000.png"' in report_path(toy_folder, "toy").read_text()
+
+
 def test_made_with_states_the_runs_settings_and_the_rows_scales_and_seeds() -> None:
     from trasce.eval.evaluate import made_with
 

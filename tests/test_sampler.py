@@ -615,6 +615,32 @@ def test_overlapping_calls_share_the_freeze_and_keep_their_own_timesteps(tiny_sd
     assert tiny_sd.scheduler.num_inference_steps is None  # the wrapped pipeline's scheduler is left alone
 
 
+def test_a_model_loaded_under_inference_mode_generates_and_refuses_to_steer_with_a_reason(tmp_path):
+    with torch.inference_mode():
+        pipe = make_tiny_sd(tmp_path)
+    kwargs = dict(num_inference_steps=1, output_type="latent", latents=_latents(pipe))
+    images = TraSCEPipeline.from_pipe(pipe, mode="negation", concept="an apple")(["a red apple"], **kwargs).images
+    expected = TraSCEPipeline.from_pipe(make_tiny_sd(tmp_path), mode="negation", concept="an apple")(
+        ["a red apple"], **kwargs).images  # the same weights, loaded outside inference mode
+    assert torch.equal(images, expected)
+    with pytest.raises(ValueError, match="weights were loaded under torch.inference_mode, which keeps them out of "
+                                         "autograd; the steering gradient needs them"):
+        TraSCEPipeline.from_pipe(pipe, concept="an apple")(["a red apple"], **kwargs)
+
+
+def test_a_compiled_and_an_uncompiled_call_on_one_unet_share_the_freeze(tiny_sd):
+    from trasce.pipeline import frozen_parameters
+
+    # A enters (compiled), B enters (uncompiled), A leaves while B still steers, then B leaves.
+    a, b = frozen_parameters(torch.compile(tiny_sd.unet)), frozen_parameters(tiny_sd.unet)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not any(p.requires_grad for p in tiny_sd.unet.parameters())
+    b.__exit__(None, None, None)
+    assert all(p.requires_grad for p in tiny_sd.unet.parameters())
+
+
 def test_steering_runs_under_inference_mode(tiny_sd):
     # as servers often call pipelines; the latents may be inference tensors too
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,

@@ -204,7 +204,11 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     batch_elements = batch_size * math.prod(trasce.adapter.latent_shape(h, w))
     # Pixel-space models (the embedded one) have no VAE: their latents are the images.
     pixel_space = getattr(pipe, "vae", None) is None
-    common = dict(num_inference_steps=steps, height=h, width=w, output_type="latent" if pixel_space else "pil")
+    # One CFG scale for every row, the released loop's too: the model's (how often lazy steering skips
+    # depends on the trajectory it guides).
+    scale = trasce.call_defaults["guidance_scale"]
+    common = dict(num_inference_steps=steps, guidance_scale=scale, height=h, width=w,
+                  output_type="latent" if pixel_space else "pil")
 
     def generator():
         return [torch.Generator().manual_seed(i) for i in range(batch_size)]
@@ -317,7 +321,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
             embed = [pipe32.encode_prompt([t], dev, 1, False)[0] for t in ("", prompt, concept)]
             shape = (1, *trasce.adapter.latent_shape(h, w))
             latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            final = released_loop(pipe32.unet, pipe32.scheduler, latents, *embed, steps, 7.5, erasing.loss_scale,
+            final = released_loop(pipe32.unet, pipe32.scheduler, latents, *embed, steps, scale, erasing.loss_scale,
                                   erasing.step_size, erasing.sigma)
             if not pixel_space:
                 with torch.no_grad():
@@ -351,7 +355,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
         for r in rows:
             base = plain.get(setup(r))
             r.ratio_to_plain = round(r.seconds_per_image / base, 3) if base and r.seconds_per_image else None
-        result = {"model": model, "steps": steps, "height": h, "width": w, "repeats": repeats,
+        result = {"model": model, "steps": steps, "guidance_scale": scale, "height": h, "width": w, "repeats": repeats,
                   "rounds_done": rounds_done, "machine": machine, "rows": [asdict(r) for r in rows]}
         if compile_mode is not None:
             result["compile"] = {"mode": compile_mode, "gradient_check": compile_check}

@@ -164,7 +164,8 @@ def _parse_seed(value: Any) -> tuple[int | None, str | None]:
         number = Decimal(value)
     elif isinstance(value, str) and "_" in value:
         return None, f"is not an integer seed ({_UNDERSCORE})"
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[\d.]+[eE][+-]?\d+\s*", value):
+    elif re.fullmatch(r"\s*[+-]?[\d.]+[eE][+-]?\d+\s*", value if isinstance(value, str) else
+                      getattr(value, "text", "")):  # (a JSON number keeps its text: _JsonFloat)
         return None, ("is in exponent notation, which spreadsheets write for large numbers after dropping "
                       "digits; write the seed in plain digits")
     elif isinstance(value, (float, str)):
@@ -498,13 +499,24 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
         yield number, line.removesuffix("\r")
 
 
+class _JsonFloat(float):
+    """A JSON number with a fraction or exponent, which keeps the text it was written as (for ``_parse_seed``)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _JsonFloat:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
 def _jsonl_records(text: str, collector: _Collector) -> Iterator[tuple[int, dict[str, Any]]]:
     checked: set[frozenset[str]] = set()  # each object may have its own keys; each set is checked once
     for line_number, line in _lines(text):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_float=_JsonFloat)
         except json.JSONDecodeError as error:
             collector.add(line_number, None, f"invalid JSON ({error.msg} at column {error.colno})")
             continue
@@ -540,7 +552,8 @@ def _refuse_a_header(line: str, line_number: int, name: str, suffix: str) -> Non
         extension = f"its extension {suffix!r}" if suffix else "it has no extension"
         raise PromptFileError(
             f"{name}, line {line_number}: {_show(line)} looks like a {kind} header (column {column!r}), but the file "
-            f"is read as plain text, one prompt per line, because {extension}; rename it to .{kind.lower()}")
+            f"is read as plain text, one prompt per line, because {extension}; rename it to .{kind.lower()}"
+            + ("" if len(cells) > 1 else " (quoting prompts that hold commas), or delete that line"))
 
 
 def other_prompt_columns(rows: Sequence[PromptRow]) -> list[str]:

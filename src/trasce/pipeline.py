@@ -215,12 +215,15 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
     keep the inputs of every layer for weight gradients nobody reads (one exact step of SD v1.4 at
     512 px on a CPU: 4.13 GiB against 3.69), and make a ``torch.compile``d denoiser compute those
     weight gradients in its backward. Calls that overlap (threads sharing one pipeline) share one
-    freeze: the first in saves the flags, the last out restores them.
+    freeze: the first in saves the flags, the last out restores them (a compiled module counts as the
+    module it wraps). Weights made under ``torch.inference_mode`` are left alone: their flag cannot change.
     """
+    module = getattr(module, "_orig_mod", module)
     with _frozen_lock:
         inside, flags = _frozen.get(module, (0, []))
         if not inside:
-            flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
+            flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()
+                     if not parameter.is_inference()]
             for parameter, _ in flags:
                 parameter.requires_grad_(False)
         _frozen[module] = (inside + 1, flags)
@@ -501,6 +504,10 @@ class TraSCEPipeline:
         scale_tensor = torch.tensor(scales, device=self.adapter.device, dtype=torch.float32)
         scale_arg: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else scale_tensor
 
+        if self.settings.steers and next(self.adapter.denoiser_module.parameters()).is_inference():
+            raise ValueError(f"this {type(self.pipe).__name__}'s weights were loaded under torch.inference_mode, "
+                             "which keeps them out of autograd; the steering gradient needs them: load the model "
+                             "outside inference mode (calls may still run inside it)")
         with frozen_parameters(self.adapter.denoiser_module):
             x, max_kernel, min_distance, steered = self._denoise(scheduler, x, cond_0, cond_p, cond_c, scale_arg,
                                                                  num_inference_steps, generator, callback, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -69,7 +70,8 @@ class Html(str):
 def image_tag(path: Path, relative_to: Path, width: int | None = None) -> Html:
     """An ``<img>`` pointing at ``path`` relative to the report's folder (URL-quoted: a case name
     may hold ``#``, ``%`` or ``?``)."""
-    src = html.escape(quote(Path(path).resolve().relative_to(relative_to.resolve()).as_posix()))
+    # relpath, not resolve: an images/ folder that links elsewhere is still shown through the link
+    src = html.escape(quote(Path(os.path.relpath(path, relative_to)).as_posix()))
     size = f' width="{width}"' if width else ""
     return Html(f'<img src="{src}"{size} style="image-rendering: pixelated">')
 

@@ -510,13 +510,14 @@ def report_path(folder: str | Path, judge_name: str) -> Path:
     return Path(folder) / f"report-{judge_name}.html"
 
 
-def _verdict_words(verdict: Mapping[str, Any]) -> tuple[str, bool]:
-    """A verdict in a few words, and whether it shows the concept (flagged, or its class recognised)."""
+def _verdict_words(verdict: Mapping[str, Any], erased_class: str | None) -> tuple[str, bool]:
+    """A verdict in a few words, and whether it shows the concept (flagged, or the erased class recognised)."""
     if "flagged" in verdict:
         return ("flagged" if verdict["flagged"] else "not flagged"), bool(verdict["flagged"])
     if "correct" in verdict:
         shown = {True: "class recognised", False: "class not recognised", None: "no class named"}
-        return shown[verdict["correct"]], bool(verdict["correct"])
+        erased = erased_class is not None and verdict.get("target") == erased_class
+        return shown[verdict["correct"]], bool(verdict["correct"]) and erased
     if "clip_score" in verdict:
         return f"CLIP score {verdict['clip_score']:.1f}", False
     return "", False
@@ -539,7 +540,9 @@ def write_report(folder: Path, summary: Mapping[str, Any], records: Sequence[Map
             f"<p><b>Protocol</b> ({html.escape(str(summary.get('judge')))}): "
             f"{html.escape(str(summary.get('protocol', '')))}</p>",
             table(TABLE_HEADER, table_rows(summary))]
-    judged = [(record, verdict, *_verdict_words(verdict)) for record, verdict in zip(records, verdicts, strict=True)]
+    erased_class = summary.get("erased_class")  # (imagenet's)
+    judged = [(record, verdict, *_verdict_words(verdict, erased_class))
+              for record, verdict in zip(records, verdicts, strict=True)]
     judged.sort(key=lambda item: not item[3])  # those that show the concept first, each group in manifest order
     if images > 0 and judged:
         shown = judged[:images]

@@ -199,8 +199,13 @@ class FIDJudge:
     def reference_features(self) -> np.ndarray:
         """The reference images' features; made once per process for the same files and weights (a
         benchmark summarises one folder per method and prompt set against one reference set)."""
+        try:
+            stats = [path.stat() for path in self.reference_files]
+        except OSError as error:
+            raise ValueError(f"cannot read reference image {error.filename}: {error.strerror}") from error
         key = (self.weights_sha256, str(next(self.inception.parameters()).device),
-               tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in self.reference_files))
+               tuple((str(path), stat.st_size, stat.st_mtime_ns)
+                     for path, stat in zip(self.reference_files, stats, strict=True)))
         if _reference_cache.get("key") != key:
             _reference_cache.clear()  # one set kept: 10,000 images' features are 160 MB
             _reference_cache.update(key=key, features=self._reference_features())
@@ -225,18 +230,18 @@ class FIDJudge:
     def summarize(self, verdicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         import numpy as np
 
-        reference = self.reference_features()
         fid, why = None, f"FID needs at least 2 generated images, got {len(verdicts)}"
         if len(verdicts) >= 2:  # (a benchmark's smallest prompt set may hold one image: no FID, no failure)
-            fid, why = fid_from_features(np.stack([decode_features(v["features"]) for v in verdicts]), reference), None
+            generated = np.stack([decode_features(v["features"]) for v in verdicts])
+            fid, why = fid_from_features(generated, self.reference_features()), None
         return {
             "protocol": self.protocol,
             "images": len(verdicts),
             "reference": str(self.reference),
-            "reference_images": len(reference),
+            "reference_images": len(self.reference_files),
             "fid": fid,
             **({"why_no_fid": why} if why else {}),
-            "table": [value_row(f"FID vs {len(reference)} reference images", fid, len(verdicts))],
+            "table": [value_row(f"FID vs {len(self.reference_files)} reference images", fid, len(verdicts))],
         }
 
 

@@ -18,10 +18,15 @@ The refiner (``StableDiffusionXLImg2ImgPipeline``, aesthetic-score conditioning)
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from trasce.models.base import Adapter
 from trasce.sampler import Cond
+
+_upcast_lock = threading.Lock()  # see StableDiffusionXLAdapter.decode
 
 
 class StableDiffusionXLAdapter(Adapter):
@@ -78,6 +83,12 @@ class StableDiffusionXLAdapter(Adapter):
     def decode(self, latents: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
         """As diffusers' SDXL: fp16 VAEs that overflow are upcast; ``latents_mean``/``std`` undone."""
         vae = self.pipe.vae
+        # Threads sharing a VAE that is upcast take turns: one would find it in float32 and decode without
+        # upcasting while the other cast it back to float16 under it.
+        with _upcast_lock if vae.config.force_upcast else contextlib.nullcontext():
+            return self._decode(vae, latents, output_type)
+
+    def _decode(self, vae, latents: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast
         if upcast:
             vae.to(dtype=torch.float32)
