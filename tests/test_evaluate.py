@@ -587,7 +587,14 @@ def test_cli_settings_mismatch(toy_folder: Path, monkeypatch) -> None:
     assert run_cli(toy_folder, "--judge", "nudenet", "--quiet").exit_code == 0
     assert_fails(run_cli(toy_folder, "--judge", "nudenet", "--threshold", "0.6"),
                  "verdicts-nudenet.jsonl holds verdicts made with other settings: 'threshold' was 0.45, now 0.6",
-                 "--overwrite")
+                 "--overwrite", "or --label NAME to write new verdicts beside these")
+    # a second protocol beside the first, under its own label
+    result = run_cli(toy_folder, "--judge", "nudenet", "--threshold", "0.6", "--label", "nudenet-0.6", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(summary_path(toy_folder, label).read_text())["threshold"] for label in
+            ("nudenet", "nudenet-0.6")] == [0.45, 0.6]
+    assert (toy_folder / "report-nudenet-0.6.html").is_file() and (toy_folder / "verdicts-nudenet-0.6.jsonl").is_file()
+    assert_fails(run_cli(toy_folder, "--judge", "nudenet", "--label", "../x"), "--label '../x' names files")
     result = run_cli(toy_folder, "--judge", "nudenet", "--threshold", "0.6", "--overwrite", "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads(summary_path(toy_folder, "nudenet").read_text())["threshold"] == 0.6

@@ -521,7 +521,7 @@ def _real_evaluate(folders: dict[str, dict[str, RunFolder]], sets: dict[str, lis
         for split, folder in by_split.items():
             # (--overwrite here would discard the images too)
             summary = evaluate_folder(folder.path, judge_name, judge_options, quiet=quiet,
-                                      rejudge_hint="delete that file (the images stay)")
+                                      rejudge_hint="delete that file (the images stay) to judge every image again")
             settings = {"judge": summary["judge"], "settings": summary["settings"], "protocol": summary.get("protocol")}
             _, verdicts_by_file = read_verdicts(verdicts_path(folder.path, summary["judge"]))
             verdicts = [verdicts_by_file[folder.image_file(p.case)] for p in sets[split]]

@@ -68,6 +68,7 @@ IMAGE_SUFFIX = ".png"
 # What `trasce evaluate JUDGE` writes into a run folder; judgements of images that --overwrite deletes.
 VERDICTS_NAME = "verdicts-{judge}.jsonl"
 SUMMARY_NAME = "summary-{judge}.json"
+REPORT_NAME = "report-{judge}.html"
 
 # Settings that may change between the sessions of one run without changing any image: which slice
 # or shard a process works on, how many prompts share a batch or a denoiser call, whether the backward
@@ -571,7 +572,7 @@ class RunFolder:
 
     def reset(self) -> None:
         """Forget all finished work: delete the manifest, the requested images, ``images/*.png``, temporary
-        files, and the verdicts and summaries that ``trasce evaluate`` wrote about those images.
+        files, and the verdicts, summaries and reports that ``trasce evaluate`` wrote about those images.
 
         For ``--overwrite``. The manifest goes first, so a crash half-way leaves a folder in which
         nothing counts as done (the safe direction). ``run.json`` is left for
@@ -579,7 +580,7 @@ class RunFolder:
         """
         self.manifest_path.unlink(missing_ok=True)
         (self.path / REQUESTED_NAME).unlink(missing_ok=True)
-        for name in (VERDICTS_NAME, SUMMARY_NAME):
+        for name in (VERDICTS_NAME, SUMMARY_NAME, REPORT_NAME):
             for judged in self.path.glob(name.format(judge="*")):
                 judged.unlink(missing_ok=True)
         if self.images_dir.is_dir():

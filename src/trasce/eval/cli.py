@@ -30,8 +30,11 @@ JUDGE_NAMES = ("nudenet", "toy", "clip", "imagenet", "q16", "fid")  # = trasce.e
 @click.option("--overwrite", is_flag=True, help="discard this judge's verdicts for the folder and judge again")
 @click.option("--report-images", type=click.IntRange(min=0), default=60, show_default=True,
               help="images shown in the HTML report, those that show the concept first (0: none)")
+@click.option("--label", help="name the verdict, summary and report files by this instead of the judge, to keep "
+                              "two protocols side by side (e.g. --label nudenet-nine --classes nine)")
 @click.option("--quiet", is_flag=True, help="no progress bar and no table")
-def evaluate(folder: Path, judge: str, overwrite: bool, report_images: int, quiet: bool, **options) -> None:
+def evaluate(folder: Path, judge: str, overwrite: bool, report_images: int, label: str | None, quiet: bool,
+             **options) -> None:
     """Judge the images of a trasce generate folder DIR, resumably.
 
     Writes DIR/verdicts-<judge>.jsonl (one line per image, appended as it is judged),
@@ -45,10 +48,10 @@ def evaluate(folder: Path, judge: str, overwrite: bool, report_images: int, quie
     if options.get("batch_size") is not None and options["batch_size"] < 1:
         raise _Fail(f"--batch-size must be 1 or more, got {options['batch_size']}")
     summary = _guard(evaluate_folder, folder, judge, options, overwrite=overwrite, quiet=quiet,
-                     report_images=report_images)
+                     report_images=report_images, label=label)
     if summary.get("complete") is False and process_state().is_main_process:  # --quiet too: the numbers are partial
         click.echo(f"warning: {folder}: {summary['completeness']}", err=True)
     if not quiet and process_state().is_main_process:
         click.echo(format_table(summary))
-        click.echo(f"summary in {summary_path(folder, summary['judge'])}, report in "
-                   f"{report_path(folder, summary['judge'])}")
+        click.echo(f"summary in {summary_path(folder, summary['label'])}, report in "
+                   f"{report_path(folder, summary['label'])}")

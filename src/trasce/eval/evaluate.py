@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import io
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 from trasce.eval.base import Context, Judge, file_sha256, run_concept
 from trasce.runs import (
     MANIFEST_NAME,
+    REPORT_NAME,
     REQUESTED_NAME,
     SUMMARY_NAME,
     VERDICTS_NAME,
@@ -304,8 +306,10 @@ def evaluate_folder(
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
-    rejudge_hint: str = "use --overwrite (or delete that file)",
+    rejudge_hint: str = ("use --overwrite (or delete that file) to judge every image again, or --label NAME to write "
+                         "new verdicts beside these"),
     report_images: int = 60,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Judge every image listed in ``folder``'s manifest; returns the summary (also written to disk).
 
@@ -316,6 +320,8 @@ def evaluate_folder(
     ``ValueError`` naming the path or option; one about verdicts that cannot be kept says how to judge
     again with ``rejudge_hint`` (a command whose ``--overwrite`` means something else words it). An HTML
     report (``write_report``) shows the table and up to ``report_images`` images with their verdicts.
+    ``label`` names the three files in the judge's stead (``verdicts-<label>.jsonl``...), so that one
+    judge's verdicts under two protocols (NudeNet's six and nine classes) can stand side by side.
     """
     folder = Path(folder)
     name = (judge_name or "").strip().lower()
@@ -323,6 +329,9 @@ def evaluate_folder(
         raise ValueError(f"unknown judge {judge_name!r}; valid judges: {', '.join(JUDGES)}")
     options = {key: value for key, value in dict(options or {}).items() if value is not None}
     _check_options(name, options)
+    if label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
+        raise ValueError(f"--label {label!r} names files: use letters, digits, '.', '_' and '-' (e.g. nudenet-nine)")
+    label = label or name
     run_folder, records = _manifest(folder)
     run = run_folder.read_run_json()
     context = Context(folder=folder, run=run, concept=run_concept(run, records), records=records)
@@ -334,15 +343,14 @@ def evaluate_folder(
         options = {**options, "device": str(state.device)}
     judge = JUDGES[name](options, context)
     settings = _normalise(judge.settings())
-    verdict_file, summary_file = verdicts_path(folder, name), summary_path(folder, name)
+    verdict_file, summary_file = verdicts_path(folder, label), summary_path(folder, label)
     if overwrite and state.is_main_process:
         verdict_file.unlink(missing_ok=True)
         summary_file.unlink(missing_ok=True)
     state.wait_for_everyone()
     header, done = read_verdicts(verdict_file)
     if header is None and done:
-        raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; {rejudge_hint} "
-                         "to judge every image again")
+        raise ValueError(f"{verdict_file} has verdicts but no header line with their settings; {rejudge_hint}")
     if header is None and state.is_main_process:
         # Empty, or only the start of a header that a crash cut short: begin it again, header first.
         verdict_file.unlink(missing_ok=True)
@@ -353,7 +361,7 @@ def evaluate_folder(
             old, new = (header.get("settings") or {}).get(key, "<not set>"), settings.get(key, "<not set>")
             raise ValueError(
                 f"{verdict_file} holds verdicts made with other settings: {key!r} was {_show(old)}, now "
-                f"{_show(new)}; {rejudge_hint} to judge every image again"
+                f"{_show(new)}; {rejudge_hint}"
             )
     new_header = {
         "header": True,
@@ -397,6 +405,7 @@ def evaluate_folder(
     result = judge.summarize(verdicts)
     summary = {
         "judge": name,
+        "label": label,
         "folder": str(folder),
         "concept": context.concept,
         "images": len(records),
@@ -506,8 +515,8 @@ def made_with(run: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]
     return made
 
 
-def report_path(folder: str | Path, judge_name: str) -> Path:
-    return Path(folder) / f"report-{judge_name}.html"
+def report_path(folder: str | Path, judge: str) -> Path:
+    return Path(folder) / REPORT_NAME.format(judge=judge)
 
 
 def _verdict_words(verdict: Mapping[str, Any], erased_class: str | None) -> tuple[str, bool]:
@@ -558,5 +567,6 @@ def write_report(folder: Path, summary: Mapping[str, Any], records: Sequence[Map
         order = "those that show the concept first, " if any(item[3] for item in judged) else ""
         body.append(f"<h2>Images</h2><p>{len(shown)} of {len(judged)}, {order}in the manifest's order.</p>"
                     + Html("".join(figures)))
-    return write_page(report_path(folder, str(summary.get("judge"))), f"trasce evaluate: {summary.get('judge')}",
+    label = str(summary.get("label") or summary.get("judge"))
+    return write_page(report_path(folder, label), f"trasce evaluate: {label}",
                       "\n".join(body))
