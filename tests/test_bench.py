@@ -47,6 +47,25 @@ def test_bench_rows_ratios_and_backward_passes(tmp_path):
     assert "| trasce exact, two calls | any | fp32 | 2 |" in result.output
 
 
+def test_on_flux_the_diffusers_rows_run_true_cfg_at_the_rows_scale(monkeypatch):
+    # FluxPipeline's own guidance_scale is the distilled guidance: its CFG is true_cfg_scale with a negative prompt.
+    from diffusers import FluxPipeline
+
+    seen = []
+    call = FluxPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append({key: kwargs.get(key) for key in ("true_cfg_scale", "negative_prompt", "guidance_scale")})
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "__call__", spy)
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-flux", "--batch-size", "1", "--steps", "1",
+                                       "--device", "cpu", "--repeats", "1", "--no-released", "--concept", "a cat"])
+    assert result.exit_code == 0, result.output
+    assert {(s["true_cfg_scale"], tuple(s["negative_prompt"]), s["guidance_scale"]) for s in seen} == {
+        (3.5, ("",), 3.5), (3.5, ("a cat",), 3.5)}
+
+
 def test_weights_gib_counts_parameters_and_buffers_of_every_module():
     class Pipe:
         components = {"unet": torch.nn.Linear(10, 10).half(), "norm": torch.nn.BatchNorm1d(4), "tokenizer": "x"}

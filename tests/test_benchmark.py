@@ -123,15 +123,18 @@ def test_exact_steering_is_recorded_and_a_lazy_folder_is_not_resumed_exact(tmp_p
     assert any(r["steered_steps"] < 2 for r in lazy)  # lazy steering skipped some backward passes
     assert "lazy steering (backward passes skipped below 0.0001 RMS" in (lazy_out / "report.html").read_text()
     out = tmp_path / "exact"
-    args = ("benchmark", "--out", out, "--concept", "circle", "--methods", "trasce", *SMALL)
-    assert _run(*args, "--exact").exit_code == 0
+    args = ("benchmark", "--out", out, "--concept", "circle", *SMALL)
+    assert _run(*args, "--methods", "none,trasce", "--exact").exit_code == 0
     records = [json.loads(line) for line in (out / "trasce" / "corner" / "manifest.jsonl").read_text().splitlines()]
     assert [r["steered_steps"] for r in records] == [2, 2]  # every backward pass
     assert json.loads((out / "results.json").read_text())["settings"]["lazy_tolerance"] is None
     assert "exact steering (every backward pass)" in (out / "report.html").read_text()
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = CliRunner().invoke(main, [str(a) for a in (*args, "--methods", "none,trasce")])
     assert result.exit_code == 2
-    assert "holds a run with different settings: 'lazy_tolerance' was null, now 0.0001" in result.output
+    assert (f"{out / 'trasce' / 'target-name'} holds a run with different settings: 'lazy_tolerance' was null, now "
+            "0.0001") in " ".join(result.output.split())
+    # a method that never steers does not depend on it: its folders resume either way
+    assert _run(*args, "--methods", "none").exit_code == 0
 
 
 def test_rerun_generates_nothing(toy_run, monkeypatch):
@@ -211,6 +214,8 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
      "unknown method 'magic'; valid methods: none, negative_prompt"),
     (("--concept", "dog"), "concept 'dog' is not one value of the toy world; valid: shape circle, square"),
     (("--concept", "circle", "--target-prompts", "p.txt"), "--target-prompts and --other-prompts are for real"),
+    (("--concept", "circle", "--prompt-column", "adv_prompt"),
+     "--prompt-column names a column of --target-prompts and --other-prompts, which are for real models"),
     (("--concept", "circle", "--n-target", 0), "--n-target must be 1 or more, got 0"),
     (("--concept", "circle", "--seed", 2**32 - 10**6),
      "Invalid value for '--seed': 4293967296 is not in the range 0<=x<=4293967295"),

@@ -89,8 +89,8 @@ def test_a_file_with_two_prompt_columns_says_which_it_read_unless_told(tiny_sd_f
         "generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, *BASE)])
     assert result.exit_code == 0, result.output
     assert (f"warning: {prompts} has the prompt columns 'adv_prompt', 'prompt'; the prompts are read from 'prompt' "
-            "(the first of 'prompt', 'adv_prompt', 'sensitive prompt'), the others kept as data; give --prompt-column "
-            "to read another") in result.stderr
+            "(the first of 'prompt', 'adv_prompt', 'sensitive prompt' that a row has), the others kept as data; give "
+            "--prompt-column to read another") in result.stderr
     assert _manifest(out)[0]["prompt"] == "a red apple"
     told = tmp_path / "told"
     result = _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--prompt-column", "adv_prompt",

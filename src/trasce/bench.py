@@ -41,7 +41,7 @@ from types import SimpleNamespace
 
 import torch
 
-from trasce.models import StableDiffusionAdapter
+from trasce.models import FluxAdapter, StableDiffusionAdapter
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, load_diffusers_pipeline
 from trasce.reference import released_loop
 from trasce.runs import source_commit
@@ -213,6 +213,15 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     def generator():
         return [torch.Generator().manual_seed(i) for i in range(batch_size)]
 
+    def in_diffusers(negative: str | None = None):
+        """A call of diffusers' own pipeline with CFG at ``scale`` (and ``negative`` as its negative prompt):
+        FLUX.1-dev, guidance-distilled, runs it as true CFG at trasce's distilled guidance, as trasce does."""
+        kwargs: dict = {} if negative is None else {"negative_prompt": [negative] * batch_size}
+        if isinstance(trasce.adapter, FluxAdapter):
+            kwargs = {"true_cfg_scale": scale, "negative_prompt": [negative or ""] * batch_size,
+                      "guidance_scale": trasce.adapter.distilled_guidance}
+        return lambda: pipe(prompts, generator=generator(), **{**common, **kwargs})
+
     rows: list[BenchRow] = []
     calls = []
     model_gib = {dtype: weights_gib(pipe)}  # each loaded pipeline's weights, by its dtype
@@ -262,9 +271,8 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     variants = trasce_variants(trasce)
     exact, benign = variants["trasce exact, two calls", "any"], variants["trasce lazy", "benign"]
     if not compiled_only:
-        add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size)
-        add("negative prompt", "any", lambda: pipe(prompts, negative_prompt=[concept] * batch_size,
-                                                    generator=generator(), **common), batch_size)
+        add("plain CFG (diffusers)", "any", in_diffusers(), batch_size)
+        add("negative prompt", "any", in_diffusers(concept), batch_size)
         for method in ("trasce negation", "trasce exact, two calls", "trasce exact, one call"):
             add_trasce(method, "any", variants[method, "any"])
         if getattr(trasce.adapter.denoiser_module, "_supports_gradient_checkpointing", False):
@@ -295,7 +303,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
         except Exception as error:  # a compiler's failure is a result to report, not a reason to lose every row
             compile_check = f"did not run: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
         if not compile_check.startswith("did not run"):
-            add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
+            add("plain CFG (diffusers)", "any", in_diffusers(), batch_size,
                 compiled=compile_mode)
             add_trasce("trasce negation", "any", variants["trasce negation", "any"], compiled=compile_mode)
         if compile_check == "passed":
@@ -306,7 +314,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
 
     if channels_last:
         format_ = "channels_last"
-        add("plain CFG (diffusers)", "any", lambda: pipe(prompts, generator=generator(), **common), batch_size,
+        add("plain CFG (diffusers)", "any", in_diffusers(), batch_size,
             memory_format=format_)
         add_trasce("trasce exact, two calls", "any", exact, memory_format=format_)
         add_trasce("trasce lazy", "benign", benign, note=EMULATED.format("off"), memory_format=format_)

@@ -390,6 +390,9 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
     return run_trasce
 
 
+STEERING_METHODS = ("steering", "trasce")  # the methods that take backward passes (part 2)
+
+
 def method_settings(method: str, pipe: TraSCEPipeline, concept: str, preset: str | None) -> dict[str, Any]:
     """What defines a method's images besides the shared settings (recorded, and checked on resume)."""
     if method in SLD_LEVELS:
@@ -639,9 +642,10 @@ def caption(results: dict, sets: dict[str, list[Prompt]]) -> str:
     return (f"Model {s['model']}, concept {results['concept']!r}"
             + (f" ({target['attribute']} = {target['value']})" if target else "")
             + f"; {s['steps']} steps, {cfg}, {s['scheduler']}, {s['height']}x{s['width']}, {s['dtype']} on "
-            f"{s['device']}; prompts: {s['prompt_source']}; TraSCE lambda {s['loss_scale']}, eta {s['step_size']}, "
-            f"sigma {s['sigma']} (preset {s['preset']}), {_steering_words(s)}. Same components, prompts and initial "
-            "noise in every row.")
+            f"{s['device']}; prompts: {s['prompt_source']}"
+            + (f" (column {s['prompt_column']!r})" if s.get("prompt_column") else "")
+            + f"; TraSCE lambda {s['loss_scale']}, eta {s['step_size']}, sigma {s['sigma']} (preset {s['preset']}), "
+            f"{_steering_words(s)}. Same components, prompts and initial noise in every row.")
 
 
 def write_report(out: Path, results: dict, folders: dict[str, dict[str, RunFolder]],
@@ -715,6 +719,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         if options.judge not in (None, "toy"):
             raise ValueError(f"the embedded world is scored by the embedded toy judge; --judge {options.judge} "
                              "is for real models")
+        if options.prompt_column is not None:
+            raise ValueError("--prompt-column names a column of --target-prompts and --other-prompts, which are for "
+                             "real models; the embedded world draws its prompts from the toy captions")
         attribute, value = toy_target(options.concept)
         target = {"attribute": attribute, "value": value}
         preset = preset or PRESET_FOR_ATTRIBUTE.get(attribute, "toy-shape")
@@ -770,8 +777,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "concept": concept, "steps": steps, "guidance_scale": guidance, "scheduler": type(pipe.pipe.scheduler).__name__,
         "dtype": str(dtype).removeprefix("torch."), "height": size[0], "width": size[1], "seed": options.seed,
         "prompt_source": prompt_source, "batch_size": options.batch_size, "device": str(device),
-        # the steering methods' (None: exact, every backward pass); the same for every folder
-        "lazy_tolerance": lazy_tolerance, "prompt_column": options.prompt_column,
+        "prompt_column": options.prompt_column,
         # a pipeline passed in keeps its own; it blacks out what it flags, and the judges see black images
         "safety_checker": pipe.adapter.has_safety_checker,
     }
@@ -784,8 +790,11 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
             folder = RunFolder(out / method / split)
             if options.overwrite:
                 folder.reset()
+            # The steering methods' lazy tolerance (None: exact), in their folders only: switching --exact
+            # does not refuse the folders of methods that never steer.
+            steering = {"lazy_tolerance": lazy_tolerance} if method in STEERING_METHODS else {}
             folder.write_run_json({**shared, "method": method, "method_settings": per_method[method],
-                                   "prompt_set": split}, force=options.overwrite, volatile=VOLATILE)
+                                   "prompt_set": split, **steering}, force=options.overwrite, volatile=VOLATILE)
             folders[method][split] = folder
     # Each reads its folder's manifest once; a done image must still match its prompt.
     # A set that shrank (a smaller --n-target) keeps its other images, which no result counts.
@@ -881,8 +890,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         "benchmark": "trasce benchmark",
         "concept": concept,
         "target": target,
-        "settings": {**shared, "preset": preset, "loss_scale": pipe.settings.loss_scale,
-                     "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma, "kernel": pipe.settings.kernel,
+        "settings": {**shared, "lazy_tolerance": lazy_tolerance, "preset": preset,
+                     "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size,
+                     "sigma": pipe.settings.sigma, "kernel": pipe.settings.kernel,
                      "split": options.split if toy else None, "n_target": options.n_target if toy else None,
                      "n_corner": options.n_corner, "n_other": options.n_other if toy else None,
                      "judge": judge_name, "judge_options": dict(options.judge_options),

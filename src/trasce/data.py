@@ -92,6 +92,7 @@ class PromptRow:
     1, so the first data record is row 2 unless a quoted field spans lines); it is only for messages.
     ``extra`` holds the row's other columns as strings (e.g. ``categories`` for per-category reports),
     without the prompt, case, seed and guidance columns, whose values are in the fields above.
+    ``prompt_column`` is the column (or JSON key) the prompt was read from.
     """
 
     case: str
@@ -100,6 +101,7 @@ class PromptRow:
     guidance_scale: float
     row: int
     extra: dict[str, str] = field(default_factory=dict)
+    prompt_column: str = "prompt"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def _rows_from_records(
             # Other prompt-like columns (e.g. 'adv_prompt' next to 'prompt') are data, so keep them.
             extra.update({k: _cell_text(record[k]) for k in (*PROMPT_COLUMNS, *prompt_columns)
                           if k in record and k != prompt_key})
-            rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra))
+            rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra, prompt_key))
     return rows
 
 
@@ -508,6 +510,9 @@ class _JsonFloat(float):
         number = super().__new__(cls, text)
         number.text = text
         return number
+
+    def __repr__(self) -> str:  # error messages show the number as the file has it (json.dumps uses float's)
+        return self.text
 
 
 def _jsonl_records(text: str, collector: _Collector) -> Iterator[tuple[int, dict[str, Any]]]:

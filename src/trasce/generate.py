@@ -135,10 +135,11 @@ def warn_of_other_prompt_columns(rows: list, path: Path | None, prompt_column: s
     (an attack file may keep the original prompt in ``prompt`` beside the adversarial one)."""
     others = data.other_prompt_columns(rows)
     if others and prompt_column is None and show:
-        read = next(column for column in data.PROMPT_COLUMNS if column not in others)
-        print(f"warning: {path} has the prompt columns {', '.join(map(repr, sorted([read, *others])))}; the prompts "
-              f"are read from {read!r} (the first of {', '.join(map(repr, data.PROMPT_COLUMNS))}), the others kept "
-              "as data; give --prompt-column to read another", file=sys.stderr)
+        read = sorted({row.prompt_column for row in rows})
+        print(f"warning: {path} has the prompt columns {', '.join(map(repr, sorted({*read, *others})))}; the "
+              f"prompts are read from {' and '.join(map(repr, read))} (the first of "
+              f"{', '.join(map(repr, data.PROMPT_COLUMNS))} that a row has), the others kept as data; give "
+              "--prompt-column to read another", file=sys.stderr)
 
 
 def read_rows(options: GenerateOptions, default_guidance: float) -> list[PromptRow]:

@@ -500,14 +500,18 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 #: run.json settings that say how a folder's images were made (generate's, and benchmark's per method)
 MADE_WITH = ("model", "method", "mode", "concept", "preset", "loss_scale", "step_size", "sigma", "kernel",
-             "lazy_tolerance", "steer_window", "method_settings", "steps", "scheduler", "dtype", "height", "width")
+             "lazy_tolerance", "steer_window", "method_settings", "steps", "scheduler", "dtype", "height", "width",
+             "prompts", "prompt_column", "prompt_source")
+#: settings that do nothing in the modes without TraSCE (plain generation, conventional negative prompting)
+_TRASCE_ONLY = ("preset", "loss_scale", "step_size", "sigma", "kernel", "lazy_tolerance", "steer_window")
 
 
 def made_with(run: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """How the images were made, for the summary and the report: ``MADE_WITH`` from ``run.json``, and the
     CFG scales and seeds the manifest's rows used (a prompt file may give each row its own)."""
     settings = (run or {}).get("settings", {})
-    made = {key: settings[key] for key in MADE_WITH if key in settings}
+    unused = _TRASCE_ONLY if settings.get("mode") in ("none", "negative_prompt") else ()
+    made = {key: settings[key] for key in MADE_WITH if key in settings and key not in unused}
     scales = sorted({record["guidance_scale"] for record in records if record.get("guidance_scale") is not None})
     seeds = {record["seed"] for record in records if record.get("seed") is not None}
     made["guidance_scales"] = scales
