@@ -114,7 +114,7 @@ class BenchmarkOptions:
     n_other: int = 80
     target_prompts: Path | None = None
     other_prompts: Path | None = None
-    prompt_column: str | None = None  # of the prompt files; None: the first of data.PROMPT_COLUMNS a row has
+    prompt_column: str | None = None  # of --target-prompts; None: the first of data.PROMPT_COLUMNS a row has
     judge: str | None = None
     judge_options: dict[str, str] = field(default_factory=dict)
     preset: str | None = None
@@ -246,8 +246,9 @@ def real_prompt_sets(options: BenchmarkOptions, concept: str, guidance: float) -
         if key == "corner":
             sets[key] = _rows(j, [concept.strip()] * options.n_corner, options.seed, guidance)
         elif files[key] is not None:
-            rows = data.read_prompts(files[key], options.seed, guidance, options.prompt_column)
-            warn_of_other_prompt_columns(rows, files[key], options.prompt_column, show=True)
+            column = options.prompt_column if key == "target" else None  # (an attack file beside COCO captions)
+            rows = data.read_prompts(files[key], options.seed, guidance, column)
+            warn_of_other_prompt_columns(rows, files[key], column, show=True)
             sets[key] = [Prompt(r.case, r.prompt, r.seed, r.guidance_scale, r.extra) for r in rows]
     return sets
 

@@ -22,7 +22,7 @@ from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 # A prompt file's problems shown at most; a file with a systematic fault (a wrong column) repeats one per row.
 MAX_PROBLEMS_SHOWN = 20
-PROMPT_COLUMN_HELP = ("the prompt files' column (or JSON key) of the prompts [default: prompt, else adv_prompt, else "
+PROMPT_COLUMN_HELP = ("the prompt file's column (or JSON key) of the prompts [default: prompt, else adv_prompt, else "
                       "sensitive prompt]")
 SCHEDULER_HELP = "default: the model's own, except PNDM (SD v1.x's), which loses steering updates: DDIM then"
 # Steps and CFG default to the model's (trasce.pipeline.model_call_defaults); tests check these figures.
@@ -260,7 +260,8 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--n-other", type=int, default=80, show_default=True, help="toy: prompts asking for other values")
 @click.option("--target-prompts", type=click.Path(path_type=Path), help="real model: prompts that ask for the concept")
 @click.option("--other-prompts", type=click.Path(path_type=Path), help="real model: other prompts, for fidelity")
-@click.option("--prompt-column", help=PROMPT_COLUMN_HELP)
+@click.option("--prompt-column", help="the --target-prompts file's column (or JSON key) of the prompts [default: "
+                                      "prompt, else adv_prompt, else sensitive prompt]")
 @click.option("--judge", help="real model: a trasce evaluate judge (nudenet, q16, ...) [toy: the embedded judge]")
 @click.option("--judge-option", multiple=True, help="real model: the judge's option as KEY=VALUE (repeatable)")
 @click.option("--preset", type=_choice(PRESETS), help="TraSCE settings [toy: toy-shape or toy-fill by the concept]")
