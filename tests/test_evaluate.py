@@ -327,6 +327,30 @@ def test_the_report_shows_images_through_a_linked_images_folder(toy_folder: Path
     assert '<img src="images/00000.png"' in report_path(toy_folder, "toy").read_text()
 
 
+def test_table_puts_several_judged_folders_in_one_table(tmp_path: Path) -> None:
+    # Two folders: all four scenes (two are circles, the concept), and the two circles only
+    full = make_folder(tmp_path / "full", TOY_CAPTIONS, toy_images(), concept="circle")
+    circles = make_folder(tmp_path / "circles", TOY_CAPTIONS[:2], toy_images()[:2], concept="circle")
+    for folder in (full, circles):
+        evaluate_folder(folder, "toy", quiet=True)
+    markdown = tmp_path / "table.md"
+    result = CliRunner().invoke(main, ["table", str(full), str(circles), "--label", "toy", "--metric", "all prompts",
+                                       "--markdown", str(markdown), "--html", str(tmp_path / "table.html")])
+    assert result.exit_code == 0, result.output
+    lines = markdown.read_text().splitlines()
+    assert lines[0] == "| folder | method | images | target shape=circle seen, all prompts |"
+    # 2 of 4 circles (Wilson interval by hand), then 2 of 2
+    low, high = hand_wilson(2, 4)
+    assert lines[2] == f"| {full} | trasce | 4 | 50.00 ({100 * low:.1f}–{100 * high:.1f}) |"
+    assert lines[3].startswith(f"| {circles} | trasce | 2 | 100.00 (")
+    protocol = json.loads(summary_path(full, "toy").read_text())["protocol"]
+    assert f"- toy: {protocol}" in lines and result.output.strip() == markdown.read_text().strip()
+    assert "<table>" in (tmp_path / "table.html").read_text()
+    missing = CliRunner().invoke(main, ["table", str(full), "--label", "nudenet"])
+    assert missing.exit_code == 2
+    assert f"{summary_path(full, 'nudenet')} does not exist; judge the folder" in " ".join(missing.output.split())
+
+
 def test_made_with_states_the_runs_settings_and_the_rows_scales_and_seeds() -> None:
     from trasce.eval.evaluate import made_with
 

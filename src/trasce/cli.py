@@ -1,4 +1,4 @@
-"""``trasce`` command line: generate, evaluate, benchmark, bench, demo, train-toy.
+"""``trasce`` command line: generate, evaluate, table, benchmark, bench, demo, train-toy.
 
 Every bad input ends in one line on stderr that names the file, row, column or value and what is
 accepted, with exit status 2; a prompt file with several bad rows gets a line for each (up to
@@ -171,9 +171,10 @@ def train_toy(out: Path, steps: int | None, minutes: float | None, resume: bool)
     train.main(argv)
 
 
-from trasce.eval.cli import evaluate  # noqa: E402
+from trasce.eval.cli import evaluate, table  # noqa: E402
 
 main.add_command(evaluate)
+main.add_command(table)
 
 
 

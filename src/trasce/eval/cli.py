@@ -55,3 +55,22 @@ def evaluate(folder: Path, judge: str, overwrite: bool, report_images: int, labe
         click.echo(format_table(summary))
         click.echo(f"summary in {summary_path(folder, summary['label'])}, report in "
                    f"{report_path(folder, summary['label'])}")
+
+
+@click.command("table")
+@click.argument("folders", metavar="DIR...", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--label", required=True, help="the summaries to read: summary-<label>.json (the judge's name, or "
+                                             "evaluate's --label)")
+@click.option("--metric", multiple=True, help="keep the metrics whose name holds this text (repeatable) [default: all]")
+@click.option("--markdown", type=click.Path(path_type=Path), help="also write the table to this Markdown file")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="also write it as an HTML page")
+def table(folders: tuple[Path, ...], label: str, metric: tuple[str, ...], markdown: Path | None,
+          html_path: Path | None) -> None:
+    """One table of several judged folders (a row each: method, images, numbers), with the protocols under it.
+
+    For a paper: e.g. trasce table runs/*-trasce runs/*-negative_prompt --label nudenet --metric "ASR (all".
+    """
+    from trasce.cli import _guard
+    from trasce.eval.table import collect, write
+
+    click.echo(_guard(lambda: write(collect(folders, label, metric), markdown, html_path)))

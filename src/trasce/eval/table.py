@@ -1,0 +1,96 @@
+"""``trasce table DIR...``: one table of several judged folders, for a paper.
+
+Each folder's ``summary-<label>.json`` (written by ``trasce evaluate``) gives a row: how its images
+were made (method or mode), its image count, and its numbers; the columns are the metrics the
+summaries hold, in the order they first appear. The judges' protocol lines follow the table, once
+per distinct protocol, and a folder that is not complete is marked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from trasce.eval.evaluate import _number, summary_path
+
+
+def _cell(row: Mapping[str, Any]) -> str:
+    """One metric as a table cell: a rate as a percentage with its 95 % interval, else a number (± its std)."""
+    value = row.get("value")
+    if row.get("unit") == "%":
+        if value is None:
+            return "-"
+        low, high = row.get("ci95") or (None, None)
+        interval = "" if low is None else f" ({100 * low:.1f}–{100 * high:.1f})"
+        return f"{100 * value:.2f}{interval}"
+    shown = _number(value)
+    if row.get("std") is not None:
+        shown += f" ± {_number(row['std'])}"
+    return shown
+
+
+def _made_with(summary: Mapping[str, Any]) -> str:
+    made = summary.get("made_with") or {}
+    return str(made.get("method") or made.get("mode") or "-")
+
+
+def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = ()) -> dict[str, Any]:
+    """The table of ``folders``' ``summary-<label>.json``: ``header``, ``rows``, ``notes`` (protocols and
+    incomplete folders). ``metrics`` keeps only the metrics whose name holds one of those texts."""
+    if not folders:
+        raise ValueError("give one or more folders that trasce evaluate has judged")
+    summaries = []
+    for folder in folders:
+        path = summary_path(folder, label)
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist; judge the folder first (trasce evaluate {folder} --judge "
+                             f"JUDGE, with --label {label} unless {label} is the judge's name)")
+        try:
+            summaries.append((str(folder), json.loads(path.read_text(encoding="utf-8"))))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error.msg}); run trasce evaluate on {folder} "
+                             "again") from error
+
+    columns: list[str] = []
+    for _, summary in summaries:
+        for row in summary.get("table") or []:
+            name = str(row.get("metric", ""))
+            if name not in columns and (not metrics or any(text in name for text in metrics)):
+                columns.append(name)
+    if not columns:
+        raise ValueError(f"no metric matches {', '.join(map(repr, metrics))}" if metrics else
+                         "the summaries hold no numbers")
+    rows = []
+    for folder, summary in summaries:
+        cells = {str(row.get("metric", "")): _cell(row) for row in summary.get("table") or []}
+        complete = "" if summary.get("complete") is not False else " (incomplete)"
+        rows.append([folder, _made_with(summary), f"{summary.get('images')}{complete}",
+                     *(cells.get(name, "") for name in columns)])
+
+    protocols: dict[str, list[str]] = {}
+    for folder, summary in summaries:
+        protocols.setdefault(f"{summary.get('judge')}: {summary.get('protocol', '')}", []).append(folder)
+    notes = [line if len(protocols) == 1 else f"{line} ({', '.join(shown)})" for line, shown in protocols.items()]
+    notes.append("Rates in %, with their 95 % Wilson interval in brackets.")
+    notes += [f"{folder}: {summary['completeness']}" for folder, summary in summaries
+              if summary.get("complete") is False and summary.get("completeness")]
+    return {"header": ["folder", "method", "images", *columns], "rows": rows, "notes": notes}
+
+
+def write(table: Mapping[str, Any], markdown: Path | None = None, html_path: Path | None = None) -> str:
+    """The table as Markdown (returned, and written to ``markdown``), and as an HTML page at ``html_path``."""
+    from trasce.report import markdown_table, write_page
+    from trasce.report import table as html_table
+    from trasce.runs import atomic_write_bytes
+
+    text = markdown_table(table["header"], table["rows"]) + "\n\n" + "\n".join(f"- {n}" for n in table["notes"])
+    if markdown is not None:
+        atomic_write_bytes(markdown, (text + "\n").encode("utf-8"))
+    if html_path is not None:
+        import html
+
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in table["notes"])
+        write_page(html_path, "trasce table", html_table(table["header"], table["rows"]) + f"<ul>{notes}</ul>")
+    return text
