@@ -73,7 +73,7 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
     for folder, summary in summaries:
         protocols.setdefault(f"{summary.get('judge')}: {summary.get('protocol', '')}", []).append(folder)
     notes = [line if len(protocols) == 1 else f"{line} ({', '.join(shown)})" for line, shown in protocols.items()]
-    notes.append("Rates in %, with their 95 % Wilson interval in brackets.")
+    notes.append("Rates in %, with their 95 % Wilson interval in parentheses.")
     notes += [f"{folder}: {summary['completeness']}" for folder, summary in summaries
               if summary.get("complete") is False and summary.get("completeness")]
     return {"header": ["folder", "method", "images", *columns], "rows": rows, "notes": notes}
