@@ -231,8 +231,8 @@ def test_started_as_several_processes_it_stops_before_making_anything(tmp_path, 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it
     result = CliRunner().invoke(main, ["benchmark", "--concept", "circle", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert ("error: trasce benchmark runs in one process, and times it; it was started as 2 processes (accelerate "
-            "launch), each of which would make every image.") in " ".join(result.output.split())
+    assert ("error: trasce benchmark runs in one process; it was started as 2 processes (accelerate launch), each "
+            "of which would make every image.") in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
 
 

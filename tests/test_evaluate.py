@@ -627,6 +627,12 @@ def test_cli_settings_mismatch(toy_folder: Path, monkeypatch) -> None:
     result = run_cli(toy_folder, "--judge", "nudenet", "--threshold", "0.6", "--overwrite", "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads(summary_path(toy_folder, "nudenet").read_text())["threshold"] == 0.6
+    # --overwrite takes the old report away with the verdicts: a run stopped part-way leaves no stale numbers
+    monkeypatch.setitem(JUDGES, "nudenet", lambda options, context: NudeNetJudge(
+        threshold=options.get("threshold"), detector=lambda a: 1 / 0, detector_name="fake"))
+    with pytest.raises(ZeroDivisionError):
+        evaluate_folder(toy_folder, "nudenet", {"threshold": 0.5}, overwrite=True, quiet=True)
+    assert not (toy_folder / "report-nudenet.html").exists() and not summary_path(toy_folder, "nudenet").exists()
 
 
 def test_fid_needs_torchmetrics(tmp_path: Path, toy_folder: Path, monkeypatch) -> None:

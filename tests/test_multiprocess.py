@@ -46,3 +46,10 @@ def test_two_processes_generate_every_prompt_exactly_once(tiny_sd_folder, tmp_pa
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 7
+    # a rerun with other settings is refused by both processes with the main process's message, not by the
+    # second one dying at a barrier
+    other = subprocess.run([*command[:command.index("--steps") + 1], "3", *command[command.index("--steps") + 2:]],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert other.returncode != 0
+    refusal = f"error: {out} holds a run with different settings: 'steps' was 2, now 3"
+    assert other.stderr.count(refusal) == 2 and "Connection closed" not in other.stderr, other.stderr[-3000:]

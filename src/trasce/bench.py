@@ -44,7 +44,7 @@ import torch
 from trasce.models import FluxAdapter, StableDiffusionAdapter
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, load_diffusers_pipeline
 from trasce.reference import released_loop
-from trasce.runs import source_commit
+from trasce.runs import refuse_several_processes, source_commit
 from trasce.sampler import CompiledGradientError
 
 PROMPT = "a photo of a mountain lake at dawn"
@@ -183,6 +183,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
 
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1 (timed rounds after the warm-up), got {repeats}")
+    refuse_several_processes("trasce bench", "which would time each other on one machine; run it alone")
     if compiled_only and (compile_mode is None or channels_last or benign_prompt or near_prompt):
         raise ValueError("--compiled-only times the compiled rows (and the released loop) alone: it needs --compile, "
                          "and takes neither --channels-last nor real prompts (uncompiled rows)")

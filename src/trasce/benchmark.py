@@ -32,7 +32,6 @@ import contextlib
 import functools
 import html
 import json
-import os
 import platform
 import time
 import warnings
@@ -59,7 +58,14 @@ from trasce.generate import (
     warn_of_other_prompt_columns,
 )
 from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults
-from trasce.runs import RunFolder, atomic_save_image, atomic_write_bytes, package_versions, source_commit
+from trasce.runs import (
+    RunFolder,
+    atomic_save_image,
+    atomic_write_bytes,
+    package_versions,
+    refuse_several_processes,
+    source_commit,
+)
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE
 
 METHODS: dict[str, str] = {
@@ -690,11 +696,8 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     from trasce import presets
 
     commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
-    processes = os.environ.get("WORLD_SIZE", "1")  # set by accelerate launch and torchrun
-    if processes.isdigit() and int(processes) > 1:
-        raise ValueError(f"trasce benchmark runs in one process, and times it; it was started as {processes} "
-                         "processes (accelerate launch), each of which would make every image. Run it alone; to "
-                         "spread many prompts over GPUs, run trasce generate and trasce evaluate under accelerate")
+    refuse_several_processes("trasce benchmark", "each of which would make every image. Run it alone; to spread "
+                             "many prompts over GPUs, run trasce generate and trasce evaluate under accelerate")
     methods = parse_methods(options.methods)
     out = Path(options.out)
     toy = is_toy_model(options.model)

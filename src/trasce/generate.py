@@ -22,7 +22,7 @@ import torch
 from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults
-from trasce.runs import RunFolder, atomic_save_image
+from trasce.runs import RunFolder, atomic_save_image, failing_together
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, check_scheduler
 
 # The run settings that each manifest line repeats, so that an image's line alone says how it was made.
@@ -285,12 +285,12 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         "num_processes": state.num_processes,
     }
     is_main = state.is_main_process
-    if is_main:
-        if options.overwrite:
-            folder.reset()
-        folder.write_run_json(settings, force=options.overwrite)
-        folder.remove_stale_temp_files()  # what a killed run left half-written
-    state.wait_for_everyone()
+    with failing_together(state):  # a refused run.json stops every process with its message
+        if is_main:
+            if options.overwrite:
+                folder.reset()
+            folder.write_run_json(settings, force=options.overwrite)
+            folder.remove_stale_temp_files()  # what a killed run left half-written
     n = options.images_per_prompt
     done = folder.done_for(all_rows, n, options.prompts or "the --prompt values",
                            lambda row: f"row {row.row} of {options.prompts} (case {row.case})" if options.prompts
@@ -299,13 +299,13 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         check_guidance_off(folder, done)
     if is_main:  # after done_for: a session refused for its rows asks for nothing
         folder.record_requested(folder.image_file(row.case, k, n) for row in rows for k in range(n))
+    if is_main and not options.quiet and all(folder.image_file(row.case, k, n) in done
+                                             for row in rows for k in range(n)):
+        count = len(rows) * n  # (every process's: each holds every row and what is done)
+        print(f"generate: nothing to make; the {count} image{'s' if count != 1 else ''} asked for "
+              f"{'are' if count != 1 else 'is'} in {folder.path} already", file=sys.stderr)
     rows = data.shard(rows, state.process_index, state.num_processes)
     todo = [(row, k) for row in rows for k in range(n) if folder.image_file(row.case, k, n) not in done]
-    if not todo and is_main and not options.quiet:
-        count = len(rows) * n
-        asked = "asked of this process " if state.num_processes > 1 else "asked for "
-        print(f"generate: nothing to make; the {count} image{'s' if count != 1 else ''} {asked}"
-              f"{'are' if count != 1 else 'is'} in {folder.path} already", file=sys.stderr)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=options.quiet or not is_main or not todo,

@@ -29,7 +29,8 @@ import secrets
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -108,6 +109,36 @@ _MISSING = object()
 
 class RunFolderError(RuntimeError):
     """A run folder that cannot be used as asked (e.g. resumed with different settings)."""
+
+
+@contextmanager
+def failing_together(state) -> Iterator[None]:
+    """A block that may fail in some processes only (the main process's check of ``run.json``, one
+    process's damaged image): every process of ``state`` (accelerate's) then stops with the first
+    failure's message, where the others would wait at the next barrier until the connection broke.
+    With several processes, the end of the block is a barrier."""
+    error: Exception | None = None
+    try:
+        yield
+    except (RunFolderError, ValueError, OSError) as caught:  # the failures a user can cause
+        error = caught
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = gather_object([None if error is None else str(error)])
+        first = next((message for message in messages if message is not None), None)
+        if first is not None and error is None:
+            raise RunFolderError(first)
+    if error is not None:
+        raise error
+
+
+def refuse_several_processes(command: str, why: str) -> None:
+    """Stop ``command`` started as several processes (``accelerate launch``, ``torchrun``), saying ``why``."""
+    processes = os.environ.get("WORLD_SIZE", "1")
+    if processes.isdigit() and int(processes) > 1:
+        raise ValueError(f"{command} runs in one process; it was started as {processes} processes (accelerate "
+                         f"launch), {why}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from trasce.runs import (
     RunFolder,
     append_lines,
     atomic_write_bytes,
+    failing_together,
     package_versions,
 )
 
@@ -345,8 +346,8 @@ def evaluate_folder(
     settings = _normalise(judge.settings())
     verdict_file, summary_file = verdicts_path(folder, label), summary_path(folder, label)
     if overwrite and state.is_main_process:
-        verdict_file.unlink(missing_ok=True)
-        summary_file.unlink(missing_ok=True)
+        for path in (verdict_file, summary_file, report_path(folder, label)):
+            path.unlink(missing_ok=True)
     state.wait_for_everyone()
     header, done = read_verdicts(verdict_file)
     if header is None and done:
@@ -381,7 +382,8 @@ def evaluate_folder(
 
     bar = tqdm(total=len(todo), desc=f"evaluate {name}", unit="img", disable=quiet or not state.is_main_process,
                dynamic_ncols=True)
-    with contextlib.closing(bar):
+    # One process's damaged image stops every process with its message.
+    with failing_together(state), contextlib.closing(bar):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images, hashes = zip(*(_load_image(folder / record["file"]) for record in batch), strict=True)
