@@ -311,6 +311,26 @@ def test_a_call_without_steps_and_cfg_runs_the_defaults(pipes):
     assert len(seen) == 28 and torch.equal(left_out, given)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_generate_runs_a_flow_matching_folder(pipes, tmp_path, family):
+    # their schedulers shift the timesteps by the image size: the check of --steps must set them as the family does
+    import json
+
+    from click.testing import CliRunner
+
+    from trasce.cli import main
+
+    pipes[family].save_pretrained(tmp_path / family)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / family), "--prompt", "a red apple",
+                                       "--concept", "an apple", "--steps", "2", "--height", "64", "--width", "64",
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()] == [
+        "images/00000.png"]
+    assert (out / "images" / "00000.png").is_file()
+
+
 def test_from_pretrained_picks_the_adapter(pipes, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 

@@ -189,11 +189,12 @@ def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, widt
     return noise, [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def check_steps(scheduler, steps: int) -> None:
-    """Refuse ``steps`` that ``scheduler`` cannot make (more than its training timesteps, say) before
-    the run folder records them: ``ValueError`` with the scheduler's reason."""
+def check_steps(pipe: TraSCEPipeline, steps: int, height: int, width: int) -> None:
+    """Refuse ``steps`` that the pipeline's scheduler cannot make (more than its training timesteps, say)
+    before the run folder records them: ``ValueError`` with the scheduler's reason. The timesteps are
+    set on a copy as the family sets them (a FLUX or SD3 scheduler shifts them by the image size)."""
     try:
-        copy.deepcopy(scheduler).set_timesteps(steps)
+        pipe.adapter.set_timesteps(copy.deepcopy(pipe.pipe.scheduler), steps, torch.device("cpu"), height, width)
     except ValueError as error:
         raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
 
@@ -264,7 +265,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     steps = options.steps if options.steps is not None else defaults["steps"]
     # Before run.json records a run that cannot run:
     check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
-    check_steps(pipe.pipe.scheduler, steps)
+    check_steps(pipe, steps, height, width)
 
     folder = RunFolder(options.out)
     settings = {
