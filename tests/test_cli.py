@@ -100,6 +100,17 @@ def test_a_file_with_two_prompt_columns_says_which_it_read_unless_told(tiny_sd_f
     assert json.loads((told / "run.json").read_text())["settings"]["prompt_column"] == "adv_prompt"
 
 
+def test_a_published_preset_on_another_latent_size_warns_with_a_scaled_sigma(tiny_sd_folder, tmp_path):
+    # tiny SD at 64 px: a 4x8x8 latent, 1/64 of SD v1.4's 4x64x64, so distances about 1/8 as large
+    result = CliRunner().invoke(main, [str(a) for a in (
+        "generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--preset", "nudity", "--steps", 1,
+        "--height", 64, "--width", 64, "--out", tmp_path / "out", "--quiet")])
+    assert result.exit_code == 0, result.output
+    assert ("warning: preset 'nudity''s sigma 2 is for SD v1.4's 4x64x64 latent; this model's latent at 64x64 holds "
+            "0.0156x as many numbers, so its distances run about 0.125x as large: start from --sigma 0.25") in \
+        result.stderr
+
+
 def test_a_models_safety_checker_runs_only_when_asked(tiny_sd, tmp_path):
     import numpy as np
     from conftest import with_safety_checker
@@ -181,8 +192,9 @@ def test_safety_checker_flag_on_a_model_without_one(tiny_sd_folder, tmp_path):
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", tmp_path / "out",
                   "--safety-checker", *BASE)
     assert result.exit_code != 0
-    assert ("--safety-checker: this StableDiffusionPipeline has no safety checker to keep (among diffusers' "
-            "pipelines, Stable Diffusion 1.x/2.x ones carry one); leave the flag out") in result.output
+    assert ("--safety-checker: this model (StableDiffusionPipeline) has no safety checker to keep (among diffusers' "
+            "pipelines, Stable Diffusion 1.x/2.x ones may carry one, if their folder ships it); leave the flag out") \
+        in result.output
 
 
 def test_a_hub_ids_safety_checker_is_not_loaded_when_left_out(tiny_sd, tmp_path, monkeypatch):

@@ -347,6 +347,21 @@ def test_generate_runs_a_flow_matching_folder(pipes, tmp_path, family):
     assert (out / "images" / "00000.png").is_file()
 
 
+def test_generate_refuses_a_size_the_family_cannot_make_before_recording_the_run(pipes, tmp_path):
+    from click.testing import CliRunner
+
+    from trasce.cli import main
+
+    pipes["sd3"].save_pretrained(tmp_path / "sd3")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "sd3"), "--prompt", "a red apple",
+                                       "--concept", "an apple", "--steps", "2", "--height", "72", "--width", "64",
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 2
+    assert "--height must be a multiple of 16 for this model (Stable Diffusion 3), got 72" in result.output
+    assert not (out / "run.json").exists()
+
+
 def test_from_pretrained_picks_the_adapter(pipes, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 

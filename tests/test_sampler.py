@@ -239,6 +239,19 @@ def test_from_pretrained_replaces_pndm_by_ddim_unless_named(tmp_path):
         "DDIMScheduler"
 
 
+def test_pndm_named_for_a_ddim_model_is_pndm_as_sd_ships_it(tiny_sd):
+    # PLMS steps only (skip_prk_steps): without it, fewer than 4 steps fail and 4 run as 13
+    from diffusers import PNDMScheduler
+
+    from trasce.pipeline import set_scheduler
+
+    set_scheduler(tiny_sd, "pndm")
+    shipped = PNDMScheduler.from_config(tiny_sd.scheduler.config, skip_prk_steps=True)
+    for scheduler in (tiny_sd.scheduler, shipped):
+        scheduler.set_timesteps(2)
+    assert tiny_sd.scheduler.config.skip_prk_steps and torch.equal(tiny_sd.scheduler.timesteps, shipped.timesteps)
+
+
 def test_negative_prompt_mode_reports_the_distance_to_the_concept(tiny_sd):
     """Its concept branch gives d at every step; at the first step it equals part 1's (same x_T, same branches)."""
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")

@@ -329,7 +329,8 @@ def check_sld(pipe: TraSCEPipeline) -> None:
 
     if not isinstance(pipe.adapter, StableDiffusionAdapter):
         raise ValueError(f"the sld-* methods run diffusers' StableDiffusionPipelineSafe, which takes Stable "
-                         f"Diffusion 1.x/2.x components; this model is {pipe.adapter.family}")
+                         f"Diffusion 1.x/2.x components; this model is {pipe.adapter.family}: give --methods "
+                         "without them (e.g. none,negative_prompt,negation,steering,trasce)")
 
 
 def sld_pipeline(pipe: TraSCEPipeline, concept: str):

@@ -199,6 +199,28 @@ def check_steps(pipe: TraSCEPipeline, steps: int, height: int, width: int) -> No
         raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
 
 
+def check_size(pipe: TraSCEPipeline, height: int, width: int) -> None:
+    """Refuse a size the model family cannot make (SD3 and FLUX: multiples of 16) before the run folder records it."""
+    multiple = pipe.adapter.size_multiple()
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise ValueError(f"--{name} must be a multiple of {multiple} for this model ({pipe.adapter.family}), "
+                             f"got {value}")
+
+
+def warn_of_an_unscaled_sigma(pipe: TraSCEPipeline, options: GenerateOptions, height: int, width: int) -> None:
+    """A published preset's sigma is for SD v1.4's 4x64x64 latent: say so where the latent is much larger or
+    smaller and no --sigma was given (the rule of thumb in ``trasce.models.sd3`` scales it)."""
+    if options.preset is None or options.preset.startswith("toy-") or options.sigma is not None:
+        return
+    ratio = math.prod(pipe.adapter.latent_shape(height, width)) / (4 * 64 * 64)
+    if not 0.8 <= ratio <= 1.25:
+        print(f"warning: preset {options.preset!r}'s sigma {pipe.settings.sigma:g} is for SD v1.4's 4x64x64 latent; "
+              f"this model's latent at {height}x{width} holds {ratio:.3g}x as many numbers, so its distances run "
+              f"about {ratio ** 0.5:.3g}x as large: start from --sigma {pipe.settings.sigma * ratio ** 0.5:.3g} "
+              "and check the manifest's min_distance on a few prompts", file=sys.stderr)
+
+
 def batches(items: list, size: int) -> Iterator[list]:
     """``items`` in consecutive chunks of at most ``size``."""
     for i in range(0, len(items), size):
@@ -254,8 +276,9 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
             steer_window=tuple(options.steer_window),
         ).to(device)
     if options.safety_checker and not pipe.adapter.has_safety_checker:
-        raise ValueError(f"--safety-checker: this {type(pipe.pipe).__name__} has no safety checker to keep (among "
-                         "diffusers' pipelines, Stable Diffusion 1.x/2.x ones carry one); leave the flag out")
+        raise ValueError(f"--safety-checker: this model ({type(pipe.pipe).__name__}) has no safety checker to keep "
+                         "(among diffusers' pipelines, Stable Diffusion 1.x/2.x ones may carry one, if their folder "
+                         "ships it); leave the flag out")
     if options.gradient_checkpointing:
         pipe.enable_gradient_checkpointing()
     if options.compile_mode and not pipe.adapter.compiled:
@@ -266,6 +289,9 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     # Before run.json records a run that cannot run:
     check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
     check_steps(pipe, steps, height, width)
+    check_size(pipe, height, width)
+    if state.is_main_process:
+        warn_of_an_unscaled_sigma(pipe, options, height, width)
 
     folder = RunFolder(options.out)
     settings = {

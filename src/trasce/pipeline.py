@@ -293,8 +293,11 @@ def set_scheduler(pipe, name: str) -> None:
     cls = getattr(diffusers, SCHEDULERS[name])
     if type(pipe.scheduler) is not cls:
         latent = getattr(pipe, "vae", None) is not None
-        clips = "clip_sample" in inspect.signature(cls.__init__).parameters
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"clip_sample": False} if latent and clips else {}))
+        parameters = inspect.signature(cls.__init__).parameters
+        extra = {"clip_sample": False} if latent and "clip_sample" in parameters else {}
+        if "skip_prk_steps" in parameters:  # PNDM as SD v1.x ships it: PLMS steps only, `steps` of them
+            extra["skip_prk_steps"] = True
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 
 class TraSCEPipeline:
