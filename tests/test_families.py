@@ -358,7 +358,7 @@ def test_generate_refuses_a_size_the_family_cannot_make_before_recording_the_run
                                        "--concept", "an apple", "--steps", "2", "--height", "72", "--width", "64",
                                        "--out", str(out), "--quiet"])
     assert result.exit_code == 2
-    assert "--height must be a multiple of 16 for this model (Stable Diffusion 3), got 72" in result.output
+    assert "height and width must be multiples of 16 for Stable Diffusion 3; got 72x64" in result.output
     assert not (out / "run.json").exists()
 
 

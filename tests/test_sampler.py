@@ -874,7 +874,7 @@ def test_the_denoiser_dtype_is_asked_per_call_not_per_step(tiny_sd, monkeypatch)
 
 def test_bad_arguments(tiny_sd):
     trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
-    with pytest.raises(ValueError, match="multiples of 8; got 60x64"):
+    with pytest.raises(ValueError, match="multiples of 8 for Stable Diffusion 1.x/2.x; got 60x64"):
         trasce("a car", height=60, width=64, num_inference_steps=1)
     with pytest.raises(ValueError, match="guidance_scale has 3 values for 2 prompts"):
         trasce(["a", "b"], guidance_scale=[1, 2, 3], num_inference_steps=1)

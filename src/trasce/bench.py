@@ -201,10 +201,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, **erase)
     concept, erasing = trasce.concept, trasce.settings
     h, w = height or trasce.adapter.default_size()[0], width or trasce.adapter.default_size()[1]
-    multiple = trasce.adapter.size_multiple()
-    if h % multiple or w % multiple:
-        raise ValueError(f"--height and --width must be multiples of {multiple} for {model} "
-                         f"({trasce.adapter.family}), got {h}x{w}")
+    trasce.adapter.check_size(h, w)  # before any row is timed
     prompts = [prompt] * batch_size
     batch_elements = batch_size * math.prod(trasce.adapter.latent_shape(h, w))
     # Pixel-space models (the embedded one) have no VAE: their latents are the images.

@@ -199,15 +199,6 @@ def check_steps(pipe: TraSCEPipeline, steps: int, height: int, width: int) -> No
         raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
 
 
-def check_size(pipe: TraSCEPipeline, height: int, width: int) -> None:
-    """Refuse a size the model family cannot make (SD3 and FLUX: multiples of 16) before the run folder records it."""
-    multiple = pipe.adapter.size_multiple()
-    for name, value in (("height", height), ("width", width)):
-        if value % multiple:
-            raise ValueError(f"--{name} must be a multiple of {multiple} for this model ({pipe.adapter.family}), "
-                             f"got {value}")
-
-
 def warn_of_an_unscaled_sigma(pipe: TraSCEPipeline, options: GenerateOptions, height: int, width: int) -> None:
     """A published preset's sigma is for SD v1.4's 4x64x64 latent: say so where the latent is much larger or
     smaller and no --sigma was given (the rule of thumb in ``trasce.models.sd3`` scales it)."""
@@ -289,7 +280,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     # Before run.json records a run that cannot run:
     check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
     check_steps(pipe, steps, height, width)
-    check_size(pipe, height, width)
+    pipe.adapter.check_size(height, width)  # SD3, FLUX: multiples of 16, which the check before loading cannot know
     if state.is_main_process:
         warn_of_an_unscaled_sigma(pipe, options, height, width)
 

@@ -484,9 +484,7 @@ class TraSCEPipeline:
 
         default_h, default_w = self.adapter.default_size()
         height, width = height or default_h, width or default_w
-        multiple = self.adapter.size_multiple()
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}; got {height}x{width}")
+        self.adapter.check_size(height, width)
 
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images; give one or one per image")

@@ -151,6 +151,13 @@ class Adapter:
         """Height and width must be multiples of this."""
         return 8 if self.vae_scale_factor > 1 else 1
 
+    def check_size(self, height: int, width: int) -> None:
+        """``ValueError`` unless the family can make images of ``height`` x ``width`` (``size_multiple``)."""
+        multiple = self.size_multiple()
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple} for {self.family}; "
+                             f"got {height}x{width}")
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of one image's latent, without the batch dimension."""
         f = self.vae_scale_factor
