@@ -220,14 +220,20 @@ def _check_options(judge_name: str, options: Mapping[str, Any]) -> None:
             raise ValueError(f"{_flag(key)} is for --judge {' or '.join(users)}, not --judge {judge_name}")
 
 
-def check_judge(judge_name: str, options: Mapping[str, Any] | None, concept: str | None) -> None:
-    """Build the judge once, as ``evaluate_folder`` will, so that a wrong option, a missing model file or
-    package stops a command before it makes images for hours rather than after; ``ValueError`` if so."""
+def _judge_and_options(judge_name: str, options: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The judge's name as ``JUDGES`` holds it, and its options without the ``None`` ones, checked."""
     name = (judge_name or "").strip().lower()
     if name not in JUDGES:
         raise ValueError(f"unknown judge {judge_name!r}; valid judges: {', '.join(JUDGES)}")
     options = {key: value for key, value in dict(options or {}).items() if value is not None}
     _check_options(name, options)
+    return name, options
+
+
+def check_judge(judge_name: str, options: Mapping[str, Any] | None, concept: str | None) -> None:
+    """Build the judge once, as ``evaluate_folder`` will, so that a wrong option, a missing model file or
+    package stops a command before it makes images for hours rather than after; ``ValueError`` if so."""
+    name, options = _judge_and_options(judge_name, options)
     JUDGES[name](options, Context(folder=Path("."), concept=concept))
 
 
@@ -325,11 +331,7 @@ def evaluate_folder(
     judge's verdicts under two protocols (NudeNet's six and nine classes) can stand side by side.
     """
     folder = Path(folder)
-    name = (judge_name or "").strip().lower()
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {judge_name!r}; valid judges: {', '.join(JUDGES)}")
-    options = {key: value for key, value in dict(options or {}).items() if value is not None}
-    _check_options(name, options)
+    name, options = _judge_and_options(judge_name, options)
     if label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
         raise ValueError(f"--label {label!r} names files: use letters, digits, '.', '_' and '-' (e.g. nudenet-nine)")
     label = label or name
