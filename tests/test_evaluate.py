@@ -341,8 +341,8 @@ def test_table_puts_several_judged_folders_in_one_table(tmp_path: Path) -> None:
     assert lines[0] == "| folder | method | images | target shape=circle seen, all prompts |"
     # 2 of 4 circles (Wilson interval by hand), then 2 of 2
     low, high = hand_wilson(2, 4)
-    assert lines[2] == f"| {full} | trasce | 4 | 50.00 ({100 * low:.1f}–{100 * high:.1f}) |"
-    assert lines[3].startswith(f"| {circles} | trasce | 2 | 100.00 (")
+    assert lines[2] == f"| {full} | trasce | 4 | 50.00 % ({100 * low:.2f} - {100 * high:.2f} %) |"
+    assert lines[3].startswith(f"| {circles} | trasce | 2 | 100.00 % (")
     protocol = json.loads(summary_path(full, "toy").read_text())["protocol"]
     assert f"- toy: {protocol}" in lines and result.output.strip() == markdown.read_text().strip()
     assert "<table>" in (tmp_path / "table.html").read_text()

@@ -13,22 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trasce.eval.evaluate import _number, summary_path
-
-
-def _cell(row: Mapping[str, Any]) -> str:
-    """One metric as a table cell: a rate as a percentage with its 95 % interval, else a number (± its std)."""
-    value = row.get("value")
-    if row.get("unit") == "%":
-        if value is None:
-            return "-"
-        low, high = row.get("ci95") or (None, None)
-        interval = "" if low is None else f" ({100 * low:.1f}–{100 * high:.1f})"
-        return f"{100 * value:.2f}{interval}"
-    shown = _number(value)
-    if row.get("std") is not None:
-        shown += f" ± {_number(row['std'])}"
-    return shown
+from trasce.eval.evaluate import summary_path, table_rows
 
 
 def _made_with(summary: Mapping[str, Any]) -> str:
@@ -64,7 +49,9 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
                          "the summaries hold no numbers")
     rows = []
     for folder, summary in summaries:
-        cells = {str(row.get("metric", "")): _cell(row) for row in summary.get("table") or []}
+        # evaluate's own cells (value, interval): "12.50 %" and "6.70 - 22.10 %" make "12.50 % (6.70 - 22.10 %)"
+        cells = {metric: value + (f" ({interval})" if interval not in ("", "-") else "")
+                 for metric, value, interval, _ in table_rows(summary)}
         complete = "" if summary.get("complete") is not False else " (incomplete)"
         rows.append([folder, _made_with(summary), f"{summary.get('images')}{complete}",
                      *(cells.get(name, "") for name in columns)])
@@ -73,7 +60,7 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
     for folder, summary in summaries:
         protocols.setdefault(f"{summary.get('judge')}: {summary.get('protocol', '')}", []).append(folder)
     notes = [line if len(protocols) == 1 else f"{line} ({', '.join(shown)})" for line, shown in protocols.items()]
-    notes.append("Rates in %, with their 95 % Wilson interval in parentheses.")
+    notes.append("Rates with their 95 % Wilson interval in parentheses.")
     notes += [f"{folder}: {summary['completeness']}" for folder, summary in summaries
               if summary.get("complete") is False and summary.get("completeness")]
     return {"header": ["folder", "method", "images", *columns], "rows": rows, "notes": notes}
