@@ -66,7 +66,7 @@ from trasce.runs import (
     refuse_several_processes,
     source_commit,
 )
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, STEERING_MODES
 
 METHODS: dict[str, str] = {
     "none": "unprotected: plain classifier-free guidance",
@@ -396,9 +396,6 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
         return out.images, [out.stats(i) for i in range(len(prompts))]
 
     return run_trasce
-
-
-STEERING_METHODS = ("steering", "trasce")  # the methods that take backward passes (part 2)
 
 
 def method_settings(method: str, pipe: TraSCEPipeline, concept: str, preset: str | None) -> dict[str, Any]:
@@ -797,7 +794,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
                 folder.reset()
             # The steering methods' lazy tolerance (None: exact), in their folders only: switching --exact
             # does not refuse the folders of methods that never steer.
-            steering = {"lazy_tolerance": lazy_tolerance} if method in STEERING_METHODS else {}
+            steering = {"lazy_tolerance": lazy_tolerance} if method in STEERING_MODES else {}
             folder.write_run_json({**shared, "method": method, "method_settings": per_method[method],
                                    "prompt_set": split, **steering}, force=options.overwrite, volatile=VOLATILE)
             folders[method][split] = folder

@@ -32,6 +32,7 @@ from trasce.guidance import Kernel
 
 Mode = Literal["trasce", "negation", "steering", "negative_prompt", "none"]
 MODES: tuple[str, ...] = ("trasce", "negation", "steering", "negative_prompt", "none")
+STEERING_MODES: tuple[str, ...] = ("trasce", "steering")  # the modes with part 2: backward passes
 Cond = dict[str, torch.Tensor]
 #: Default lazy-steering tolerance: the RMS per latent element of a steering update worth a backward
 #: pass. Measured on the embedded model (benchmarks/lazy_accuracy.py, docs/speed.md).
@@ -105,7 +106,7 @@ class EraseSettings:
     @property
     def steers(self) -> bool:
         """Whether part 2 (the latent update) is on at all."""
-        return self.mode in ("trasce", "steering") and self.loss_scale != 0 and self.step_size != 0
+        return self.mode in STEERING_MODES and self.loss_scale != 0 and self.step_size != 0
 
     @property
     def branches(self) -> tuple[str, ...]:
