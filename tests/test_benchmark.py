@@ -1,6 +1,7 @@
 """``trasce benchmark`` end to end on the embedded model (2 denoising steps, 2 prompts per set), and on a
 tiny random Stable Diffusion folder with a stand-in judge."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -217,6 +218,7 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
     (("--concept", "circle", "--prompt-column", "adv_prompt"),
      "--prompt-column names a column of --target-prompts and --other-prompts, which are for real models"),
     (("--concept", "circle", "--n-target", 0), "--n-target must be 1 or more, got 0"),
+    (("--concept", "circle", "--width", 36), "--width must be a positive multiple of 8, got 36"),
     (("--concept", "circle", "--seed", 2**32 - 10**6),
      "Invalid value for '--seed': 4293967296 is not in the range 0<=x<=4293967295"),
 ])
@@ -318,6 +320,38 @@ def test_prompt_column_names_the_target_files_column_and_the_other_file_keeps_it
     prompts = {split: json.loads((out / "none" / split / "manifest.jsonl").read_text())["prompt"]
                for split in ("target", "other")}
     assert prompts == {"target": "a n4ked b0dy", "other": "a red apple"}
+
+
+def test_height_and_width_set_the_images_size_and_a_published_sigma_is_flagged(tiny_sd_folder, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from trasce.benchmark import BenchmarkOptions, run_benchmark
+    from trasce.eval import evaluate
+
+    monkeypatch.setitem(evaluate.JUDGES, "nudenet", lambda options, context: FakeJudge())
+    (tmp_path / "target.txt").write_text("a naked body\n")
+    out = tmp_path / "out"
+    run_benchmark(BenchmarkOptions(out=out, model=str(tiny_sd_folder), concept=None, preset="nudity",
+                                   methods="none,trasce", target_prompts=tmp_path / "target.txt", judge="nudenet",
+                                   n_corner=1, steps=1, height=32, width=48, quiet=True))
+    for method in ("none", "trasce"):
+        assert Image.open(out / method / "target" / "images" / "00000.png").size == (48, 32)
+        assert json.loads((out / method / "target" / "run.json").read_text())["settings"]["width"] == 48
+    # the tiny model's 4x4x6 latent holds 96 / 16384 of SD v1.4's numbers: sigma 2 * (96 / 16384) ** 0.5
+    assert "start from --sigma 0.153" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_size_the_family_cannot_make_or_a_scheduler_that_drops_steering_is_refused_before_any_folder(
+        tiny_sd_folder, tmp_path):
+    from trasce.benchmark import BenchmarkOptions, run_benchmark
+
+    (tmp_path / "target.txt").write_text("a naked body\n")
+    options = BenchmarkOptions(out=tmp_path / "out", model=str(tiny_sd_folder), concept="nudity", methods="trasce",
+                               target_prompts=tmp_path / "target.txt", judge="nudenet", steps=1)
+    with pytest.raises(ValueError, match="^PNDMScheduler is not among the schedulers known to step"):
+        run_benchmark(dataclasses.replace(options, scheduler="pndm"))
+    with pytest.raises(ValueError, match="^--steps 5000: "):
+        run_benchmark(dataclasses.replace(options, steps=5000))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_judge_setting_changed_on_a_rerun_is_refused_without_advice_that_discards_images(tiny_sd_folder,

@@ -51,10 +51,14 @@ from trasce.generate import (
     GUIDANCE_OFF_MODES,
     batches,
     check_guidance_off,
+    check_size_flags,
+    check_steps,
     hide_loading_bars,
+    image_size,
     initial_noise,
     pick_device,
     pick_dtype,
+    warn_of_an_unscaled_sigma,
     warn_of_other_prompt_columns,
 )
 from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults
@@ -66,7 +70,7 @@ from trasce.runs import (
     refuse_several_processes,
     source_commit,
 )
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, STEERING_MODES
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, STEERING_MODES, check_scheduler
 
 METHODS: dict[str, str] = {
     "none": "unprotected: plain classifier-free guidance",
@@ -136,6 +140,8 @@ class BenchmarkOptions:
     batch_size: int = 8
     dtype: str = "auto"
     device: str = "auto"
+    height: int | None = None  # None: the model's default size
+    width: int | None = None
     grid_rows: int = 3
     quiet: bool = False
     overwrite: bool = False
@@ -270,6 +276,7 @@ def _check_sizes(options: BenchmarkOptions, toy: bool) -> None:
         raise ValueError(f"--batch-size must be 1 or more, got {options.batch_size}")
     if options.grid_rows < 0:
         raise ValueError(f"--grid-rows must be 0 or more, got {options.grid_rows}")
+    check_size_flags(options.height, options.width)
     if not 0 <= options.seed <= MAX_BASE_SEED:
         raise ValueError(f"--seed must be between 0 and {MAX_BASE_SEED}, got {options.seed}: prompt i of prompt set "
                          f"j gets seed --seed + {SEED_STRIDE} j + i, and seeds stop at {MAX_SEED} (2**32 - 1)")
@@ -772,7 +779,13 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     if any(m in SLD_LEVELS for m in methods):
         check_sld(pipe)
     device, dtype = pipe.adapter.device, pipe.adapter.dtype
-    size = pipe.adapter.default_size()
+    # Before any folder records a run that cannot run:
+    size = image_size(pipe, options.height, options.width)
+    if any(m in STEERING_MODES for m in methods):
+        check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
+    check_steps(pipe, steps, *size)
+    if not toy:
+        warn_of_an_unscaled_sigma(pipe, preset, options.sigma, *size)
 
     shared = {
         "benchmark": "trasce benchmark", "model": options.model, "world": "toy" if toy else "diffusers",

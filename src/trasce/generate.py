@@ -199,14 +199,31 @@ def check_steps(pipe: TraSCEPipeline, steps: int, height: int, width: int) -> No
         raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
 
 
-def warn_of_an_unscaled_sigma(pipe: TraSCEPipeline, options: GenerateOptions, height: int, width: int) -> None:
+def check_size_flags(height: int | None, width: int | None) -> None:
+    """Refuse a ``--height``/``--width`` that no family can make, before the model is loaded (the family's own
+    multiple is checked once it is, by ``Adapter.check_size``)."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+
+
+def image_size(pipe: TraSCEPipeline, height: int | None, width: int | None) -> tuple[int, int]:
+    """``--height``/``--width``, each left out taken from the model's default size, checked for its family."""
+    default = pipe.adapter.default_size()
+    size = (height or default[0], width or default[1])
+    pipe.adapter.check_size(*size)  # SD3, FLUX: multiples of 16, which check_size_flags cannot know
+    return size
+
+
+def warn_of_an_unscaled_sigma(pipe: TraSCEPipeline, preset: str | None, sigma: float | None, height: int,
+                              width: int) -> None:
     """A published preset's sigma is for SD v1.4's 4x64x64 latent: say so where the latent is much larger or
-    smaller and no --sigma was given (the rule of thumb in ``trasce.models.sd3`` scales it)."""
-    if options.preset is None or options.preset.startswith("toy-") or options.sigma is not None:
+    smaller and no ``--sigma`` was given (the rule of thumb in ``trasce.models.sd3`` scales it)."""
+    if preset is None or preset.startswith("toy-") or sigma is not None:
         return
     ratio = math.prod(pipe.adapter.latent_shape(height, width)) / (4 * 64 * 64)
     if not 0.8 <= ratio <= 1.25:
-        print(f"warning: preset {options.preset!r}'s sigma {pipe.settings.sigma:g} is for SD v1.4's 4x64x64 latent; "
+        print(f"warning: preset {preset!r}'s sigma {pipe.settings.sigma:g} is for SD v1.4's 4x64x64 latent; "
               f"this model's latent at {height}x{width} holds {ratio:.3g}x as many numbers, so its distances run "
               f"about {ratio ** 0.5:.3g}x as large: start from --sigma {pipe.settings.sigma * ratio ** 0.5:.3g} "
               "and check the manifest's min_distance on a few prompts", file=sys.stderr)
@@ -244,10 +261,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                          f"got {start:g} {end:g}")
     if options.lazy_tolerance is not None and not options.lazy_tolerance >= 0:
         raise ValueError(f"--lazy-tolerance must be at least 0 (or give --exact), got {options.lazy_tolerance:g}")
-    for name in ("height", "width"):
-        value = getattr(options, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+    check_size_flags(options.height, options.width)
 
     warn_of_other_prompt_columns(rows, options.prompts, options.prompt_column, state.is_main_process)
     toy_preset = (options.preset or "").startswith("toy-")
@@ -275,14 +289,13 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     if options.compile_mode and not pipe.adapter.compiled:
         pipe.compile(**compile_options(options.compile_mode))
     pipe.pipe.set_progress_bar_config(disable=True)
-    height, width = options.height or pipe.adapter.default_size()[0], options.width or pipe.adapter.default_size()[1]
     steps = options.steps if options.steps is not None else defaults["steps"]
     # Before run.json records a run that cannot run:
+    height, width = image_size(pipe, options.height, options.width)
     check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
     check_steps(pipe, steps, height, width)
-    pipe.adapter.check_size(height, width)  # SD3, FLUX: multiples of 16, which the check before loading cannot know
     if state.is_main_process:
-        warn_of_an_unscaled_sigma(pipe, options, height, width)
+        warn_of_an_unscaled_sigma(pipe, options.preset, options.sigma, height, width)
 
     folder = RunFolder(options.out)
     settings = {
