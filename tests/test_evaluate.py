@@ -7,6 +7,7 @@ only ever sees a plain colour square. Model judges run on tiny random transforme
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import pickle
@@ -60,11 +61,11 @@ def blank(n: int = 1, size: int = 8) -> list[Image.Image]:
 
 
 def make_folder(path: Path, prompts: list[str], images: list[Image.Image], concept: str | None = None,
-                extras: list[dict] | None = None, checker_flags: list[bool] | None = None) -> Path:
+                extras: list[dict] | None = None, checker_flags: list[bool] | None = None, model: str = "toy") -> Path:
     """A ``trasce generate``-style folder: run.json, images/<case>.png and manifest.jsonl (with each
     image's safety-checker flag when ``checker_flags`` are given)."""
     folder = RunFolder(path)
-    folder.write_run_json({"model": "toy", "concept": concept, "mode": "trasce"})
+    folder.write_run_json({"model": model, "concept": concept, "mode": "trasce"})
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
         case = f"{i:05d}"
         atomic_save_image(folder.image_path(case), image)
@@ -370,6 +371,21 @@ def test_toy_without_a_toy_concept(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "run", TOY_CAPTIONS[:2], toy_images()[:2], concept="nudity")
     summary = evaluate_folder(folder, "toy", quiet=True)
     assert summary["target"] is None and "not one toy attribute value" in summary["target_note"]
+
+
+def test_the_toy_judge_warns_on_a_folder_another_model_made(tmp_path: Path, capsys) -> None:
+    toy = evaluate_folder(make_folder(tmp_path / "toy", TOY_CAPTIONS[:1], toy_images()[:1], "circle"), "toy",
+                          quiet=True)
+    assert "warnings" not in toy and "warning" not in capsys.readouterr().err
+    folder = make_folder(tmp_path / "sd", TOY_CAPTIONS[:1], toy_images()[:1], "circle",
+                         model="CompVis/stable-diffusion-v1-4")
+    summary = evaluate_folder(folder, "toy", quiet=True)
+    said = (f"{folder} was made by CompVis/stable-diffusion-v1-4, not by a model of the embedded world (a folder with "
+            "trasce_toy.json): the toy judge reads the world's 32 px shapes, and its verdicts on other pictures mean "
+            "nothing")
+    assert summary["warnings"] == [said]
+    assert f"warning: {said}" in " ".join(capsys.readouterr().err.split())
+    assert f"<b>Warning:</b> {html.escape(said)}" in (folder / "report-toy.html").read_text()
 
 
 # --------------------------------------------------------------------------------------------------

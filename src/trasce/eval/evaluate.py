@@ -27,6 +27,7 @@ import importlib
 import io
 import json
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -345,6 +346,10 @@ def evaluate_folder(
             and options.get("device") in (None, "", "auto")):
         options = {**options, "device": str(state.device)}
     judge = JUDGES[name](options, context)
+    warnings = list(getattr(judge, "warnings", ()))
+    if state.is_main_process:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
     settings = _normalise(judge.settings())
     verdict_file, summary_file = verdicts_path(folder, label), summary_path(folder, label)
     if overwrite and state.is_main_process:
@@ -419,6 +424,7 @@ def evaluate_folder(
         # of them, images whose earlier verdict was about other bytes (made again, or no hash recorded)
         "judged_again": judged_again,
         "made_with": made_with(run, records),
+        **({"warnings": warnings} if warnings else {}),
         "settings": settings,
         **{key: value for key, value in result.items() if key not in ("judge", "folder", "settings")},
         "verdicts_file": verdict_file.name,
@@ -552,6 +558,7 @@ def write_report(folder: Path, summary: Mapping[str, Any], records: Sequence[Map
                                  for key, value in summary.get("made_with", {}).items()))
     notes = "".join(f"<p>{html.escape(str(summary[note]))}</p>" for note in ("completeness", "safety_checker")
                     if summary.get(note))
+    notes += "".join(f"<p><b>Warning:</b> {html.escape(line)}</p>" for line in summary.get("warnings", ()))
     body = [f"<p>Folder <code>{html.escape(str(folder))}</code>, {summary.get('images')} images; made with {made}."
             f"</p>{notes}",
             f"<p><b>Protocol</b> ({html.escape(str(summary.get('judge')))}): "

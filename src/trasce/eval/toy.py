@@ -66,6 +66,7 @@ class ToyJudge:
     """The toy judge over a run folder; ``weights`` is a judge folder (default: the shipped one)."""
 
     name = "toy"
+    warnings: tuple[str, ...] = ()  # said before judging, and kept in the summary
 
     def __init__(self, weights: str | Path | None = None, concept: str | None = None, batch_size: int = 64,
                  device: str = "cpu") -> None:
@@ -184,4 +185,18 @@ def build(options: Mapping[str, Any], context: Context) -> ToyJudge:
     if options.get("batch_size"):
         kwargs["batch_size"] = int(options["batch_size"])
     kwargs["device"] = resolve_device(options.get("device"))
-    return ToyJudge(**kwargs)
+    judge = ToyJudge(**kwargs)
+    model = _model_outside_the_world(context.run)
+    if model is not None:
+        judge.warnings = (f"{context.folder} was made by {model}, not by a model of the embedded world (a folder "
+                          "with trasce_toy.json): the toy judge reads the world's 32 px shapes, and its verdicts "
+                          "on other pictures mean nothing",)
+    return judge
+
+
+def _model_outside_the_world(run: Mapping[str, Any] | None) -> str | None:
+    """The model that ``run.json`` names, where it is not the embedded model or a retrained one; else None."""
+    from trasce.pipeline import is_toy_model
+
+    model = ((run or {}).get("settings") or {}).get("model")
+    return None if model is None or is_toy_model(model) else str(model)
