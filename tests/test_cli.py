@@ -82,6 +82,36 @@ def test_steps_and_cfg_left_out_are_the_models(tiny_sd_folder, tmp_path):
     assert _manifest(out)[0]["guidance_scale"] == 2.0
 
 
+@pytest.mark.parametrize(("class_name", "said"), [
+    (["pipeline_mine", "MyPipeline"], "names a custom pipeline (pipeline_mine.MyPipeline), code that ships with the "
+                                      "model; trasce runs no such code itself: load it in Python"),
+    ("MyPipeline", "names the pipeline class 'MyPipeline', which diffusers"),
+])
+def test_a_folder_whose_pipeline_class_diffusers_lacks_is_refused_before_anything(tiny_sd_folder, tmp_path,
+                                                                                  class_name, said):
+    index = json.loads((tiny_sd_folder / "model_index.json").read_text())
+    (tiny_sd_folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    out = tmp_path / "out"
+    result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", out, "--quiet")
+    assert result.exit_code == 2
+    assert f"error: {tiny_sd_folder}'s model_index.json {said}" in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_a_subclass_of_a_diffusers_pipeline_wraps_with_its_familys_defaults(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    from trasce.pipeline import TraSCEPipeline
+
+    class MyPipeline(StableDiffusionPipeline):
+        pass
+
+    pipe = TraSCEPipeline(MyPipeline(**tiny_sd.components), concept="an apple")
+    assert pipe.call_defaults == {"guidance_scale": 7.5, "steps": 50}
+    assert pipe("a red apple", num_inference_steps=1, height=64, width=64, output_type="pt").images.shape == (
+        1, 3, 64, 64)
+
+
 def test_a_file_with_two_prompt_columns_says_which_it_read_unless_told(tiny_sd_folder, tmp_path):
     prompts = _write(tmp_path / "attack.csv", "case_number,prompt,adv_prompt\n1,a red apple,a r3d app1e\n")
     out = tmp_path / "out"

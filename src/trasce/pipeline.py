@@ -14,11 +14,12 @@ import inspect
 import json
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,6 +114,28 @@ def _listed_parts(model: str | Path) -> dict | None:
         return None
 
 
+def _pipeline_class(model: str | Path, listed: Mapping[str, Any]) -> type:
+    """The diffusers pipeline class that ``model``'s ``model_index.json`` (``listed``) names.
+
+    ``ValueError`` for a class diffusers does not have: custom code that ships with the model (which
+    only runs when the caller trusts it) or a class of a newer diffusers.
+    """
+    import diffusers
+
+    name = listed.get("_class_name")
+    if isinstance(name, list | tuple):
+        raise ValueError(f"{model}'s model_index.json names a custom pipeline ({'.'.join(map(str, name))}), code that "
+                         "ships with the model; trasce runs no such code itself: load it in Python "
+                         "(DiffusionPipeline.from_pretrained(..., trust_remote_code=True)) and wrap it, "
+                         "TraSCEPipeline(pipe, concept=...)")
+    pipeline_class = getattr(diffusers, str(name), None)
+    if not isinstance(pipeline_class, type):
+        raise ValueError(f"{model}'s model_index.json names the pipeline class {name!r}, which diffusers "
+                         f"{diffusers.__version__} does not have (a class of a newer diffusers, or a custom one: "
+                         "load it in Python and wrap it, TraSCEPipeline(pipe, concept=...))")
+    return pipeline_class
+
+
 def model_call_defaults(model: str | Path) -> dict[str, float | int]:
     """``guidance_scale`` and ``steps`` for ``model`` where neither the caller nor a prompt gives one.
 
@@ -121,12 +144,10 @@ def model_call_defaults(model: str | Path) -> dict[str, float | int]:
     ``model_index.json`` names; 7.5 and 50 (SD v1.4's, TraSCE's published setting) where that cannot
     be read, which loading the model then reports.
     """
-    import diffusers
-
-    listed = _listed_parts(model) or {}
-    pipeline_class = getattr(diffusers, str(listed.get("_class_name", "")), None)
+    listed = _listed_parts(model)
     defaults = {"guidance_scale": 7.5, "steps": 50}
-    if isinstance(pipeline_class, type):
+    if listed is not None:
+        pipeline_class = _pipeline_class(model, listed)
         with contextlib.suppress(TypeError):  # an unsupported pipeline; loading it says so
             defaults = adapter_class_for(pipeline_class).call_defaults(pipeline_class)
     return {**defaults, **toy_defaults(model)}
@@ -162,11 +183,9 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
     listed = _listed_parts(model)
     pixel_space = index.exists() and listed.get("vae", [None])[0] is None
     if listed is not None:
-        import diffusers
-
         # The optional parts a folder lists as absent, among those its pipeline class takes (passing
         # SDXL, SD3 or FLUX a safety_checker=None only earns a warning that it is ignored).
-        takes = inspect.signature(getattr(diffusers, listed.get("_class_name", ""), DiffusionPipeline)).parameters
+        takes = inspect.signature(_pipeline_class(model, listed)).parameters
         for optional in ("vae", "safety_checker", "feature_extractor"):
             if listed.get(optional, [None])[0] is None and optional in takes:
                 kwargs.setdefault(optional, None)
