@@ -892,6 +892,11 @@ def test_bad_arguments(tiny_sd):
         TraSCEPipeline.from_pipe(tiny_sd, concept="x", mode="erase")
     with pytest.raises(ValueError, match="preset 'style' needs the concept named"):
         TraSCEPipeline.from_pipe(tiny_sd, preset="style")
+    with pytest.raises(TypeError, match=r"^concept must be one text, got list \['nudity', 'violence'\]: .* in one "
+                                        r"text separated by commas, as the published nudity preset does \('naked, "):
+        TraSCEPipeline.from_pipe(tiny_sd, concept=["nudity", "violence"])
+    with pytest.raises(TypeError, match=r"^concept per prompt must be texts, got \[\['nudity', 'violence'\]\]"):
+        trasce(["a car"], concept=[["nudity", "violence"]], num_inference_steps=1)
     with pytest.raises(TypeError, match="is not supported; trasce supports: StableDiffusionPipeline"):
         TraSCEPipeline.from_pipe(object(), concept="x")
     with pytest.raises(ValueError, match=r"steer_window must be \(start, end\) .*; got \(0.1, 0.2, 0.3\)"):

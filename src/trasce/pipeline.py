@@ -579,4 +579,7 @@ class TraSCEPipeline:
         values = list(value)
         if len(values) != n_prompts:
             raise ValueError(f"{name} has {len(values)} values for {n_prompts} prompts; give one or one per prompt")
+        if kind is str and not all(isinstance(v, str) for v in values):
+            raise TypeError(f"{name} per prompt must be texts, got {values!r}; several things to erase in one image "
+                            "are named in one text, separated by commas")
         return [kind(v) for v in values for _ in range(per_prompt)]

@@ -46,13 +46,17 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
     """Concept and settings from a preset, with explicit values taking precedence.
 
     Raises ``ValueError`` for an unknown preset, a preset that needs a concept but got none, or
-    no concept at all.
+    no concept at all; ``TypeError`` for a concept that is not one text (a list of concepts).
     """
     base = Preset(None, 1.0, 1.0, 1.0)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
         base = PRESETS[preset]
+    if concept is not None and not isinstance(concept, str):
+        raise TypeError(f"concept must be one text, got {type(concept).__name__} {concept!r}: TraSCE steers away "
+                        "from one concept text per image. To erase several things at once, name them in one text "
+                        f"separated by commas, as the published nudity preset does ({PRESETS['nudity'].concept!r})")
     concept = concept if concept is not None else base.concept
     if not concept or not concept.strip():
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
