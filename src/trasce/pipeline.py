@@ -142,7 +142,8 @@ def model_call_defaults(model: str | Path) -> dict[str, float | int]:
     Known without loading the model: its ``trasce_toy.json`` recommendations where it has one,
     over its family's defaults (``Adapter.call_defaults``) for the pipeline class that its
     ``model_index.json`` names; 7.5 and 50 (SD v1.4's, TraSCE's published setting) where that cannot
-    be read, which loading the model then reports.
+    be read, which loading the model then reports. ``ValueError`` where it names a class that diffusers
+    does not have (``_pipeline_class``).
     """
     listed = _listed_parts(model)
     defaults = {"guidance_scale": 7.5, "steps": 50}
