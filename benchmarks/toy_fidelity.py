@@ -3,7 +3,8 @@
     python benchmarks/toy_fidelity.py --images 200 --scales 1 2 3 5 7.5 --out fidelity.json
 
 For each CFG scale, generates one image per *test* caption (never seen in training) and reports,
-per attribute, how often the judge finds the value the caption names. Writes JSON and a grid PNG.
+per attribute, how often the judge finds the value the caption names. Writes JSON (the sample grid
+is toy_samples.py's).
 """
 
 from __future__ import annotations

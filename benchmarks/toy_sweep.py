@@ -72,7 +72,7 @@ def main() -> None:
         pipe = base.with_settings(mode=mode, **changes)
         result = measure(pipe, judge, sets, attribute, value, steps, scale, args.seed)
         runs.append({"mode": mode, "sigma": sigma, "loss_scale": loss_scale, "step_size": 1.0,
-                     "steer_window": list(args.window), **result})
+                     "steer_window": list(args.window), "lazy_tolerance": pipe.settings.lazy_tolerance, **result})
         print(f"{mode:>9} sigma={sigma} loss_scale={loss_scale}: target {result['target']['concept_rate']:.0%}, "
               f"other fidelity {result['other']['fidelity']:.0%}", flush=True)
 

@@ -190,6 +190,19 @@ def test_bench_needs_a_timed_round():
     assert result.output == "error: --repeats must be at least 1 (timed rounds after the warm-up), got 0\n"
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (("--steps", "0"), "error: --steps must be at least 1, got 0"),
+    (("--batch-size", "0"), "error: --batch-size must be at least 1, got 0"),
+    (("--height", "60"), "error: --height must be a positive multiple of 8, got 60"),
+    (("--steps", "1001"), "error: --steps 1001: `num_inference_steps`: 1001 cannot be larger than"),
+])
+def test_bench_refuses_what_every_row_would_fail_on_before_timing(args, said):
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--repeats", "1", "--device", "cpu", *args])
+    assert result.exit_code == 2
+    assert result.output.startswith(said), result.output
+    assert result.output.count("\n") == 1
+
+
 def test_bench_refuses_a_device_this_machine_lacks():
     result = CliRunner().invoke(main, ["bench", "--model", "tiny-sd", "--device", "bogus"])
     assert result.exit_code == 2

@@ -178,11 +178,15 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
     the nudity concept text); ``prompt`` is the prompt of the rows that do not depend on it.
     """
-    from trasce.generate import pick_device, pick_dtype
+    from trasce.generate import check_size_flags, check_steps, image_size, pick_device, pick_dtype
     from trasce.models import random as random_models
 
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1 (timed rounds after the warm-up), got {repeats}")
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_size_flags(height, width)
     refuse_several_processes("trasce bench", "which would time each other on one machine; run it alone")
     if compiled_only and (compile_mode is None or channels_last or benign_prompt or near_prompt):
         raise ValueError("--compiled-only times the compiled rows (and the released loop) alone: it needs --compile, "
@@ -200,8 +204,9 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
         concept = CONCEPT
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, **erase)
     concept, erasing = trasce.concept, trasce.settings
-    h, w = height or trasce.adapter.default_size()[0], width or trasce.adapter.default_size()[1]
-    trasce.adapter.check_size(h, w)  # before any row is timed
+    # Before any row is timed: a size or step count that every row would fail on.
+    h, w = image_size(trasce, height, width)
+    check_steps(trasce, steps, h, w)
     prompts = [prompt] * batch_size
     batch_elements = batch_size * math.prod(trasce.adapter.latent_shape(h, w))
     # Pixel-space models (the embedded one) have no VAE: their latents are the images.

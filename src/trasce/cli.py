@@ -228,7 +228,7 @@ def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_re
                     compile_mode=compile_mode, channels_last=channels_last, compiled_only=compiled_only,
                     json_path=json_path)
     click.echo(f"\n{result['model']} on {result['machine']['device']}, {result['steps']} steps, "
-               f"{result['height']}x{result['width']}\n")
+               f"{result['height']}x{result['width']}, CFG {result['guidance_scale']:g}\n")
     click.echo(format_rows(result))
     if "compile" in result:
         click.echo(f"\ncompiled ({result['compile']['mode']}): gradient check {result['compile']['gradient_check']}")
