@@ -892,8 +892,9 @@ def test_bad_arguments(tiny_sd):
         TraSCEPipeline.from_pipe(tiny_sd, concept="x", mode="erase")
     with pytest.raises(ValueError, match="preset 'style' needs the concept named"):
         TraSCEPipeline.from_pipe(tiny_sd, preset="style")
-    with pytest.raises(TypeError, match=r"^concept must be one text, got list \['nudity', 'violence'\]: .* in one "
-                                        r"text separated by commas, as the published nudity preset does \('naked, "):
+    with pytest.raises(TypeError, match=r"^concept must be one text, got list \['nudity', 'violence'\]: .* Words "
+                                        r"for one concept go in one text, as the published nudity preset's do "
+                                        r"\('naked, "):
         TraSCEPipeline.from_pipe(tiny_sd, concept=["nudity", "violence"])
     with pytest.raises(TypeError, match=r"^concept per prompt must be texts, got \[\['nudity', 'violence'\]\]"):
         trasce(["a car"], concept=[["nudity", "violence"]], num_inference_steps=1)

@@ -581,6 +581,6 @@ class TraSCEPipeline:
         if len(values) != n_prompts:
             raise ValueError(f"{name} has {len(values)} values for {n_prompts} prompts; give one or one per prompt")
         if kind is str and not all(isinstance(v, str) for v in values):
-            raise TypeError(f"{name} per prompt must be texts, got {values!r}; several things to erase in one image "
-                            "are named in one text, separated by commas")
+            raise TypeError(f"{name} per prompt must be texts, got {values!r}; TraSCE steers each image away from "
+                            "one concept text (README, Python API: several concepts in one text)")
         return [kind(v) for v in values for _ in range(per_prompt)]

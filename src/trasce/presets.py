@@ -55,8 +55,9 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
         base = PRESETS[preset]
     if concept is not None and not isinstance(concept, str):
         raise TypeError(f"concept must be one text, got {type(concept).__name__} {concept!r}: TraSCE steers away "
-                        "from one concept text per image. To erase several things at once, name them in one text "
-                        f"separated by commas, as the published nudity preset does ({PRESETS['nudity'].concept!r})")
+                        "from one concept text per image. Words for one concept go in one text, as the published "
+                        f"nudity preset's do ({PRESETS['nudity'].concept!r}); several different concepts in one text "
+                        "are erased only where one picture can show them together (README, Python API)")
     concept = concept if concept is not None else base.concept
     if not concept or not concept.strip():
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
