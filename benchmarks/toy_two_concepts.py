@@ -1,6 +1,7 @@
 """Two concepts erased at once, named in one text ("circle, star"), on the embedded model's test captions.
 
-    python benchmarks/toy_two_concepts.py --concepts circle star --n 16 --out two-concepts.json
+    python benchmarks/toy_two_concepts.py --concepts circle star --n 24 --out two-concepts-circle-star.json
+    python benchmarks/toy_two_concepts.py --concepts circle striped --n 24 --out two-concepts-circle-striped.json
 
 TraSCE steers away from one concept text per image; the published nudity preset names nine words in
 one comma-separated text. This measures whether that way of naming several concepts erases each of
@@ -48,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concepts", nargs=2, default=["circle", "star"], metavar=("A", "B"),
                         help="two values of the toy world (shapes, colours, fills or backgrounds)")
-    parser.add_argument("--n", type=int, default=16, help="captions per prompt set")
+    parser.add_argument("--n", type=int, default=24, help="captions per prompt set")
     parser.add_argument("--seed", type=int, default=300)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

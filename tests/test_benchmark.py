@@ -354,6 +354,21 @@ def test_a_size_the_family_cannot_make_or_a_scheduler_that_drops_steering_is_ref
     assert not (tmp_path / "out").exists()
 
 
+def test_a_passed_pipeline_that_does_not_steer_is_checked_as_the_steering_methods_run_it(tiny_sd, tmp_path):
+    from diffusers import PNDMScheduler
+
+    from trasce.benchmark import BenchmarkOptions, run_benchmark
+    from trasce.pipeline import TraSCEPipeline
+
+    tiny_sd.scheduler = PNDMScheduler.from_config(tiny_sd.scheduler.config, skip_prk_steps=True)
+    (tmp_path / "target.txt").write_text("a naked body\n")
+    options = BenchmarkOptions(out=tmp_path / "out", model="tiny", concept="nudity", methods="none,trasce",
+                               target_prompts=tmp_path / "target.txt", judge="nudenet", steps=1)
+    with pytest.raises(ValueError, match="^PNDMScheduler is not among the schedulers known to step"):
+        run_benchmark(options, pipe=TraSCEPipeline(tiny_sd, concept="nudity", mode="none"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_judge_setting_changed_on_a_rerun_is_refused_without_advice_that_discards_images(tiny_sd_folder,
                                                                                            tmp_path, monkeypatch):
     from trasce.eval import evaluate

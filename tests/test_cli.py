@@ -49,6 +49,7 @@ def test_generate_from_csv_writes_images_manifest_and_run_json(tiny_sd_folder, t
                for r in records)
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["steps"] == 2 and "torch" in run["versions"]
+    assert run["settings"]["world"] == "diffusers"  # (the toy judge warns on such a folder)
 
     # Row 7's images are the API's from the noise its seed gives (generate.initial_noise), and differ.
     import numpy as np
@@ -79,6 +80,7 @@ def test_steps_and_cfg_left_out_are_the_models(tiny_sd_folder, tmp_path):
     assert result.exit_code == 0, result.output
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert (settings["guidance_scale"], settings["steps"]) == (2.0, 3)
+    assert settings["world"] == "toy"  # a folder with trasce_toy.json is a model of the embedded world
     assert _manifest(out)[0]["guidance_scale"] == 2.0
 
 
@@ -86,11 +88,15 @@ def test_steps_and_cfg_left_out_are_the_models(tiny_sd_folder, tmp_path):
     (["pipeline_mine", "MyPipeline"], "names a custom pipeline (pipeline_mine.MyPipeline), code that ships with the "
                                       "model; trasce runs no such code itself: load it in Python"),
     ("MyPipeline", "names the pipeline class 'MyPipeline', which diffusers"),
+    (None, "has no _class_name, the pipeline class that diffusers needs to load it"),
 ])
 def test_a_folder_whose_pipeline_class_diffusers_lacks_is_refused_before_anything(tiny_sd_folder, tmp_path,
                                                                                   class_name, said):
     index = json.loads((tiny_sd_folder / "model_index.json").read_text())
-    (tiny_sd_folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    index.pop("_class_name")
+    if class_name is not None:
+        index["_class_name"] = class_name
+    (tiny_sd_folder / "model_index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
     result = _run("generate", "--model", tiny_sd_folder, "--prompt", "a red apple", "--out", out, "--quiet")
     assert result.exit_code == 2
@@ -349,6 +355,7 @@ def test_killed_run_resumes_without_duplicates(tiny_sd_folder, tmp_path, monkeyp
 
     prompts = _write(tmp_path / "p.txt", "a red apple\na blue car\na green tree\n")
     out = tmp_path / "out"
+    (tiny_sd_folder / "trasce_toy.json").write_text("{}")  # judged by the toy judge: a model of its world
     real_save, calls = generate.atomic_save_image, []
 
     def save_then_die(path, image):

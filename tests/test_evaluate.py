@@ -61,11 +61,13 @@ def blank(n: int = 1, size: int = 8) -> list[Image.Image]:
 
 
 def make_folder(path: Path, prompts: list[str], images: list[Image.Image], concept: str | None = None,
-                extras: list[dict] | None = None, checker_flags: list[bool] | None = None, model: str = "toy") -> Path:
+                extras: list[dict] | None = None, checker_flags: list[bool] | None = None, model: str = "toy",
+                world: str | None = "toy") -> Path:
     """A ``trasce generate``-style folder: run.json, images/<case>.png and manifest.jsonl (with each
     image's safety-checker flag when ``checker_flags`` are given)."""
     folder = RunFolder(path)
-    folder.write_run_json({"model": model, "concept": concept, "mode": "trasce"})
+    folder.write_run_json({"model": model, "concept": concept, "mode": "trasce",
+                           **({"world": world} if world is not None else {})})
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
         case = f"{i:05d}"
         atomic_save_image(folder.image_path(case), image)
@@ -374,18 +376,29 @@ def test_toy_without_a_toy_concept(tmp_path: Path) -> None:
 
 
 def test_the_toy_judge_warns_on_a_folder_another_model_made(tmp_path: Path, capsys) -> None:
-    toy = evaluate_folder(make_folder(tmp_path / "toy", TOY_CAPTIONS[:1], toy_images()[:1], "circle"), "toy",
-                          quiet=True)
-    assert "warnings" not in toy and "warning" not in capsys.readouterr().err
-    folder = make_folder(tmp_path / "sd", TOY_CAPTIONS[:1], toy_images()[:1], "circle",
-                         model="CompVis/stable-diffusion-v1-4")
-    summary = evaluate_folder(folder, "toy", quiet=True)
-    said = (f"{folder} was made by CompVis/stable-diffusion-v1-4, not by a model of the embedded world (a folder with "
-            "trasce_toy.json): the toy judge reads the world's 32 px shapes, and its verdicts on other pictures mean "
-            "nothing")
-    assert summary["warnings"] == [said]
-    assert f"warning: {said}" in " ".join(capsys.readouterr().err.split())
-    assert f"<b>Warning:</b> {html.escape(said)}" in (folder / "report-toy.html").read_text()
+    def judge(name: str, model: str, world: str | None) -> tuple[dict, str, Path]:
+        folder = make_folder(tmp_path / name, TOY_CAPTIONS[:1], toy_images()[:1], "circle", model=model, world=world)
+        return evaluate_folder(folder, "toy", quiet=True), " ".join(capsys.readouterr().err.split()), folder
+
+    def said(folder: Path, model: str) -> str:
+        return (f"{folder} was made by {model}, not by a model of the embedded world (a folder with "
+                "trasce_toy.json): the toy judge reads the world's 32 px shapes, and its verdicts on other pictures "
+                "mean nothing")
+
+    summary, err, _ = judge("toy", "toy", "toy")
+    assert "warnings" not in summary and "warning" not in err
+    summary, err, folder = judge("sd", "CompVis/stable-diffusion-v1-4", "diffusers")
+    assert summary["warnings"] == [said(folder, "CompVis/stable-diffusion-v1-4")]
+    assert f"warning: {said(folder, 'CompVis/stable-diffusion-v1-4')}" in err
+    assert f"<b>Warning:</b> {html.escape(said(folder, 'CompVis/stable-diffusion-v1-4'))}" in (
+        folder / "report-toy.html").read_text()
+    # A run.json from before the world was recorded: a model folder here without trasce_toy.json tells,
+    # a name that resolves to nothing here does not.
+    (tmp_path / "sd-model").mkdir()
+    summary, _, folder = judge("old-sd", str(tmp_path / "sd-model"), None)
+    assert summary["warnings"] == [said(folder, tmp_path / "sd-model")]
+    summary, err, _ = judge("old-elsewhere", "models/my-retrained-toy", None)
+    assert "warnings" not in summary and "warning" not in err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -892,11 +892,15 @@ def test_bad_arguments(tiny_sd):
         TraSCEPipeline.from_pipe(tiny_sd, concept="x", mode="erase")
     with pytest.raises(ValueError, match="preset 'style' needs the concept named"):
         TraSCEPipeline.from_pipe(tiny_sd, preset="style")
-    with pytest.raises(TypeError, match=r"^concept must be one text, got list \['nudity', 'violence'\]: .* Words "
-                                        r"for one concept go in one text, as the published nudity preset's do "
-                                        r"\('naked, "):
+    one_concept = r"TraSCE steers each image away from one concept text. Words for one concept go in one text, "
+    with pytest.raises(TypeError, match=r"^concept must be one text, got list \['nudity', 'violence'\]: "
+                                        + one_concept):
         TraSCEPipeline.from_pipe(tiny_sd, concept=["nudity", "violence"])
-    with pytest.raises(TypeError, match=r"^concept per prompt must be texts, got \[\['nudity', 'violence'\]\]"):
+    with pytest.raises(ValueError, match=r"^concept has 2 values for 1 prompts; give one or one per prompt. "
+                                         + one_concept):
+        trasce("a car", concept=["nudity", "violence"], num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^concept per prompt must be texts, got \[\['nudity', 'violence'\]\]. "
+                                        + one_concept):
         trasce(["a car"], concept=[["nudity", "violence"]], num_inference_steps=1)
     with pytest.raises(TypeError, match="is not supported; trasce supports: StableDiffusionPipeline"):
         TraSCEPipeline.from_pipe(object(), concept="x")

@@ -781,8 +781,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     device, dtype = pipe.adapter.device, pipe.adapter.dtype
     # Before any folder records a run that cannot run:
     size = image_size(pipe, options.height, options.width)
-    if any(m in STEERING_MODES for m in methods):
-        check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
+    for method in STEERING_MODES:
+        if method in methods:  # with the settings method_runner gives it
+            check_scheduler(pipe.pipe.scheduler, pipe.with_settings(mode=method).settings, steps)
     check_steps(pipe, steps, *size)
     if not toy:
         warn_of_an_unscaled_sigma(pipe, preset, options.sigma, *size)

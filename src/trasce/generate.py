@@ -299,7 +299,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
 
     folder = RunFolder(options.out)
     settings = {
-        "model": options.model, "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
+        "model": options.model, "world": "toy" if is_toy_model(options.model) else "diffusers",
+        "concept": pipe.concept, "preset": options.preset, "mode": pipe.settings.mode,
         "loss_scale": pipe.settings.loss_scale, "step_size": pipe.settings.step_size, "sigma": pipe.settings.sigma,
         "kernel": pipe.settings.kernel, "lazy_tolerance": pipe.settings.lazy_tolerance,
         "one_call": pipe.settings.one_call, "steer_window": list(pipe.settings.steer_window),

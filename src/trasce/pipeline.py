@@ -123,6 +123,9 @@ def _pipeline_class(model: str | Path, listed: Mapping[str, Any]) -> type:
     import diffusers
 
     name = listed.get("_class_name")
+    if name is None:
+        raise ValueError(f"{model}'s model_index.json has no _class_name, the pipeline class that diffusers needs to "
+                         "load it; is it a diffusers pipeline folder?")
     if isinstance(name, list | tuple):
         raise ValueError(f"{model}'s model_index.json names a custom pipeline ({'.'.join(map(str, name))}), code that "
                          "ships with the model; trasce runs no such code itself: load it in Python "
@@ -500,7 +503,7 @@ class TraSCEPipeline:
         batch = len(images_prompts)
         scales = self._per_image(guidance_scale, len(prompts), n, "guidance_scale", float)
         concept = self.concept if concept is None else concept
-        concepts = self._per_image(concept, len(prompts), n, "concept", str)
+        concepts = self._per_image(concept, len(prompts), n, "concept", str, f". {presets.ONE_CONCEPT}")
 
         default_h, default_w = self.adapter.default_size()
         height, width = height or default_h, width or default_w
@@ -573,14 +576,14 @@ class TraSCEPipeline:
         return (x, *(None if v is None else v.cpu() for v in (max_kernel, min_distance, steered)))
 
     @staticmethod
-    def _per_image(value, n_prompts: int, per_prompt: int, name: str, kind: type) -> list:
-        """Expand a scalar or per-prompt sequence to one value per image."""
+    def _per_image(value, n_prompts: int, per_prompt: int, name: str, kind: type, hint: str = "") -> list:
+        """Expand a scalar or per-prompt sequence to one value per image; ``hint`` ends its errors."""
         if isinstance(value, (str, int, float)) or getattr(value, "ndim", None) == 0:  # (0-d tensors, numpy)
             return [kind(value)] * (n_prompts * per_prompt)
         values = list(value)
         if len(values) != n_prompts:
-            raise ValueError(f"{name} has {len(values)} values for {n_prompts} prompts; give one or one per prompt")
+            raise ValueError(f"{name} has {len(values)} values for {n_prompts} prompts; give one or one per "
+                             f"prompt{hint}")
         if kind is str and not all(isinstance(v, str) for v in values):
-            raise TypeError(f"{name} per prompt must be texts, got {values!r}; TraSCE steers each image away from "
-                            "one concept text (README, Python API: several concepts in one text)")
+            raise TypeError(f"{name} per prompt must be texts, got {values!r}{hint}")
         return [kind(v) for v in values for _ in range(per_prompt)]

@@ -41,6 +41,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: What a list of concepts for one image is told (TraSCE has one concept branch per image).
+ONE_CONCEPT = (
+    "TraSCE steers each image away from one concept text. Words for one concept go in one text, as the published "
+    f"nudity preset's do ({PRESETS['nudity'].concept!r}); on the embedded model, one text naming two different "
+    "concepts erased a shape and a fill style together but not two shapes (README, Python API)"
+)
+
+
 def resolve(preset: str | None, concept: str | None, loss_scale: float | None, step_size: float | None,
             sigma: float | None) -> tuple[str, float, float, float]:
     """Concept and settings from a preset, with explicit values taking precedence.
@@ -54,10 +62,7 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
             raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
         base = PRESETS[preset]
     if concept is not None and not isinstance(concept, str):
-        raise TypeError(f"concept must be one text, got {type(concept).__name__} {concept!r}: TraSCE steers away "
-                        "from one concept text per image. Words for one concept go in one text, as the published "
-                        f"nudity preset's do ({PRESETS['nudity'].concept!r}); several different concepts in one text "
-                        "are erased only where one picture can show them together (README, Python API)")
+        raise TypeError(f"concept must be one text, got {type(concept).__name__} {concept!r}: {ONE_CONCEPT}")
     concept = concept if concept is not None else base.concept
     if not concept or not concept.strip():
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"

@@ -91,6 +91,7 @@ VOLATILE_SETTINGS: tuple[str, ...] = (
     "device",
     "process_index",
     "num_processes",
+    "world",  # follows from the model, and run folders made before it was recorded lack it
 )
 
 # Settings added after run folders already existed, with the value that a run.json written without

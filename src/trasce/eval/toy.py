@@ -195,8 +195,18 @@ def build(options: Mapping[str, Any], context: Context) -> ToyJudge:
 
 
 def _model_outside_the_world(run: Mapping[str, Any] | None) -> str | None:
-    """The model that ``run.json`` names, where it is not the embedded model or a retrained one; else None."""
-    from trasce.pipeline import is_toy_model
+    """The model that ``run.json`` names, where it is not the embedded model or a retrained one; else None.
 
-    model = ((run or {}).get("settings") or {}).get("model")
-    return None if model is None or is_toy_model(model) else str(model)
+    ``run.json``'s ``world`` says so; a folder made before it was recorded is known to be outside the
+    world only where its model's folder is here and has no ``trasce_toy.json``.
+    """
+    from trasce.pipeline import resolve_model
+
+    settings = (run or {}).get("settings") or {}
+    model, world = settings.get("model"), settings.get("world")
+    if model is None:
+        return None
+    if world is not None:
+        return None if world == "toy" else str(model)
+    folder = Path(resolve_model(model))
+    return str(model) if folder.is_dir() and not (folder / "trasce_toy.json").is_file() else None
