@@ -217,7 +217,7 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
     (("--concept", "circle", "--target-prompts", "p.txt"), "--target-prompts and --other-prompts are for real"),
     (("--concept", "circle", "--prompt-column", "adv_prompt"),
      "--prompt-column names a column of --target-prompts and --other-prompts, which are for real models"),
-    (("--concept", "circle", "--n-target", 0), "--n-target must be 1 or more, got 0"),
+    (("--concept", "circle", "--n-target", 0), "--n-target must be at least 1, got 0"),
     (("--concept", "circle", "--width", 36), "--width must be a positive multiple of 8, got 36"),
     (("--concept", "circle", "--seed", 2**32 - 10**6),
      "Invalid value for '--seed': 4293967296 is not in the range 0<=x<=4293967295"),

@@ -178,14 +178,12 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
     the nudity concept text); ``prompt`` is the prompt of the rows that do not depend on it.
     """
-    from trasce.generate import check_size_flags, check_steps, image_size, pick_device, pick_dtype
+    from trasce.generate import check_counts, check_size_flags, check_steps, pick_device, pick_dtype
     from trasce.models import random as random_models
 
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1 (timed rounds after the warm-up), got {repeats}")
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_counts({"--steps": steps, "--batch-size": batch_size})
     check_size_flags(height, width)
     refuse_several_processes("trasce bench", "which would time each other on one machine; run it alone")
     if compiled_only and (compile_mode is None or channels_last or benign_prompt or near_prompt):
@@ -205,7 +203,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, **erase)
     concept, erasing = trasce.concept, trasce.settings
     # Before any row is timed: a size or step count that every row would fail on.
-    h, w = image_size(trasce, height, width)
+    h, w = trasce.adapter.image_size(height, width)
     check_steps(trasce, steps, h, w)
     prompts = [prompt] * batch_size
     batch_elements = batch_size * math.prod(trasce.adapter.latent_shape(h, w))

@@ -50,11 +50,11 @@ from trasce.generate import (
     GUIDANCE_OFF,
     GUIDANCE_OFF_MODES,
     batches,
+    check_counts,
     check_guidance_off,
     check_size_flags,
     check_steps,
     hide_loading_bars,
-    image_size,
     initial_noise,
     pick_device,
     pick_dtype,
@@ -266,14 +266,10 @@ def real_prompt_sets(options: BenchmarkOptions, concept: str, guidance: float) -
 
 
 def _check_sizes(options: BenchmarkOptions, toy: bool) -> None:
-    sizes = {"--n-corner": options.n_corner}
+    counts = {"--n-corner": options.n_corner, "--batch-size": options.batch_size}
     if toy:
-        sizes.update({"--n-target": options.n_target, "--n-other": options.n_other})
-    for flag, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be 1 or more, got {value}")
-    if options.batch_size < 1:
-        raise ValueError(f"--batch-size must be 1 or more, got {options.batch_size}")
+        counts.update({"--n-target": options.n_target, "--n-other": options.n_other})
+    check_counts(counts)
     if options.grid_rows < 0:
         raise ValueError(f"--grid-rows must be 0 or more, got {options.grid_rows}")
     check_size_flags(options.height, options.width)
@@ -716,8 +712,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     defaults = pipe.call_defaults if pipe is not None else model_call_defaults(options.model)
     guidance = options.guidance_scale if options.guidance_scale is not None else defaults["guidance_scale"]
     steps = options.steps if options.steps is not None else defaults["steps"]
-    if steps < 1:
-        raise ValueError(f"--steps must be 1 or more, got {steps}")
+    check_counts({"--steps": steps})
 
     target: dict[str, str] | None = None
     preset = options.preset
@@ -780,7 +775,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
         check_sld(pipe)
     device, dtype = pipe.adapter.device, pipe.adapter.dtype
     # Before any folder records a run that cannot run:
-    size = image_size(pipe, options.height, options.width)
+    size = pipe.adapter.image_size(options.height, options.width)
     for method in STEERING_MODES:
         if method in methods:  # with the settings method_runner gives it
             check_scheduler(pipe.pipe.scheduler, pipe.with_settings(mode=method).settings, steps)

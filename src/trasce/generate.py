@@ -199,20 +199,19 @@ def check_steps(pipe: TraSCEPipeline, steps: int, height: int, width: int) -> No
         raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
 
 
+def check_counts(counts: dict[str, int | None]) -> None:
+    """Refuse a count option (``{"--steps": 0}``) below 1; ``None`` is left out, so its default applies."""
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+
+
 def check_size_flags(height: int | None, width: int | None) -> None:
     """Refuse a ``--height``/``--width`` that no family can make, before the model is loaded (the family's own
-    multiple is checked once it is, by ``Adapter.check_size``)."""
+    multiple is checked once it is, by ``Adapter.image_size``: SD3 and FLUX take multiples of 16)."""
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
-
-
-def image_size(pipe: TraSCEPipeline, height: int | None, width: int | None) -> tuple[int, int]:
-    """``--height``/``--width``, each left out taken from the model's default size, checked for its family."""
-    default = pipe.adapter.default_size()
-    size = (height or default[0], width or default[1])
-    pipe.adapter.check_size(*size)  # SD3, FLUX: multiples of 16, which check_size_flags cannot know
-    return size
 
 
 def warn_of_an_unscaled_sigma(pipe: TraSCEPipeline, preset: str | None, sigma: float | None, height: int,
@@ -247,12 +246,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     guidance_default = options.guidance_scale if options.guidance_scale is not None else defaults["guidance_scale"]
     all_rows = read_rows(options, guidance_default)
     rows = select_rows(all_rows, options)
-    if options.images_per_prompt < 1:
-        raise ValueError(f"--images-per-prompt must be at least 1, got {options.images_per_prompt}")
-    if options.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.steps is not None and options.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {options.steps}")
+    check_counts({"--images-per-prompt": options.images_per_prompt, "--batch-size": options.batch_size,
+                  "--steps": options.steps})
     if not math.isfinite(guidance_default):
         raise ValueError(f"--guidance-scale must be a finite number, got {guidance_default}")
     start, end = options.steer_window
@@ -291,7 +286,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     pipe.pipe.set_progress_bar_config(disable=True)
     steps = options.steps if options.steps is not None else defaults["steps"]
     # Before run.json records a run that cannot run:
-    height, width = image_size(pipe, options.height, options.width)
+    height, width = pipe.adapter.image_size(options.height, options.width)
     check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
     check_steps(pipe, steps, height, width)
     if state.is_main_process:

@@ -505,9 +505,7 @@ class TraSCEPipeline:
         concept = self.concept if concept is None else concept
         concepts = self._per_image(concept, len(prompts), n, "concept", str, f". {presets.ONE_CONCEPT}")
 
-        default_h, default_w = self.adapter.default_size()
-        height, width = height or default_h, width or default_w
-        self.adapter.check_size(height, width)
+        height, width = self.adapter.image_size(height, width)
 
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images; give one or one per image")

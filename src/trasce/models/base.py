@@ -151,12 +151,16 @@ class Adapter:
         """Height and width must be multiples of this."""
         return 8 if self.vae_scale_factor > 1 else 1
 
-    def check_size(self, height: int, width: int) -> None:
-        """``ValueError`` unless the family can make images of ``height`` x ``width`` (``size_multiple``)."""
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """``(height, width)``, each left out (``None``) taken from ``default_size``; ``ValueError`` unless the
+        family can make images of that size (``size_multiple``)."""
+        default = self.default_size()
+        height, width = height or default[0], width or default[1]
         multiple = self.size_multiple()
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for {self.family}; "
                              f"got {height}x{width}")
+        return height, width
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of one image's latent, without the batch dimension."""
