@@ -145,3 +145,64 @@ def test_demo_refuses_a_concept_the_judge_cannot_see(tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith("error: concept 'dog' is not one value of the toy world; valid: shape circle")
     assert not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training (python -m trasce.toy.train, trasce train-toy): a few steps of 2 images
+
+
+def _weights(pipeline):
+    from safetensors.torch import load_file
+
+    return {**load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors"),
+            **load_file(pipeline / "text_encoder" / "model.safetensors")}
+
+
+def test_training_stopped_by_a_signal_resumes_to_the_weights_of_an_unbroken_run(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from trasce.toy import train
+
+    run = ["--steps", "4", "--batch-size", "2", "--device", "cpu", "--checkpoint-every", "1"]
+    unbroken = train.main(["--out", str(tmp_path / "a"), *run])
+
+    real_batch, calls = train.training_batch, []
+
+    def batch_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 2:  # SIGTERM (as timeout sends it) arrives during the second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(*args)
+
+    monkeypatch.setattr(train, "training_batch", batch_then_stop)
+    stopped = train.main(["--out", str(tmp_path / "b"), *run])
+    info = json.loads((stopped / "trasce_toy.json").read_text())
+    assert (info["trained_steps"], info["stopped_by"]) == (2, "SIGTERM")
+    assert info["arguments"] == {"steps": 4, "batch_size": 2, "seed": 0, "init": None, "lr": train.LEARNING_RATE,
+                                 "offset_noise": 0.0, "minutes": None}
+    assert info["defaults"] == {"guidance_scale": 1.5, "steps": 25}
+    monkeypatch.setattr(train, "training_batch", real_batch)
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit):  # the checkpoint's arguments, or nothing
+        train.main(["--out", str(tmp_path / "b"), *run[:2], "--batch-size", "3", *run[4:], "--resume"])
+    assert "checkpoint.pt was made with --batch-size 2, not 3: resume with the checkpoint's arguments" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # a run already there is not overwritten from scratch
+        train.main(["--out", str(tmp_path / "b"), *run])
+    assert "checkpoint.pt holds a run already: --resume continues it" in capsys.readouterr().err
+
+    resumed = train.main(["--out", str(tmp_path / "b"), *run, "--resume"])
+    assert f"resuming {tmp_path / 'b' / 'checkpoint.pt'} at step 2 of 4" in capsys.readouterr().err
+    a, b = _weights(unbroken), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "trasce_toy.json").read_text())["trained_steps"] == 4
+
+
+def test_align_takes_the_shipped_model_by_name(tmp_path):
+    from trasce.toy import align
+
+    out = align.main(["--model", "toy", "--out", str(tmp_path / "aligned"), "--steps", "1", "--batch-size", "2"])
+    info = json.loads((out / "trasce_toy.json").read_text())
+    assert info["alias_alignment"]["steps"] == 1 and info["defaults"] == {"guidance_scale": 1.5, "steps": 25}

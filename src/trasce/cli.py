@@ -153,21 +153,23 @@ def generate(**kwargs) -> None:
 
 
 @main.command("train-toy")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--steps", type=int, default=None)
-@click.option("--minutes", type=float, default=None)
-@click.option("--resume", is_flag=True)
-def train_toy(out: Path, steps: int | None, minutes: float | None, resume: bool) -> None:
-    """Retrain the embedded model from scratch (see trasce/toy/train.py for the recipe)."""
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="checkpoint here, pipeline in OUT/pipeline")
+@click.option("--steps", type=int, help="training steps [default: train.py's MAX_STEPS]")
+@click.option("--minutes", type=float, help="stop (and save) after this many minutes")
+@click.option("--batch-size", type=int, help="images per step [default: train.py's BATCH_SIZE]")
+@click.option("--seed", type=int)
+@click.option("--device", help="[default: cuda if there is one, else cpu]")
+@click.option("--checkpoint-every", type=int, help="steps between checkpoints")
+@click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt (with the same arguments)")
+def train_toy(out: Path, resume: bool, **options) -> None:
+    """Retrain stage 1 of the embedded model from scratch (python -m trasce.toy.train, which also takes --lr,
+    --init and --offset-noise); stage 2 is python -m trasce.toy.align."""
     from trasce.toy import train
 
-    argv = ["--out", str(out)]
-    if steps is not None:
-        argv += ["--steps", str(steps)]
-    if minutes is not None:
-        argv += ["--minutes", str(minutes)]
-    if resume:
-        argv.append("--resume")
+    argv = ["--out", str(out), *(["--resume"] if resume else [])]
+    for name, value in options.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
     train.main(argv)
 
 

@@ -51,16 +51,17 @@ def caption_pair(labels: dict[str, int], rng: random.Random) -> tuple[str, str] 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="pipeline folder from train.py")
+    parser.add_argument("--model", required=True, help="pipeline folder from train.py (or 'toy', the shipped one)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the aligned pipeline")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
 
-    from trasce.pipeline import load_diffusers_pipeline
+    from trasce.pipeline import load_diffusers_pipeline, resolve_model
 
-    pipe = load_diffusers_pipeline(args.model)
+    model = Path(resolve_model(args.model))
+    pipe = load_diffusers_pipeline(model)
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     teacher_encoder = copy.deepcopy(text_encoder).eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     text_encoder.eval()
     pipe.save_pretrained(args.out, safe_serialization=True)
-    type(pipe.scheduler).from_pretrained(args.model, subfolder="scheduler").save_pretrained(args.out / "scheduler")
-    info = json.loads((args.model / "trasce_toy.json").read_text())
+    type(pipe.scheduler).from_pretrained(model, subfolder="scheduler").save_pretrained(args.out / "scheduler")
+    info = json.loads((model / "trasce_toy.json").read_text())
     info["alias_alignment"] = {"steps": args.steps, "batch_size": args.batch_size, "device": "cpu",
                                "seconds": round(time.time() - start),
                                "final_loss": sum(history[-20:]) / max(1, len(history[-20:]))}

@@ -3,6 +3,10 @@
     python -m trasce.toy.train --out toy-train            # GPU if there is one, else CPU
     python -m trasce.toy.train --out toy-train --resume   # go on from toy-train/checkpoint.pt
 
+Ctrl-C (SIGINT) or SIGTERM stops after the step under way and saves the checkpoint and the pipeline,
+as ``--minutes`` does. A resumed run gives the same weights as one never stopped (the checkpoint
+holds every random state), and refuses arguments other than the checkpoint's.
+
 Every step draws a fresh batch of scenes, renders them on the training device and captions them
 with *training-split* captions only (see ``captions.split_of``). The model is a pixel-space
 ``UNet2DConditionModel`` with a small CLIP text encoder trained jointly, saved as an ordinary
@@ -19,11 +23,16 @@ efficiency on 32x32 images:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,6 +56,11 @@ MIN_SNR_GAMMA = 5.0
 OFFSET_NOISE = 0.0
 CHECKPOINT_EVERY = 1000
 SEED = 0
+# The arguments that define a run: a checkpoint resumes only under the same ones.
+RUN_ARGUMENTS = ("steps", "batch_size", "seed", "init", "lr", "offset_noise")
+# What the shipped model's measurement chose (README, "The embedded model"); measure a retrained
+# model's own with benchmarks/toy_fidelity.py --model FOLDER.
+CALL_DEFAULTS = {"guidance_scale": 1.5, "steps": 25}
 
 UNET_CONFIG = dict(
     sample_size=world.IMAGE_SIZE,
@@ -126,6 +140,29 @@ def training_batch(batch_size: int, rng: random.Random, generator: torch.Generat
     return images, texts
 
 
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[str]]:
+    """While inside, SIGINT (Ctrl-C) and SIGTERM append their name to the list yielded instead of stopping
+    the process, so that the loop ends between steps and the checkpoint saved after it holds whole steps.
+    The handlers before are restored on leaving; outside the main thread (which alone may set them) the
+    list stays empty."""
+    stop: list[str] = []
+
+    def ask_to_stop(signum, frame) -> None:
+        stop.append(signal.Signals(signum).name)
+        print(f"\n{stop[-1]}: stopping after this step, then saving", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    before = {signum: signal.signal(signum, ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and the pipeline")
@@ -138,7 +175,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--init", type=Path, default=None, help="start from this pipeline folder's weights")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE)
     parser.add_argument("--offset-noise", type=float, default=OFFSET_NOISE)
+    parser.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps between checkpoints")
     args = parser.parse_args(argv)
+    run = {name: str(value) if isinstance(value, Path) else value
+           for name, value in vars(args).items() if name in RUN_ARGUMENTS}
 
     from diffusers import DDPMScheduler
 
@@ -165,21 +205,38 @@ def main(argv: list[str] | None = None) -> Path:
     alphas_cumprod = noise_schedule.alphas_cumprod.to(device)
 
     step, seconds_before = 0, 0.0
+    losses: list[torch.Tensor] = []  # kept on the device: reading one per step would stall the GPU
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not args.resume:
+        parser.error(f"{checkpoint} holds a run already: --resume continues it; another --out starts afresh")
     if args.resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
+        for name, value in state.get("run", {}).items():
+            if run.get(name) != value:
+                parser.error(f"{checkpoint} was made with --{name.replace('_', '-')} {value}, not {run.get(name)}: "
+                             "resume with the checkpoint's arguments, or train afresh in another --out")
         modules.load_state_dict(state["modules"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, seconds_before = state["step"], state["seconds"]
         rng.setstate(state["rng"])
         generator.set_state(state["generator"])
+        if "torch_rng" in state:  # the noise and timesteps of every step after this one
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and device.startswith("cuda"):
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        losses = [loss.to(device) for loss in state.get("losses", [])]
+        print(f"resuming {checkpoint} at step {step} of {args.steps}", file=sys.stderr)
+    elif args.resume:
+        print(f"no {checkpoint} to resume: starting at step 0", file=sys.stderr)
 
     def save_checkpoint() -> None:
         state = dict(modules=modules.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                      step=step, seconds=seconds_before + time.time() - start, rng=rng.getstate(),
-                     generator=generator.get_state())
+                     generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if device.startswith("cuda") else None,
+                     losses=[loss.cpu() for loss in losses[-200:]], run=run)
         torch.save(state, checkpoint.with_suffix(".tmp"))
         checkpoint.with_suffix(".tmp").replace(checkpoint)
 
@@ -187,47 +244,48 @@ def main(argv: list[str] | None = None) -> Path:
         "cpu", enabled=False)
     start = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train toy", dynamic_ncols=True)
-    losses: list[torch.Tensor] = []  # kept on the device: reading one per step would stall the GPU
-    while step < args.steps:
-        if args.minutes is not None and seconds_before + time.time() - start > args.minutes * 60:
-            break
-        # The schedule runs on whichever budget, steps or minutes, is nearer its end.
-        progress = step / args.steps
-        if args.minutes is not None:
-            progress = max(progress, (seconds_before + time.time() - start) / (args.minutes * 60))
-        lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
-        lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * 0.9 + 0.1
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    with stop_requests() as stop:
+        while step < args.steps and not stop:
+            if args.minutes is not None and seconds_before + time.time() - start > args.minutes * 60:
+                stop.append("minutes")
+                break
+            # The schedule runs on whichever budget, steps or minutes, is nearer its end.
+            progress = step / args.steps
+            if args.minutes is not None:
+                progress = max(progress, (seconds_before + time.time() - start) / (args.minutes * 60))
+            lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+            lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * 0.9 + 0.1
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        images, texts = training_batch(args.batch_size, rng, generator, device)
-        ids = tokenizer(texts, padding="max_length", max_length=captions.MAX_WORDS, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        noise = torch.randn_like(images)
-        noise += args.offset_noise * torch.randn(len(images), images.shape[1], 1, 1, device=device)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(images),), device=device)
-        noisy = noise_schedule.add_noise(images, noise, t)
-        with autocast:
-            states = text_encoder(ids)[0]
-            prediction = unet(noisy, t, encoder_hidden_states=states).sample
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
-        loss = (weight * F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), modules.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
-        step += 1
-        losses.append(loss.detach())
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}", lr=f"{lr:.1e}")
-        if step % CHECKPOINT_EVERY == 0:
-            save_checkpoint()
+            images, texts = training_batch(args.batch_size, rng, generator, device)
+            ids = tokenizer(texts, padding="max_length", max_length=captions.MAX_WORDS, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            noise = torch.randn_like(images)
+            noise += args.offset_noise * torch.randn(len(images), images.shape[1], 1, 1, device=device)
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(images),), device=device)
+            noisy = noise_schedule.add_noise(images, noise, t)
+            with autocast:
+                states = text_encoder(ids)[0]
+                prediction = unet(noisy, t, encoder_hidden_states=states).sample
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+            loss = (weight * F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                decay = min(EMA_DECAY, (1 + step) / (10 + step))
+                for e, p in zip(ema.parameters(), modules.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+            step += 1
+            losses.append(loss.detach())
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}", lr=f"{lr:.1e}")
+            if step % args.checkpoint_every == 0:
+                save_checkpoint()
     bar.close()
     save_checkpoint()
 
@@ -245,6 +303,11 @@ def main(argv: list[str] | None = None) -> Path:
         "initialised_from": str(args.init) if args.init else None,
         "offset_noise": args.offset_noise,
         "learning_rate": args.lr,
+        "arguments": {**run, "minutes": args.minutes},
+        "stopped_by": stop[0] if stop else "steps",
+        "defaults": CALL_DEFAULTS,
+        "defaults_chosen_by": "the shipped model's measurement; measure this model's own with "
+                              "benchmarks/toy_fidelity.py --model FOLDER",
     })
     print(f"saved {pipeline_dir} after {step} steps ({step * args.batch_size} images, {seconds:.0f} s)")
     return pipeline_dir
