@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--offset-noise", type=float, default=OFFSET_NOISE)
     parser.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps between checkpoints")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     run = {name: str(value) if isinstance(value, Path) else value
            for name, value in vars(args).items() if name in RUN_ARGUMENTS}
 
