@@ -53,6 +53,8 @@ PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "adv_prompt", "sensitive prompt")
 SEED_COLUMNS: tuple[str, ...] = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS: tuple[str, ...] = ("evaluation_guidance", "sd_guidance_scale")
 CASE_COLUMN = "case_number"
+#: Every column the reader takes a value from (the rest of a row goes to ``PromptRow.extra``).
+READ_COLUMNS: tuple[str, ...] = (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
 
 # torch.Generator.manual_seed accepts values up to 2**64 - 1, but the CPU generator (a 32-bit Mersenne
 # Twister) keeps only the low 32 bits: seeds 1 and 2**32 + 1 give the same noise, so the same image.
@@ -297,7 +299,7 @@ def _rows_from_records(
     collector: _Collector,
     default_seed: int,
     default_guidance: float,
-    prompt_columns: tuple[str, ...] = PROMPT_COLUMNS,
+    prompt_columns: tuple[str, ...],
 ) -> list[PromptRow]:
     """Validate ``(row_number, record)`` pairs into prompt rows; problems go to ``collector``.
 
@@ -308,7 +310,6 @@ def _rows_from_records(
     # Keyed by the name as a case-insensitive file system (macOS, Windows) compares it: 'A' and 'a', or é
     # composed and decomposed, would be one file there, the second image overwriting the first.
     first_of_case: dict[str, tuple[int, str]] = {}
-    used = (*PROMPT_COLUMNS, *prompt_columns, *SEED_COLUMNS, *GUIDANCE_COLUMNS, CASE_COLUMN)
 
     for index, (row_number, record) in enumerate(records):
         prompt_key = next((k for k in prompt_columns if k in record), None)
@@ -393,10 +394,9 @@ def _rows_from_records(
                 first_of_case[key] = (row_number, case)
 
         if ok:
-            extra = {k: _cell_text(v) for k, v in record.items() if k != prompt_key and k not in used}
+            extra = {k: _cell_text(v) for k, v in record.items() if k != prompt_key and k not in READ_COLUMNS}
             # Other prompt-like columns (e.g. 'adv_prompt' next to 'prompt') are data, so keep them.
-            extra.update({k: _cell_text(record[k]) for k in (*PROMPT_COLUMNS, *prompt_columns)
-                          if k in record and k != prompt_key})
+            extra.update({k: _cell_text(record[k]) for k in PROMPT_COLUMNS if k in record and k != prompt_key})
             rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra, prompt_key))
     return rows
 
@@ -424,7 +424,7 @@ def _read_text(path: Path, name: str) -> str:
 
 
 def _delimited_records(text: str, delimiter: str, collector: _Collector,
-                       prompt_columns: tuple[str, ...] = PROMPT_COLUMNS) -> Iterator[tuple[int, dict[str, str]]]:
+                       prompt_columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
     """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped."""
     # StringIO(newline="") splits only on real line ends (str.splitlines would also split on
     # U+2028 and friends inside prompts), which is what the csv module expects.
@@ -550,8 +550,7 @@ def _refuse_a_header(line: str, line_number: int, name: str, suffix: str) -> Non
     """Refuse a plain-text file whose first line is a table's header: its rows would become prompts."""
     delimiter = "\t" if "\t" in line and "," not in line else ","
     cells = [cell.strip().strip('"').strip().lower() for cell in line.lstrip("\ufeff").split(delimiter)]
-    column = next((cell for cell in cells if cell in (*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS,
-                                                       CASE_COLUMN)), None)
+    column = next((cell for cell in cells if cell in READ_COLUMNS), None)
     if column is not None:
         kind = "CSV" if delimiter == "," else "TSV"
         extension = f"its extension {suffix!r}" if suffix else "it has no extension"
