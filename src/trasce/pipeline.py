@@ -25,6 +25,7 @@ import torch
 
 from trasce import presets
 from trasce.models import Adapter, adapter_class_for, adapter_for
+from trasce.models.base import FALLBACK_CALL_DEFAULTS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
 
 SCHEDULERS = {
@@ -149,12 +150,16 @@ def model_call_defaults(model: str | Path) -> dict[str, float | int]:
     does not have (``_pipeline_class``).
     """
     listed = _listed_parts(model)
-    defaults = {"guidance_scale": 7.5, "steps": 50}
     if listed is not None:
         pipeline_class = _pipeline_class(model, listed)
         with contextlib.suppress(TypeError):  # an unsupported pipeline; loading it says so
-            defaults = adapter_class_for(pipeline_class).call_defaults(pipeline_class)
-    return {**defaults, **toy_defaults(model)}
+            return _call_defaults(adapter_class_for(pipeline_class), pipeline_class, model)
+    return {**FALLBACK_CALL_DEFAULTS, **toy_defaults(model)}
+
+
+def _call_defaults(adapter_class: type[Adapter], pipeline_class: type, folder: str | Path | None) -> dict:
+    """The family's defaults for ``pipeline_class``, under what ``folder``'s ``trasce_toy.json`` recommends."""
+    return {**adapter_class.call_defaults(pipeline_class), **(toy_defaults(folder) if folder else {})}
 
 
 def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
@@ -355,8 +360,7 @@ class TraSCEPipeline:
         #: ``guidance_scale`` and ``steps`` where a call gives none: the model family's (``Adapter.call_defaults``),
         #: or what the folder the model was loaded from recommends in ``trasce_toy.json``
         loaded_from = getattr(pipe.config, "_name_or_path", None)  # None for a pipeline built in memory
-        self.call_defaults = {**type(self.adapter).call_defaults(type(pipe)),
-                              **(toy_defaults(loaded_from) if loaded_from else {})}
+        self.call_defaults = _call_defaults(type(self.adapter), type(pipe), loaded_from)
         self._set_erasure(concept=concept, preset=preset, mode=mode, loss_scale=loss_scale, step_size=step_size,
                           sigma=sigma, kernel=kernel, lazy_tolerance=lazy_tolerance, steer_window=steer_window,
                           one_call=one_call)

@@ -13,6 +13,9 @@ import torch
 
 from trasce.sampler import Cond, GradientCheck
 
+#: ``guidance_scale`` and ``steps`` where nothing else states them: SD v1.4's, TraSCE's published setting.
+FALLBACK_CALL_DEFAULTS: dict[str, float | int] = {"guidance_scale": 7.5, "steps": 50}
+
 
 class Adapter:
     """Base class of the model-family adapters; subclasses fill in ``encode`` and ``denoise``."""
@@ -134,7 +137,7 @@ class Adapter:
         for SDXL, 7 and 28 for SD3 (7.5 and 50 where a pipeline class states none).
         """
         parameters = inspect.signature(pipeline_class.__call__).parameters
-        defaults: dict[str, float | int] = {"guidance_scale": 7.5, "steps": 50}
+        defaults = dict(FALLBACK_CALL_DEFAULTS)
         for key, name, kind in (("guidance_scale", "guidance_scale", float), ("steps", "num_inference_steps", int)):
             value = getattr(parameters.get(name), "default", None)
             if isinstance(value, (int, float)) and not isinstance(value, bool):

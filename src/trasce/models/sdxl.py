@@ -86,9 +86,13 @@ class StableDiffusionXLAdapter(Adapter):
         # Threads sharing a VAE that is upcast take turns: one would find it in float32 and decode without
         # upcasting while the other cast it back to float16 under it.
         with _upcast_lock if vae.config.force_upcast else contextlib.nullcontext():
-            return self._decode(vae, latents, output_type)
+            images = self._decode(vae, latents)
+        if getattr(self.pipe, "watermark", None) is not None:
+            images = self.pipe.watermark.apply_watermark(images)
+        return self.postprocess(images.detach(), output_type)
 
-    def _decode(self, vae, latents: torch.Tensor, output_type: str) -> tuple[object, list[bool] | None]:
+    def _decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's decoding of ``latents``, upcast to float32 for its duration where the VAE asks for it."""
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast
         if upcast:
             vae.to(dtype=torch.float32)
@@ -101,10 +105,7 @@ class StableDiffusionXLAdapter(Adapter):
                 latents = latents * std / vae.config.scaling_factor + mean
             else:
                 latents = latents / vae.config.scaling_factor
-            images = vae.decode(latents, return_dict=False)[0]
+            return vae.decode(latents, return_dict=False)[0]
         finally:
             if upcast:  # back to fp16 even when decoding fails (out of memory), as the user loaded it
                 vae.to(dtype=torch.float16)
-        if getattr(self.pipe, "watermark", None) is not None:
-            images = self.pipe.watermark.apply_watermark(images)
-        return self.postprocess(images.detach(), output_type)
