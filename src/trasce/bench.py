@@ -178,7 +178,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     The erasure settings are ``preset``'s, or lambda = eta = sigma = 1 with ``concept`` (default:
     the nudity concept text); ``prompt`` is the prompt of the rows that do not depend on it.
     """
-    from trasce.generate import check_counts, check_size_flags, check_steps, pick_device, pick_dtype
+    from trasce.generate import check_counts, check_runnable, check_size_flags, pick_device, pick_dtype
     from trasce.models import random as random_models
 
     if repeats < 1:
@@ -203,8 +203,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
     trasce = TraSCEPipeline.from_pipe(pipe, concept=concept, **erase)
     concept, erasing = trasce.concept, trasce.settings
     # Before any row is timed: a size or step count that every row would fail on.
-    h, w = trasce.adapter.image_size(height, width)
-    check_steps(trasce, steps, h, w)
+    h, w = check_runnable(trasce, steps, height, width)
     prompts = [prompt] * batch_size
     batch_elements = batch_size * math.prod(trasce.adapter.latent_shape(h, w))
     # Pixel-space models (the embedded one) have no VAE: their latents are the images.

@@ -52,8 +52,9 @@ from trasce.generate import (
     batches,
     check_counts,
     check_guidance_off,
+    check_lazy_tolerance,
+    check_runnable,
     check_size_flags,
-    check_steps,
     hide_loading_bars,
     initial_noise,
     pick_device,
@@ -70,7 +71,7 @@ from trasce.runs import (
     refuse_several_processes,
     source_commit,
 )
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, STEERING_MODES, check_scheduler
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, STEERING_MODES
 
 METHODS: dict[str, str] = {
     "none": "unprotected: plain classifier-free guidance",
@@ -449,21 +450,6 @@ def _generate(folder: RunFolder, todo: list[Prompt], runner: Runner, pipe: TraSC
 # Evaluation
 
 
-def _image_tensor(paths: Sequence[Path]) -> torch.Tensor:
-    """PNG files to ``(B, 3, H, W)`` in ``[-1, 1]``, as the toy judge reads a run folder."""
-    import numpy as np
-    from PIL import Image
-
-    arrays = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32))
-        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a damaged file
-            raise ValueError(f"cannot read image {path} ({error}); delete it and rerun to make it again") from error
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
-
 def fid_or_none(a, b) -> tuple[float | None, str | None]:
     """Fréchet distance of two feature sets, clipped at 0 (negative values are rounding), or why there is none."""
     from trasce.eval.fid import fid_from_features
@@ -481,8 +467,9 @@ def fid_or_none(a, b) -> tuple[float | None, str | None]:
 def _toy_evaluate(folders: dict[str, dict[str, RunFolder]], sets: dict[str, list[Prompt]], attribute: str,
                   value: str) -> tuple[dict, dict, dict]:
     """Judge every image with the embedded judge: per method and set, rates and per-image verdicts."""
+    from trasce.eval.evaluate import load_image
     from trasce.toy.captions import agreement
-    from trasce.toy.judge import Judge
+    from trasce.toy.judge import Judge, from_pil
 
     judge = Judge.load()
     results: dict[str, dict[str, Any]] = {}
@@ -491,7 +478,7 @@ def _toy_evaluate(folders: dict[str, dict[str, RunFolder]], sets: dict[str, list
         results[method] = {}
         for split, folder in by_split.items():
             rows = sets[split]
-            images = _image_tensor([folder.image_path(p.case) for p in rows])
+            images = from_pil([load_image(folder.image_path(p.case))[0] for p in rows])
             seen = judge.classify(images)
             verdicts = []
             for p, verdict in zip(rows, seen, strict=True):
@@ -705,8 +692,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     _check_sizes(options, toy)
     if options.split not in ("test", "val"):
         raise ValueError(f"--split must be test or val, got {options.split!r}")
-    if options.lazy_tolerance is not None and not options.lazy_tolerance >= 0:
-        raise ValueError(f"--lazy-tolerance must be at least 0 (or give --exact), got {options.lazy_tolerance:g}")
+    check_lazy_tolerance(options.lazy_tolerance)
     lazy_tolerance = None if options.exact else options.lazy_tolerance
 
     defaults = pipe.call_defaults if pipe is not None else model_call_defaults(options.model)
@@ -774,12 +760,9 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     if any(m in SLD_LEVELS for m in methods):
         check_sld(pipe)
     device, dtype = pipe.adapter.device, pipe.adapter.dtype
-    # Before any folder records a run that cannot run:
-    size = pipe.adapter.image_size(options.height, options.width)
-    for method in STEERING_MODES:
-        if method in methods:  # with the settings method_runner gives it
-            check_scheduler(pipe.pipe.scheduler, pipe.with_settings(mode=method).settings, steps)
-    check_steps(pipe, steps, *size)
+    # Before any folder records a run that cannot run; each steering method with the settings method_runner gives it.
+    steering = [pipe.with_settings(mode=m).settings for m in STEERING_MODES if m in methods]
+    size = check_runnable(pipe, steps, options.height, options.width, steering)
     if not toy:
         warn_of_an_unscaled_sigma(pipe, preset, options.sigma, *size)
 

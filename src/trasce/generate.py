@@ -13,7 +13,7 @@ import contextlib
 import copy
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults
 from trasce.runs import RunFolder, atomic_save_image, failing_together
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, check_scheduler
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, check_scheduler
 
 # The run settings that each manifest line repeats, so that an image's line alone says how it was made.
 IMAGE_SETTINGS = ("loss_scale", "step_size", "sigma", "kernel", "steer_window", "steps", "scheduler", "dtype", "model")
@@ -189,14 +189,27 @@ def initial_noise(pipe: TraSCEPipeline, seed: int, count: int, height: int, widt
     return noise, [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def check_steps(pipe: TraSCEPipeline, steps: int, height: int, width: int) -> None:
-    """Refuse ``steps`` that the pipeline's scheduler cannot make (more than its training timesteps, say)
-    before the run folder records them: ``ValueError`` with the scheduler's reason. The timesteps are
-    set on a copy as the family sets them (a FLUX or SD3 scheduler shifts them by the image size)."""
+def check_runnable(pipe: TraSCEPipeline, steps: int, height: int | None, width: int | None,
+                   settings: Iterable[EraseSettings] = ()) -> tuple[int, int]:
+    """The image size (``Adapter.image_size``), once the run is known to be possible, before a run folder
+    records it: ``ValueError`` for a size the family cannot make, a scheduler that would drop the steering of
+    any of ``settings`` (``check_scheduler``), or ``steps`` the scheduler cannot make (more than its training
+    timesteps, say; the timesteps are set on a copy as the family sets them: a FLUX or SD3 scheduler shifts
+    them by the image size)."""
+    height, width = pipe.adapter.image_size(height, width)
+    for erasing in settings:
+        check_scheduler(pipe.pipe.scheduler, erasing, steps)
     try:
         pipe.adapter.set_timesteps(copy.deepcopy(pipe.pipe.scheduler), steps, torch.device("cpu"), height, width)
     except ValueError as error:
         raise ValueError(f"--steps {steps}: {' '.join(str(error).split())}") from None
+    return height, width
+
+
+def check_lazy_tolerance(tolerance: float | None) -> None:
+    """Refuse a ``--lazy-tolerance`` below 0 (or NaN); ``None`` is exact."""
+    if tolerance is not None and not tolerance >= 0:
+        raise ValueError(f"--lazy-tolerance must be at least 0 (or give --exact), got {tolerance:g}")
 
 
 def check_counts(counts: dict[str, int | None]) -> None:
@@ -254,8 +267,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     if not 0 <= start <= end <= 1:
         raise ValueError(f"--steer-window must be START END with 0 <= START <= END <= 1 (fractions of the steps), "
                          f"got {start:g} {end:g}")
-    if options.lazy_tolerance is not None and not options.lazy_tolerance >= 0:
-        raise ValueError(f"--lazy-tolerance must be at least 0 (or give --exact), got {options.lazy_tolerance:g}")
+    check_lazy_tolerance(options.lazy_tolerance)
     check_size_flags(options.height, options.width)
 
     warn_of_other_prompt_columns(rows, options.prompts, options.prompt_column, state.is_main_process)
@@ -286,9 +298,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
     pipe.pipe.set_progress_bar_config(disable=True)
     steps = options.steps if options.steps is not None else defaults["steps"]
     # Before run.json records a run that cannot run:
-    height, width = pipe.adapter.image_size(options.height, options.width)
-    check_scheduler(pipe.pipe.scheduler, pipe.settings, steps)
-    check_steps(pipe, steps, height, width)
+    height, width = check_runnable(pipe, steps, options.height, options.width, [pipe.settings])
     if state.is_main_process:
         warn_of_an_unscaled_sigma(pipe, options.preset, options.sigma, height, width)
 
