@@ -18,7 +18,7 @@ import time
 import torch
 
 from trasce import TraSCEPipeline
-from trasce.pipeline import toy_defaults
+from trasce.pipeline import model_call_defaults
 from trasce.runs import source_commit
 from trasce.toy import world
 from trasce.toy.judge import Judge
@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
     args = parser.parse_args()
 
-    defaults = toy_defaults("toy")
-    steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
+    defaults = model_call_defaults("toy")
+    steps, scale = defaults["steps"], defaults["guidance_scale"]
     sets = speed_prompt_sets(args.concept, args.n, args.seed)
     exact = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset, lazy_tolerance=None)
     results = {"concept": args.concept, "steps": steps, "guidance_scale": scale, "settings": vars(exact.settings),

@@ -25,7 +25,7 @@ import torch
 
 import trasce.sampler as sampler
 from trasce import TraSCEPipeline
-from trasce.pipeline import toy_defaults
+from trasce.pipeline import model_call_defaults
 from trasce.runs import source_commit
 from trasce.toy.prompts import speed_prompt_sets
 
@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
 
-    defaults = toy_defaults("toy")
-    steps, scale = args.steps or defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
+    defaults = model_call_defaults("toy")
+    steps, scale = args.steps or defaults["steps"], defaults["guidance_scale"]
     pipe = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
     lazy_step = sampler._steering_step
     skipped: list[float] = []  # true update / tolerance of every skipped (image, step)

@@ -21,7 +21,7 @@ import torch
 
 from trasce import TraSCEPipeline
 from trasce.bench import time_round_robin
-from trasce.pipeline import toy_defaults
+from trasce.pipeline import model_call_defaults
 from trasce.runs import source_commit
 from trasce.toy.prompts import add_speed_arguments, speed_prompt_sets
 
@@ -33,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     commit = source_commit()  # of the code imported now, whatever the checkout holds when the run ends
 
-    defaults = toy_defaults("toy")
-    steps, scale = defaults.get("steps", 25), defaults.get("guidance_scale", 3.0)
+    defaults = model_call_defaults("toy")
+    steps, scale = defaults["steps"], defaults["guidance_scale"]
     sets = speed_prompt_sets(args.concept, args.n, args.seed)
     trasce = TraSCEPipeline.from_pretrained("toy", concept=args.concept, preset=args.preset)
     trasce.pipe.set_progress_bar_config(disable=True)

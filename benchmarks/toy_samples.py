@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from trasce import TraSCEPipeline
-from trasce.pipeline import toy_defaults
+from trasce.pipeline import model_call_defaults
 from trasce.report import _font, save_png
 from trasce.toy import captions
 from trasce.toy.judge import Judge
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    defaults = toy_defaults("toy")
+    defaults = model_call_defaults("toy")
     pipe = TraSCEPipeline.from_pretrained("toy", mode="none")
     prompts = captions.caption_set(16, "test", seed=args.seed, require=("shape",))
     out = pipe(prompts, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],

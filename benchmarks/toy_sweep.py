@@ -21,7 +21,7 @@ import torch
 
 from trasce import TraSCEPipeline
 from trasce.eval.toy import toy_concept
-from trasce.pipeline import toy_defaults
+from trasce.pipeline import model_call_defaults
 from trasce.toy import captions
 from trasce.toy.judge import Judge
 from trasce.toy.prompts import prompt_sets
@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    defaults = toy_defaults("toy")
-    steps = args.steps or defaults.get("steps", 25)
-    scale = args.guidance_scale or defaults.get("guidance_scale", 3.0)
+    defaults = model_call_defaults("toy")
+    steps = args.steps or defaults["steps"]
+    scale = args.guidance_scale or defaults["guidance_scale"]
     attribute, value = toy_concept(args.concept)
     sets = prompt_sets(args.concept, args.n, "val", args.seed)
     judge = Judge.load()

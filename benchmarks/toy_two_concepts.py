@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 from trasce import TraSCEPipeline
-from trasce.benchmark import PRESET_FOR_ATTRIBUTE
-from trasce.eval.toy import toy_concept
-from trasce.pipeline import toy_defaults
+from trasce.benchmark import PRESET_FOR_ATTRIBUTE, toy_target
+from trasce.pipeline import model_call_defaults
 from trasce.toy.captions import agreement, mentioned
 from trasce.toy.judge import Judge
 from trasce.toy.prompts import prompt_sets
@@ -32,7 +31,7 @@ from trasce.toy.prompts import prompt_sets
 def prompt_sets_of_two(a: str, b: str, n: int, seed: int) -> dict[str, list[str]]:
     """Test captions naming ``a``, naming ``b``, and naming neither (``n`` each, fewer for the last if the
     caption pool runs short)."""
-    (attr_a, value_a), (attr_b, value_b) = toy_concept(a), toy_concept(b)
+    (attr_a, value_a), (attr_b, value_b) = toy_target(a), toy_target(b)
     others = prompt_sets(a, 2 * n, "test", seed)["other"]
     neither = [c for c in others if mentioned(c).get(attr_a) != value_a and mentioned(c).get(attr_b) != value_b]
     return {a: prompt_sets(a, n, "test", seed)["target"], b: prompt_sets(b, n, "test", seed + 1)["target"],
@@ -55,12 +54,12 @@ def main() -> None:
     args = parser.parse_args()
 
     a, b = args.concepts
-    targets = {a: toy_concept(a), b: toy_concept(b)}
-    for concept, target in targets.items():
-        if target is None:
-            parser.error(f"{concept!r} is not one value of the toy world")
+    try:
+        targets = {a: toy_target(a), b: toy_target(b)}
+    except ValueError as error:
+        parser.error(str(error))
     attributes = {attribute for attribute, _ in targets.values()}
-    defaults = toy_defaults("toy")
+    defaults = model_call_defaults("toy")
     steps, scale = defaults["steps"], defaults["guidance_scale"]
     preset = PRESET_FOR_ATTRIBUTE.get(targets[a][0], "toy-shape")
     sets = prompt_sets_of_two(a, b, args.n, args.seed)

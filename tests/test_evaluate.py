@@ -362,6 +362,10 @@ def test_made_with_states_the_runs_settings_and_the_rows_scales_and_seeds() -> N
                                                                                          "seed": 3}]
     assert made_with(run, records) == {"model": "m", "mode": "trasce", "sigma": 2.0, "lazy_tolerance": None,
                                        "guidance_scales": [7.5, 12.0], "distinct_seeds": 2}
+    # part 1 alone keeps the preset (it names the concept) but not the steering's settings
+    run["settings"].update(mode="negation", preset="nudity")
+    assert made_with(run, records) == {"model": "m", "mode": "negation", "preset": "nudity",
+                                       "guidance_scales": [7.5, 12.0], "distinct_seeds": 2}
     # the prompt file and column; TraSCE's settings do nothing in plain generation, so they are left out
     run["settings"].update(mode="none", prompts="mma.csv", prompt_column="adv_prompt")
     assert made_with(run, records) == {"model": "m", "mode": "none", "prompts": "mma.csv",

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from trasce.benchmark import MAX_BASE_SEED
-from trasce.data import MAX_SEED
+from trasce.data import MAX_SEED, PROMPT_COLUMNS
 from trasce.pipeline import COMPILE_CHOICES, SCHEDULERS
 from trasce.presets import PRESETS
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
@@ -22,8 +22,8 @@ from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 # A prompt file's problems shown at most; a file with a systematic fault (a wrong column) repeats one per row.
 MAX_PROBLEMS_SHOWN = 20
-PROMPT_COLUMN_HELP = ("the prompt file's column (or JSON key) of the prompts [default: prompt, else adv_prompt, else "
-                      "sensitive prompt]")
+PROMPT_COLUMN_HELP = ("the {file} column (or JSON key) of the prompts [default: "
+                      + ", else ".join(PROMPT_COLUMNS) + "]")
 SCHEDULER_HELP = "default: the model's own, except PNDM (SD v1.x's), which loses steering updates: DDIM then"
 # Steps and CFG default to the model's (trasce.pipeline.model_call_defaults); tests check these figures.
 CFG_DEFAULTS = ("the model's: 7.5 for SD 1.x/2.x, 5 for SDXL, 7 for SD3, true CFG 3.5 for FLUX, 1.5 for the embedded "
@@ -99,7 +99,7 @@ def _choice(values) -> click.Choice:
 @click.option("--preset", type=_choice(PRESETS), help="published settings (and concept text) for a task")
 @click.option("--prompt", "prompt", multiple=True, help="a prompt (repeatable)")
 @click.option("--prompts", type=click.Path(path_type=Path), help="CSV, TSV, JSONL or text file of prompts")
-@click.option("--prompt-column", help=PROMPT_COLUMN_HELP)
+@click.option("--prompt-column", help=PROMPT_COLUMN_HELP.format(file="prompt file's"))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="output folder (resumable)")
 @click.option("--mode", type=_choice(MODES), default="trasce", show_default=True)
 @click.option("--loss-scale", type=float, help="lambda (released: --guidance_loss_scale)")
@@ -263,8 +263,7 @@ def _judge_options(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--n-other", type=int, default=80, show_default=True, help="toy: prompts asking for other values")
 @click.option("--target-prompts", type=click.Path(path_type=Path), help="real model: prompts that ask for the concept")
 @click.option("--other-prompts", type=click.Path(path_type=Path), help="real model: other prompts, for fidelity")
-@click.option("--prompt-column", help="the --target-prompts file's column (or JSON key) of the prompts [default: "
-                                      "prompt, else adv_prompt, else sensitive prompt]")
+@click.option("--prompt-column", help=PROMPT_COLUMN_HELP.format(file="--target-prompts file's"))
 @click.option("--judge", help="real model: a trasce evaluate judge (nudenet, q16, ...) [toy: the embedded judge]")
 @click.option("--judge-option", multiple=True, help="real model: the judge's option as KEY=VALUE (repeatable)")
 @click.option("--preset", type=_choice(PRESETS), help="TraSCE settings [toy: toy-shape or toy-fill by the concept]")

@@ -181,7 +181,7 @@ def _show(value: Any, limit: int = 80) -> str:
 # Reading the folder
 
 
-def _load_image(path: Path) -> tuple[Any, str]:
+def load_image(path: Path) -> tuple[Any, str]:
     """The image at ``path`` and the SHA-256 of the bytes it was decoded from (read once, so they agree)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -393,7 +393,7 @@ def evaluate_folder(
     with failing_together(state), contextlib.closing(bar):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            images, hashes = zip(*(_load_image(folder / record["file"]) for record in batch), strict=True)
+            images, hashes = zip(*(load_image(folder / record["file"]) for record in batch), strict=True)
             verdicts = judge.judge(list(images), batch)
             if len(verdicts) != len(batch):
                 raise RuntimeError(f"the {name} judge returned {len(verdicts)} verdicts for {len(batch)} images")
@@ -512,15 +512,18 @@ def format_table(summary: Mapping[str, Any]) -> str:
 MADE_WITH = ("model", "method", "mode", "concept", "preset", "loss_scale", "step_size", "sigma", "kernel",
              "lazy_tolerance", "steer_window", "method_settings", "steps", "scheduler", "dtype", "height", "width",
              "prompts", "prompt_column", "prompt_source")
-#: settings that do nothing in the modes without TraSCE (plain generation, conventional negative prompting)
-_TRASCE_ONLY = ("preset", "loss_scale", "step_size", "sigma", "kernel", "lazy_tolerance", "steer_window")
+#: settings that change no image in the modes without steering (sampler.STEERING_MODES)
+_STEERING_ONLY = ("loss_scale", "step_size", "sigma", "kernel", "lazy_tolerance", "steer_window")
 
 
 def made_with(run: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """How the images were made, for the summary and the report: ``MADE_WITH`` from ``run.json``, and the
     CFG scales and seeds the manifest's rows used (a prompt file may give each row its own)."""
+    from trasce.sampler import STEERING_MODES
+
     settings = (run or {}).get("settings", {})
-    unused = _TRASCE_ONLY if settings.get("mode") in ("none", "negative_prompt") else ()
+    mode = settings.get("mode")
+    unused = (() if mode in STEERING_MODES else _STEERING_ONLY) + (("preset",) if mode == "none" else ())
     made = {key: settings[key] for key in MADE_WITH if key in settings and key not in unused}
     scales = sorted({record["guidance_scale"] for record in records if record.get("guidance_scale") is not None})
     seeds = {record["seed"] for record in records if record.get("seed") is not None}

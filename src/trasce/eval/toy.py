@@ -102,18 +102,11 @@ class ToyJudge:
         }
 
     def judge(self, images: Sequence[Image], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        import numpy as np
-        import torch
-
-        from trasce.toy.judge import _check_images
+        from trasce.toy.judge import from_pil
 
         if not images:
             return []
-        tensors = []
-        for image in images:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32)
-            tensors.append(_check_images(torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1))
-        probs = {name: p.cpu() for name, p in self.model.predict(torch.cat(tensors)).items()}
+        probs = {name: p.cpu() for name, p in self.model.predict(from_pil(images)).items()}
         verdicts = []
         for i, record in enumerate(records):
             attributes = {}
@@ -200,7 +193,7 @@ def _model_outside_the_world(run: Mapping[str, Any] | None) -> str | None:
     ``run.json``'s ``world`` says so; a folder made before it was recorded is known to be outside the
     world only where its model's folder is here and has no ``trasce_toy.json``.
     """
-    from trasce.pipeline import resolve_model
+    from trasce.pipeline import is_toy_model, resolve_model
 
     settings = (run or {}).get("settings") or {}
     model, world = settings.get("model"), settings.get("world")
@@ -208,5 +201,4 @@ def _model_outside_the_world(run: Mapping[str, Any] | None) -> str | None:
         return None
     if world is not None:
         return None if world == "toy" else str(model)
-    folder = Path(resolve_model(model))
-    return str(model) if folder.is_dir() and not (folder / "trasce_toy.json").is_file() else None
+    return str(model) if Path(resolve_model(model)).is_dir() and not is_toy_model(model) else None

@@ -179,14 +179,17 @@ class Judge:
 
     def classify_pil(self, images: Sequence) -> list[dict[str, str]]:
         """:meth:`classify` for PIL images of any size and mode (converted to RGB)."""
-        tensors = []
-        for image in images:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
-            tensor = torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
-            tensors.append(_check_images(tensor))
-        if not tensors:
-            return []
-        return self.classify(torch.cat(tensors))
+        return self.classify(from_pil(images)) if images else []
+
+
+def from_pil(images: Sequence) -> torch.Tensor:
+    """PIL images of any size and mode as ``(B, 3, 32, 32)`` in ``[-1, 1]``, each converted to RGB and
+    area-resized to the world's size, as the judge reads them."""
+    tensors = [torch.zeros(0, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)]
+    for image in images:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+        tensors.append(_check_images(torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1))
+    return torch.cat(tensors)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
