@@ -194,7 +194,7 @@ def toy_target(concept: str | None) -> tuple[str, str]:
     return found
 
 
-def _concept_captions(n_name: int, n_alias: int, split: str, seed: int, attribute: str,
+def concept_captions(n_name: int, n_alias: int, split: str, seed: int, attribute: str,
                       value: str) -> tuple[list[str], list[str]]:
     """``n_name`` captions naming ``value`` by its name and ``n_alias`` naming it only by an alias.
 
@@ -239,7 +239,7 @@ def _rows(split_index: int, texts: Sequence[str], seed: int, guidance: float) ->
 def toy_prompt_sets(concept: str, attribute: str, value: str, split: str, seed: int, n_target: int, n_corner: int,
                     n_other: int, guidance: float) -> dict[str, list[Prompt]]:
     """The four prompt sets of the embedded world (see :data:`TOY_SPLITS`), seeds included."""
-    name, alias = _concept_captions(n_target, n_target, split, seed, attribute, value)
+    name, alias = concept_captions(n_target, n_target, split, seed, attribute, value)
     texts = {
         "target-name": name,
         "target-alias": alias,

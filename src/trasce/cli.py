@@ -1,4 +1,4 @@
-"""``trasce`` command line: generate, evaluate, table, benchmark, bench, demo, train-toy.
+"""``trasce`` command line: generate, evaluate, table, benchmark, bench, attack, demo, train-toy.
 
 Every bad input ends in one line on stderr that names the file, row, column or value and what is
 accepted, with exit status 2; a prompt file with several bad rows gets a line for each (up to
@@ -299,6 +299,49 @@ def benchmark(judge_option: tuple[str, ...], **kwargs) -> None:
     results = _guard(run_benchmark, options)
     click.echo(results["markdown"])
     click.echo(f"\nreport: {results['report']}")
+
+
+@main.command()
+@click.option("--model", default="toy", show_default=True,
+              help="'toy' (the embedded world), or a hub id / diffusers folder with --prompts and --pairs")
+@click.option("--concept", help="the concept the prompts should bring back; its words are banned from them")
+@click.option("--preset", type=_choice(PRESETS), help="take the concept text of a published preset (nudity, violence)")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="the prompt file to write (.csv; resumable), with OUT.json beside it")
+@click.option("--prompts", type=click.Path(path_type=Path),
+              help="prompts to rewrite (CSV, TSV, JSONL or text) [toy: test captions naming the concept]")
+@click.option("--prompt-column", help=PROMPT_COLUMN_HELP.format(file="--prompts file's"))
+@click.option("--pairs", type=click.Path(path_type=Path),
+              help="CSV with columns with_concept, without_concept: the concept vector's prompt pairs [toy: training "
+                   "captions naming the concept, and the same naming another value]")
+@click.option("--n-prompts", type=int, default=24, show_default=True, help="toy: prompts to rewrite")
+@click.option("--n-pairs", type=int, default=50, show_default=True, help="toy: prompt pairs")
+@click.option("--ban", multiple=True, help="a word the prompts may not hold (repeatable), besides the concept's own")
+@click.option("--allow-concept-words", is_flag=True, help="let the prompts hold the concept's own words")
+@click.option("--strength", type=float, default=3.0, show_default=True,
+              help="times the concept vector added to each prompt's conditioning (Ring-A-Bell's eta)")
+@click.option("--length", type=int, help="tokens per prompt [default: 16, fewer where the tokenizer takes fewer]")
+@click.option("--population", type=int, default=200, show_default=True, help="prompts per generation of the search")
+@click.option("--generations", type=int, default=300, show_default=True, help="generations of the search")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=42, show_default=True,
+              help="seed where the prompt file has none; toy: the prompts' base seed")
+@click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--overwrite", is_flag=True, help="discard the prompts the file holds and start again")
+def attack(ban: tuple[str, ...], **kwargs) -> None:
+    """Red-team: rewrite prompts, without the concept's words, to bring it back (Ring-A-Bell's search).
+
+    The search asks the model's text encoder only; the prompt file it writes keeps each source prompt's case,
+    seed and CFG scale, for trasce generate --prompts OUT.
+    """
+    from trasce.attack import AttackOptions, run
+
+    result = _guard(run, AttackOptions(ban=ban, **kwargs))
+    rows = result["rows"]
+    closer = sum(float(r["distance"]) < result["source_distance"] for r in rows)
+    click.echo(f"{len(rows)} prompts in {kwargs['out']} (banned: {', '.join(result['banned']) or 'nothing'}); "
+               f"{closer} nearer their target than their source prompt ({result['source_distance']:.4g})")
 
 
 if __name__ == "__main__":  # python -m trasce.cli

@@ -1,0 +1,174 @@
+"""``trasce attack``: Ring-A-Bell's search, its files, and its prompts judged on the embedded model."""
+
+import csv
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trasce import attack, data
+from trasce.attack import AttackOptions, AttackSettings
+from trasce.cli import main
+
+WORDS = ["red", "star", "striped", "blue", "cross", "solid", "on", "a"]
+
+
+def bag_of_words(texts):
+    """A stand-in text encoder whose optimum is known: each text's word counts over ``WORDS``."""
+    return torch.tensor([[text.split().count(w) for w in WORDS] for text in texts], dtype=torch.float32)
+
+
+def decode_words(genomes):
+    return [" ".join(WORDS[i] for i in row) for row in genomes.tolist()]
+
+
+def test_search_finds_the_texts_nearest_the_target_and_never_a_banned_word():
+    target = bag_of_words(["red star striped"])[0]
+    settings = AttackSettings(length=3, population=40, generations=60)
+    tokens = torch.arange(len(WORDS))
+    text, distance = attack.search(bag_of_words, decode_words, tokens, "x", target, settings,
+                                   torch.Generator().manual_seed(0))
+    assert sorted(text.split()) == ["red", "star", "striped"] and distance == 0
+    # "star" banned: the best three words miss "star" and add one word the target lacks, or a second
+    # "red"/"striped": two unit differences over the eight counts.
+    text, distance = attack.search(bag_of_words, decode_words, tokens, "x", target, settings,
+                                   torch.Generator().manual_seed(0), attack.ban_pattern(["star"]))
+    assert "star" not in text.split() and {"red", "striped"} <= set(text.split())
+    assert distance == pytest.approx(2 / len(WORDS))
+
+
+def test_the_same_row_searches_with_the_same_numbers_and_another_row_with_others():
+    row = data.PromptRow(case="7", prompt="a red circle", seed=3, guidance_scale=1.5, row=2)
+    again = data.PromptRow(case="7", prompt="a red circle", seed=3, guidance_scale=7.5, row=9)
+    other = data.PromptRow(case="8", prompt="a red circle", seed=3, guidance_scale=1.5, row=3)
+    draw = [torch.randint(1000, (4,), generator=attack.row_generator(r)).tolist() for r in (row, again, other)]
+    assert draw[0] == draw[1] != draw[2]
+
+
+def test_banned_words_cover_the_words_they_begin_and_no_others():
+    words = attack.banned_words("naked, nude, male genitalia", ["Blood"])
+    assert words == ("blood", "genitalia", "male", "naked", "nude")
+    pattern = attack.ban_pattern(words)
+    assert [bool(pattern.search(t)) for t in ("Nudes on a beach", "a bloody knife", "a female", "denude",
+                                              "a nud e")] == [True, True, False, False, False]
+    assert attack.banned_words("circle", ["disc"], concept_words=False) == ("disc",)
+    with pytest.raises(ValueError, match="--ban takes a word, got '  '"):
+        attack.banned_words("circle", ["  "])
+
+
+def test_concept_vector_is_the_mean_difference_of_the_pairs():
+    vector = attack.concept_vector(bag_of_words, [("a red star", "a red cross"), ("star star", "blue")])
+    # (star - cross) and (2 star - blue), averaged: star 1.5, cross -0.5, blue -0.5.
+    expected = torch.zeros(len(WORDS))
+    expected[WORDS.index("star")], expected[WORDS.index("cross")], expected[WORDS.index("blue")] = 1.5, -0.5, -0.5
+    assert torch.equal(vector, expected)
+
+
+def test_the_vocabulary_leaves_out_special_tokens_and_banned_words():
+    from trasce.pipeline import load_diffusers_pipeline
+
+    tokenizer = load_diffusers_pipeline("toy").tokenizer
+    names = set(tokenizer.convert_ids_to_tokens(attack.vocabulary(tokenizer, attack.ban_pattern(["circle"])).tolist()))
+    assert "circle" not in names and not {"<pad>", "<bos>", "<eos>", "<unk>"} & names
+    assert {"disc", "round", "red", ","} <= names and len(names) == len(tokenizer) - 5
+
+
+def test_toy_pairs_swap_the_concepts_name_for_another_value():
+    from trasce.toy.captions import mentioned
+
+    pairs = attack.toy_pairs("circle", 12, seed=1)
+    assert len(pairs) == 12
+    for with_concept, without in pairs:
+        assert mentioned(with_concept)["shape"] == "circle" and mentioned(without)["shape"] != "circle"
+        assert with_concept.replace("circle", "") == without.replace(mentioned(without)["shape"], "")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("with_concept,without\na,b\n", "pairs.csv: no column 'without_concept' (columns: 'with_concept', 'without')"),
+    ("with_concept,without_concept\na,b\nc, \n", "pairs.csv, row 3, column 'without_concept': empty"),
+    ("with_concept,without_concept\n", "pairs.csv: no pairs"),
+])
+def test_a_bad_pairs_file_is_named_with_its_row_and_column(tmp_path, content, message):
+    path = tmp_path / "pairs.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attack.read_pairs(path)
+
+
+SMALL = dict(n_prompts=3, n_pairs=20, population=24, generations=6, quiet=True)
+
+
+def test_attack_writes_a_prompt_file_generate_reads_and_resumes_it(tmp_path):
+    out = tmp_path / "attack.csv"
+    result = attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+    unbroken = out.read_bytes()
+    rows = data.read_prompts(out)
+    sources = attack.toy_rows("circle", 3, 42, 1.5)
+    assert [(r.case, r.seed, r.guidance_scale) for r in rows] == [(r.case, r.seed, 1.5) for r in sources]
+    assert [r.extra["source_prompt"] for r in rows] == [r.prompt for r in sources]
+    assert all("circle" not in r.prompt for r in rows) and all("circle" in r.prompt for r in sources)
+    # Each text found is nearer its target than the source prompt is.
+    assert all(float(r.extra["distance"]) < result["source_distance"] for r in rows)
+
+    # A run stopped after two prompts resumes with the third and writes what the unbroken run wrote.
+    lines = unbroken.decode().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))
+    attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+    assert out.read_bytes() == unbroken
+
+    with pytest.raises(ValueError, match=r"made with other settings: settings was .*\"generations\": 6.*now .*7"):
+        attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "generations": 7}))
+    (tmp_path / "attack.csv.json").unlink()
+    with pytest.raises(ValueError, match="attack.csv.json, which would say how it was made, does not"):
+        attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+
+
+def test_attack_on_a_model_folder_reads_prompts_and_pairs(tiny_sd_folder, tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed,evaluation_guidance,categories\n"
+                       "c1,an apple on a table,7,6.5,fruit\nc2,\"two apples, red\",8,5.0,fruit\n")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("with_concept,without_concept\nan apple,a pear\nan apple tree,a tree\n")
+    out = tmp_path / "apple.csv"
+    base = dict(out=out, model=str(tiny_sd_folder), concept="apple", length=6, population=12, generations=3,
+                quiet=True)
+    with pytest.raises(ValueError, match="give --prompts .* and --pairs"):
+        attack.run(AttackOptions(**base, prompts=prompts))
+    attack.run(AttackOptions(**base, prompts=prompts, pairs=pairs, ban=("pear",)))
+    rows = data.read_prompts(out)
+    assert [(r.case, r.seed, r.guidance_scale, r.extra["categories"]) for r in rows] == [
+        ("c1", 7, 6.5, "fruit"), ("c2", 8, 5.0, "fruit")]
+    assert all(attack.ban_pattern(["apple", "pear"]).search(r.prompt) is None for r in rows)
+
+
+def test_the_command_line_attack_and_its_refusals(tmp_path):
+    out = tmp_path / "a.csv"
+    args = ["attack", "--concept", "circle", "--n-prompts", "2", "--population", "16", "--generations", "3", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"2 prompts in {out} (banned: circle); " in result.output
+    with open(out, newline="") as file:
+        assert [r["case_number"] for r in csv.DictReader(file)] == ["00000", "00001"]
+    for extra, message in ((["--out", str(tmp_path / "a.txt")], "give it a .csv name"),
+                           (["--out", str(out), "--length", "15"], "--length 15: this model's tokenizer takes 1 to 14"),
+                           (["--out", str(out), "--population", "0"], "--population must be at least 1")):
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_attack_prompts_without_the_word_still_draw_the_concept_unprotected(tmp_path):
+    """The point of the attack, judged: the texts found hold no "circle", and the embedded model
+    draws circles for them."""
+    from trasce import TraSCEPipeline
+    from trasce.toy.judge import Judge
+
+    out = tmp_path / "attack.csv"
+    attack.run(AttackOptions(out=out, concept="circle", n_prompts=6, population=60, generations=40, quiet=True))
+    rows = data.read_prompts(out)
+    pipe = TraSCEPipeline.from_pretrained("toy", mode="none")
+    images = pipe([r.prompt for r in rows], generator=[torch.Generator().manual_seed(r.seed) for r in rows],
+                  output_type="pt").images
+    shapes = [verdict["shape"] for verdict in Judge.load().classify(images * 2 - 1)]
+    assert shapes.count("circle") >= 5, shapes
