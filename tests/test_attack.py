@@ -172,3 +172,24 @@ def test_attack_prompts_without_the_word_still_draw_the_concept_unprotected(tmp_
                   output_type="pt").images
     shapes = [verdict["shape"] for verdict in Judge.load().classify(images * 2 - 1)]
     assert shapes.count("circle") >= 5, shapes
+
+
+def test_on_sdxl_the_distance_takes_both_encoders_and_the_pooled_embedding():
+    from trasce.models import adapter_for
+    from trasce.models.random import build
+
+    pipe = build("tiny-sdxl")
+    adapter = adapter_for(pipe)
+    cond = adapter.encode(["a red apple", "a pear"])
+    rows = attack.encoder(adapter)(["a red apple", "a pear"])
+    assert torch.equal(rows, torch.cat([cond["encoder_hidden_states"].flatten(1), cond["text_embeds"]], dim=1))
+    tokens = attack.vocabulary(pipe.tokenizer, attack.ban_pattern(["apple"]))
+
+    def decode(genomes):
+        return [t.strip() for t in pipe.tokenizer.batch_decode(genomes.tolist(), skip_special_tokens=True)]
+
+    text, distance = attack.search(attack.encoder(adapter), decode, tokens, "a red apple", rows[0],
+                                   AttackSettings(length=8, population=16, generations=4),
+                                   torch.Generator().manual_seed(0), attack.ban_pattern(["apple"]))
+    assert "apple" not in text and distance == pytest.approx(float(((attack.encoder(adapter)([text])[0] - rows[0])
+                                                                     ** 2).mean()), rel=1e-5)
