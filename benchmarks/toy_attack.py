@@ -12,7 +12,8 @@ the same noise for both sets) and the toy judge gives the share of images showin
 prompt, a random text of the same number of tokens drawn from the words the search may use, with no
 search, which tells what the attack's texts owe to the search and what to the model's habits on
 texts without a shape. Everything lands in ``--work`` and resumes; ``--out`` gets the numbers, the
-prompts and the attack's settings.
+prompts, the attack's settings and the search's time (measured when it ran: a resumed run keeps the
+measurement of a search that ran in one go, and none is recorded for one that was stopped).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +36,7 @@ from trasce.eval.evaluate import evaluate_folder
 from trasce.generate import GenerateOptions
 from trasce.generate import run as generate
 from trasce.pipeline import load_diffusers_pipeline
+from trasce.runs import source_commit
 
 METHODS = ("none", "negative_prompt", "negation", "trasce")
 
@@ -54,10 +59,18 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
 
-    prompts = args.work / "attack.csv"
-    found = attack(AttackOptions(out=prompts, concept=args.concept, n_prompts=args.n, ban=tuple(args.ban),
-                                 strength=args.strength, population=args.population, generations=args.generations,
-                                 seed=args.seed, quiet=True))
+    options = AttackOptions(out=args.work / "attack", concept=args.concept, n_prompts=args.n, ban=tuple(args.ban),
+                            strength=args.strength, population=args.population, generations=args.generations,
+                            seed=args.seed, quiet=True)
+    timings = args.work / "attack-seconds.json"  # the search's time when it ran in one go, kept for later runs
+    fresh = not options.out.exists()
+    start = time.perf_counter()
+    found = attack(options)
+    if fresh:
+        timings.write_text(json.dumps({"seconds": time.perf_counter() - start, "prompts": len(found["rows"]),
+                                       "machine": platform.processor() or platform.machine(),
+                                       "cpus": os.cpu_count()}))
+    prompts = Path(found["file"])
     controls = random_texts(found)
     sets = {"source": args.work / "source.csv", "attack": prompts, "random": args.work / "random.csv"}
     for name, texts in (("source", [r["source_prompt"] for r in found["rows"]]), ("random", controls)):
@@ -80,8 +93,10 @@ def main() -> None:
         rows.append(row)
         print(f"{method}: " + ", ".join(f"{name} {row[name]['rate']:.0%}" for name in sets), flush=True)
 
-    report = {"concept": args.concept, "preset": preset, "attack": {k: v for k, v in found.items() if k != "rows"},
-              "prompts": found["rows"], "random": controls, "rows": rows}
+    report = {"concept": args.concept, "preset": preset, "attack": found["settings"], "commit": source_commit(),
+              "attack_time": json.loads(timings.read_text()) if timings.exists() else None,
+              "prompts": found["rows"], "random": controls,
+              "rows": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -91,12 +106,13 @@ def random_texts(found: dict) -> list[str]:
     from trasce.data import PromptRow
 
     tokenizer = load_diffusers_pipeline("toy").tokenizer
-    tokens = ring_a_bell.vocabulary(tokenizer, ring_a_bell.ban_pattern(found["banned"]))
+    tokens = ring_a_bell.vocabulary(tokenizer, ring_a_bell.ban_pattern(found["settings"]["banned"]))
     texts = []
     for r in found["rows"]:
         row = PromptRow(case=r["case_number"], prompt=r["source_prompt"], seed=int(r["evaluation_seed"]),
                         guidance_scale=float(r["evaluation_guidance"]), row=0)
-        draw = torch.randint(len(tokens), (found["settings"]["length"],), generator=ring_a_bell.row_generator(row))
+        length = len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])  # the search's texts' length
+        draw = torch.randint(len(tokens), (length,), generator=ring_a_bell.row_generator(row))
         texts.append(tokenizer.decode(tokens[draw].tolist()).strip())
     return texts
 

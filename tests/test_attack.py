@@ -1,6 +1,7 @@
 """``trasce attack``: Ring-A-Bell's search, its files, and its prompts judged on the embedded model."""
 
 import csv
+import json
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from trasce import attack, data
 from trasce.attack import AttackOptions, AttackSettings
 from trasce.cli import main
+from trasce.runs import RunFolderError
 
 WORDS = ["red", "star", "striped", "blue", "cross", "solid", "on", "a"]
 
@@ -46,12 +48,13 @@ def test_the_same_row_searches_with_the_same_numbers_and_another_row_with_others
     assert draw[0] == draw[1] != draw[2]
 
 
-def test_banned_words_cover_the_words_they_begin_and_no_others():
-    words = attack.banned_words("naked, nude, male genitalia", ["Blood"])
+def test_banned_words_are_whole_words_or_their_plurals_and_a_concepts_function_words_are_not_banned():
+    words = attack.banned_words("the naked, nude, male genitalia", ["Blood"])
     assert words == ("blood", "genitalia", "male", "naked", "nude")
     pattern = attack.ban_pattern(words)
-    assert [bool(pattern.search(t)) for t in ("Nudes on a beach", "a bloody knife", "a female", "denude",
-                                              "a nud e")] == [True, True, False, False, False]
+    texts = ("Nudes on a beach", "NUDE", "blood-red", "a bloody knife", "a female", "denude", "nudity", "a nud e")
+    assert [bool(pattern.search(t)) for t in texts] == [True, True, True, False, False, False, False, False]
+    assert attack.banned_words("a disc") == ("disc",)
     assert attack.banned_words("circle", ["disc"], concept_words=False) == ("disc",)
     with pytest.raises(ValueError, match="--ban takes a word, got '  '"):
         attack.banned_words("circle", ["  "])
@@ -84,13 +87,19 @@ def test_toy_pairs_swap_the_concepts_name_for_another_value():
         assert with_concept.replace("circle", "") == without.replace(mentioned(without)["shape"], "")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("with_concept,without\na,b\n", "pairs.csv: no column 'without_concept' (columns: 'with_concept', 'without')"),
-    ("with_concept,without_concept\na,b\nc, \n", "pairs.csv, row 3, column 'without_concept': empty"),
-    ("with_concept,without_concept\n", "pairs.csv: no pairs"),
+@pytest.mark.parametrize("name, content, message", [
+    ("pairs.csv", "with_concept,without\na,b\n",
+     "pairs.csv: no column 'without_concept'; expected 'with_concept', 'without_concept' (found: 'with_concept', "
+     "'without')"),
+    ("pairs.csv", "with_concept,without_concept\na,b\nc, \n\n,d\n",
+     "pairs.csv, row 3, column 'without_concept': empty; every row of a pairs file fills 'with_concept', "
+     "'without_concept' (and 1 more problem in this file)"),
+    ("pairs.csv", 'with_concept,without_concept\n"a, b\n', "pairs.csv, row 2: cannot be parsed"),
+    ("pairs.csv", "with_concept,without_concept\n", "pairs.csv: no rows"),
+    ("pairs.tsv", "with_concept\twithout_concept\n", "pairs.tsv: a pairs file is read as CSV; give a .csv file"),
 ])
-def test_a_bad_pairs_file_is_named_with_its_row_and_column(tmp_path, content, message):
-    path = tmp_path / "pairs.csv"
+def test_a_bad_pairs_file_is_named_with_its_row_and_column(tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)):
         attack.read_pairs(path)
@@ -100,28 +109,62 @@ SMALL = dict(n_prompts=3, n_pairs=20, population=24, generations=6, quiet=True)
 
 
 def test_attack_writes_a_prompt_file_generate_reads_and_resumes_it(tmp_path):
-    out = tmp_path / "attack.csv"
+    out = tmp_path / "attack"
     result = attack.run(AttackOptions(out=out, concept="circle", **SMALL))
-    unbroken = out.read_bytes()
-    rows = data.read_prompts(out)
+    path = out / "prompts.csv"
+    assert result["file"] == str(path) and json.loads((out / "run.json").read_text())["settings"]["banned"] == [
+        "circle"]
+    unbroken = path.read_bytes()
+    rows = data.read_prompts(path)
     sources = attack.toy_rows("circle", 3, 42, 1.5)
     assert [(r.case, r.seed, r.guidance_scale) for r in rows] == [(r.case, r.seed, 1.5) for r in sources]
     assert [r.extra["source_prompt"] for r in rows] == [r.prompt for r in sources]
     assert all("circle" not in r.prompt for r in rows) and all("circle" in r.prompt for r in sources)
     # Each text found is nearer its target than the source prompt is.
-    assert all(float(r.extra["distance"]) < result["source_distance"] for r in rows)
+    assert result["nearer"] == 3 and all(float(r.extra["distance"]) < float(r.extra["source_distance"]) for r in rows)
 
-    # A run stopped after two prompts resumes with the third and writes what the unbroken run wrote.
+    # A run stopped after two prompts resumes with the third and keeps the two rows it holds: the
+    # second's text, changed here, survives, and the rest is what the unbroken run wrote.
     lines = unbroken.decode().splitlines(keepends=True)
-    out.write_text("".join(lines[:3]))
+    path.write_text("".join(lines[:3]).replace(rows[1].prompt, "kept as written"))
     attack.run(AttackOptions(out=out, concept="circle", **SMALL))
-    assert out.read_bytes() == unbroken
+    assert [r.prompt for r in data.read_prompts(path)] == [rows[0].prompt, "kept as written", rows[2].prompt]
+    assert path.read_text().endswith(lines[3])
 
-    with pytest.raises(ValueError, match=r"made with other settings: settings was .*\"generations\": 6.*now .*7"):
+    with pytest.raises(RunFolderError, match="holds a run with different settings: 'generations' was 6, now 7"):
         attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "generations": 7}))
-    (tmp_path / "attack.csv.json").unlink()
-    with pytest.raises(ValueError, match="attack.csv.json, which would say how it was made, does not"):
+    with pytest.raises(RunFolderError, match=re.escape("'banned' was [\"circle\"], now [\"circle\", \"disc\"]")):
+        attack.run(AttackOptions(out=out, concept="circle", ban=("disc",), **SMALL))
+    (out / "run.json").write_text("[]")
+    with pytest.raises(RunFolderError, match="run.json has no 'settings' object"):
         attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+    (out / "run.json").unlink()
+    with pytest.raises(RunFolderError, match="holds prompts.csv but no run.json"):
+        attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+
+
+def test_an_overwrite_stopped_before_its_first_prompt_leaves_no_old_rows_to_resume(tmp_path, monkeypatch):
+    out = tmp_path / "attack"
+    attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attack, "search", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        attack.run(AttackOptions(out=out, concept="circle", overwrite=True, **{**SMALL, "generations": 7}))
+    assert not (out / "prompts.csv").exists()
+    monkeypatch.undo()
+    searched = []
+    monkeypatch.setattr(attack, "search", lambda *args, **kwargs: searched.append(args[3]) or ("a disc", 0.0))
+    attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "generations": 7}))
+    assert len(searched) == 3
+
+
+def test_a_concept_named_by_an_alias_bans_its_value_on_the_embedded_model(tmp_path):
+    result = attack.run(AttackOptions(out=tmp_path / "a", concept="a disc", **{**SMALL, "n_prompts": 1}))
+    assert result["settings"]["banned"] == ["circle", "disc"]
+    assert attack.ban_pattern(["circle", "disc"]).search(result["rows"][0]["prompt"]) is None
 
 
 def test_attack_on_a_model_folder_reads_prompts_and_pairs(tiny_sd_folder, tmp_path):
@@ -130,30 +173,32 @@ def test_attack_on_a_model_folder_reads_prompts_and_pairs(tiny_sd_folder, tmp_pa
                        "c1,an apple on a table,7,6.5,fruit\nc2,\"two apples, red\",8,5.0,fruit\n")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("with_concept,without_concept\nan apple,a pear\nan apple tree,a tree\n")
-    out = tmp_path / "apple.csv"
+    out = tmp_path / "apple"
     base = dict(out=out, model=str(tiny_sd_folder), concept="apple", length=6, population=12, generations=3,
                 quiet=True)
     with pytest.raises(ValueError, match="give --prompts .* and --pairs"):
         attack.run(AttackOptions(**base, prompts=prompts))
     attack.run(AttackOptions(**base, prompts=prompts, pairs=pairs, ban=("pear",)))
-    rows = data.read_prompts(out)
+    rows = data.read_prompts(out / "prompts.csv")
     assert [(r.case, r.seed, r.guidance_scale, r.extra["categories"]) for r in rows] == [
         ("c1", 7, 6.5, "fruit"), ("c2", 8, 5.0, "fruit")]
     assert all(attack.ban_pattern(["apple", "pear"]).search(r.prompt) is None for r in rows)
 
 
 def test_the_command_line_attack_and_its_refusals(tmp_path):
-    out = tmp_path / "a.csv"
+    out = tmp_path / "a"
     args = ["attack", "--concept", "circle", "--n-prompts", "2", "--population", "16", "--generations", "3", "--quiet"]
     result = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"2 prompts in {out} (banned: circle); " in result.output
-    with open(out, newline="") as file:
+    assert f"2 prompts in {out / 'prompts.csv'} (banned: circle); " in result.output
+    with open(out / "prompts.csv", newline="") as file:
         assert [r["case_number"] for r in csv.DictReader(file)] == ["00000", "00001"]
-    for extra, message in ((["--out", str(tmp_path / "a.txt")], "give it a .csv name"),
-                           (["--out", str(out), "--length", "15"], "--length 15: this model's tokenizer takes 1 to 14"),
-                           (["--out", str(out), "--population", "0"], "--population must be at least 1")):
-        result = CliRunner().invoke(main, [*args, *extra])
+    for extra, message in ((["--length", "15"], "--length 15: this model's tokenizer takes 1 to 14"),
+                           (["--population", "1"], "population must be at least 2, got 1"),
+                           (["--strength", "nan"], "strength must be a finite number, got nan"),
+                           (["--strength", "1e308"], "--strength 1e+308: the target overflows"),
+                           (["--pairs", str(tmp_path / "none.csv")], "none.csv: file not found")):
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
 
 
@@ -164,9 +209,9 @@ def test_attack_prompts_without_the_word_still_draw_the_concept_unprotected(tmp_
     from trasce import TraSCEPipeline
     from trasce.toy.judge import Judge
 
-    out = tmp_path / "attack.csv"
+    out = tmp_path / "attack"
     attack.run(AttackOptions(out=out, concept="circle", n_prompts=6, population=60, generations=40, quiet=True))
-    rows = data.read_prompts(out)
+    rows = data.read_prompts(out / "prompts.csv")
     pipe = TraSCEPipeline.from_pretrained("toy", mode="none")
     images = pipe([r.prompt for r in rows], generator=[torch.Generator().manual_seed(r.seed) for r in rows],
                   output_type="pt").images

@@ -12,9 +12,9 @@ makes its prompts a fair test of every method:
    out, for the text whose conditioning is nearest the target: the mean squared difference over
    every tensor of the conditioning (:func:`search`).
 
-:func:`run` (``trasce attack``) writes the texts found as a prompt file that ``trasce generate``
-reads, with each source prompt's case, seed and CFG scale, one row as soon as it is found; a
-stopped run resumes.
+:func:`run` (``trasce attack``) writes the texts found into ``OUT/prompts.csv``, a prompt file that
+``trasce generate`` reads, with each source prompt's case, seed and CFG scale, one row as soon as it
+is found; ``OUT/run.json`` holds the settings, and a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,8 @@ from trasce.data import CASE_COLUMN, READ_COLUMNS, PromptRow
 #: Share of the population kept unchanged from one generation to the next (the best texts).
 ELITE = 0.1
 #: The columns of the file ``run`` writes, before the source file's other columns.
-COLUMNS = (CASE_COLUMN, "prompt", "evaluation_seed", "evaluation_guidance", "source_prompt", "distance")
+COLUMNS = (CASE_COLUMN, "prompt", "evaluation_seed", "evaluation_guidance", "source_prompt", "distance",
+           "source_distance")
 #: Pairs file columns: a prompt with the concept, and the same prompt without it.
 PAIR_COLUMNS = ("with_concept", "without_concept")
 
@@ -60,7 +61,7 @@ class AttackSettings:
         for name, least in (("length", 1), ("population", 2), ("generations", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+                raise ValueError(f"{name} must be at least {least}, got {value!r}")
 
 
 def conditioning_rows(cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,10 +87,15 @@ def concept_vector(encode: Encode, pairs: Sequence[tuple[str, str]]) -> torch.Te
     return (encode([a for a, _ in pairs]) - encode([b for _, b in pairs])).mean(0)
 
 
+#: Words of a concept's text that are not banned from the prompts: they carry no concept ("a disc").
+FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "and", "or", "with", "by", "to", "for", "at", "as",
+                            "from"})
+
+
 def banned_words(concept: str, extra: Sequence[str] = (), concept_words: bool = True) -> tuple[str, ...]:
-    """Lower-case words no text found may hold: the concept's own (unless ``concept_words`` is false) and
-    ``extra``, sorted."""
-    found = set(_words(concept)) if concept_words else set()
+    """Lower-case words no text found may hold, sorted: the concept's own but ``FUNCTION_WORDS`` (unless
+    ``concept_words`` is false) and ``extra``'s."""
+    found = {w for w in _words(concept) if w not in FUNCTION_WORDS} if concept_words else set()
     for word in extra:
         if not _words(word):
             raise ValueError(f"--ban takes a word, got {word!r}")
@@ -102,10 +108,12 @@ def _words(text: str) -> list[str]:
 
 
 def ban_pattern(words: Sequence[str]) -> re.Pattern | None:
-    """Matches a text holding a banned word, or any word it begins ("nude": "nudes" too, not "denude")."""
+    """Matches a text holding a banned word as a whole word, or its plural ("nude": "nudes" too, not "nudity"
+    or "denude"), in any case."""
     if not words:
         return None
-    return re.compile(r"(?<![^\W_])(?:" + "|".join(re.escape(w) for w in words) + ")", re.IGNORECASE)
+    alternatives = "|".join(re.escape(w) for w in words)
+    return re.compile(rf"(?<![^\W_])(?:{alternatives})(?:e?s)?(?![^\W_])", re.IGNORECASE)
 
 
 def vocabulary(tokenizer, pattern: re.Pattern | None) -> torch.Tensor:
@@ -164,7 +172,8 @@ def search(encode: Encode, decode: Callable[[torch.Tensor], list[str]], tokens: 
         fitness = torch.cat([fitness[:keep], distances(children)])
     best = int(fitness.argmin())
     if not math.isfinite(fitness[best]):
-        raise ValueError(f"every text searched for {source!r} holds a banned word; ban fewer words")
+        raise ValueError(f"no text searched for {source!r} has a finite distance to its target: each holds a banned "
+                         "word (ban fewer words) or the target overflowed (a smaller --strength)")
     return decode(genomes[best:best + 1])[0], float(fitness[best])
 
 
@@ -178,33 +187,10 @@ def row_generator(row: PromptRow) -> torch.Generator:
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """``(with_concept, without_concept)`` pairs from a CSV file with those columns (``ValueError`` naming
-    the file, row and column of a problem)."""
-    path = Path(path)
-    if path.suffix.lower() != ".csv":
-        raise ValueError(f"{path}: the pairs file must be CSV (.csv) with columns {', '.join(PAIR_COLUMNS)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"pairs file {path} does not exist") from None
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in PAIR_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (columns: "
-                         f"{', '.join(map(repr, reader.fieldnames or [])) or 'none'}); a pairs file has "
-                         f"{PAIR_COLUMNS[0]!r} (a prompt with the concept) and {PAIR_COLUMNS[1]!r} (the same "
-                         "prompt without it)")
-    pairs = []
-    for record in reader:
-        row = reader.line_num
-        values = tuple((record.get(column) or "").strip() for column in PAIR_COLUMNS)
-        for column, value in zip(PAIR_COLUMNS, values, strict=True):
-            if not value:
-                raise ValueError(f"{path}, row {row}, column {column!r}: empty; every pair needs both prompts")
-        pairs.append(values)
-    if not pairs:
-        raise ValueError(f"{path}: no pairs")
-    return pairs
+    """``(with_concept, without_concept)`` pairs from a CSV file with those columns (``data.read_columns``)."""
+    from trasce.data import read_columns
+
+    return [(row[PAIR_COLUMNS[0]], row[PAIR_COLUMNS[1]]) for row in read_columns(path, PAIR_COLUMNS, "pairs file")]
 
 
 def toy_pairs(concept: str, n: int, seed: int) -> list[tuple[str, str]]:
@@ -223,30 +209,49 @@ def toy_pairs(concept: str, n: int, seed: int) -> list[tuple[str, str]]:
     return [(caption, name.sub(lambda _: rng.choice(others), caption)) for caption in captions]
 
 
-def written_rows(path: Path) -> dict[str, dict[str, str]]:
-    """The rows of an attack file already written, by case."""
-    with path.open(encoding="utf-8", newline="") as file:
-        return {record[CASE_COLUMN]: record for record in csv.DictReader(file)}
+def toy_rows(concept: str, n: int, seed: int, guidance: float) -> list[PromptRow]:
+    """The embedded world's prompts to attack: the benchmark's test captions naming ``concept`` by its
+    name (``target-name``), with the benchmark's cases and seeds, so that their images compare one to one."""
+    from trasce.benchmark import toy_prompt_sets, toy_target
+
+    attribute, value = toy_target(concept)
+    sets = toy_prompt_sets(concept, attribute, value, "test", seed, n_target=n, n_corner=1, n_other=1,
+                           guidance=guidance)
+    return [PromptRow(case=p.case, prompt=p.prompt, seed=p.seed, guidance_scale=p.guidance_scale, row=i + 1)
+            for i, p in enumerate(sets["target-name"])]
 
 
-def render(records: Sequence[dict[str, str]], extra: Sequence[str]) -> bytes:
-    """The attack file's CSV text: ``COLUMNS`` then ``extra``, one line per record."""
+def kept_columns(row: PromptRow) -> dict[str, str]:
+    """The source row's other columns that the attack file keeps: all but those it writes itself and those
+    trasce reads (a second prompt column would compete with the text found)."""
+    return {key: value for key, value in row.extra.items() if key not in COLUMNS and key not in READ_COLUMNS}
+
+
+def record(row: PromptRow, text: str, distance: float, source_distance: float) -> dict[str, str]:
+    """One row of the attack file: ``text`` found for ``row``, at ``distance`` from its target (the source
+    prompt lies ``source_distance`` from it)."""
+    return {CASE_COLUMN: row.case, "prompt": text, "evaluation_seed": str(row.seed),
+            "evaluation_guidance": repr(float(row.guidance_scale)), "source_prompt": row.prompt,
+            "distance": f"{distance:.6g}", "source_distance": f"{source_distance:.6g}", **kept_columns(row)}
+
+
+def render(records: Sequence[dict[str, str]]) -> bytes:
+    """The attack file's CSV text: ``COLUMNS``, then the source file's columns it keeps, a line per record."""
+    extra = list(dict.fromkeys(key for r in records for key in r if key not in COLUMNS))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *extra], extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
     return buffer.getvalue().encode("utf-8")
 
 
-def record(row: PromptRow, text: str, distance: float) -> dict[str, str]:
-    """One row of the attack file: ``text`` found for ``row``, at ``distance`` from its target."""
-    return {CASE_COLUMN: row.case, "prompt": text, "evaluation_seed": str(row.seed),
-            "evaluation_guidance": repr(float(row.guidance_scale)), "source_prompt": row.prompt,
-            "distance": f"{distance:.6g}",
-            **{key: value for key, value in row.extra.items() if key not in COLUMNS and key not in READ_COLUMNS}}
-
-
 # -- the command ---------------------------------------------------------------------------------
+
+#: The file ``run`` writes in its output folder (``run.json`` beside it holds the settings).
+PROMPTS_FILE = "prompts.csv"
+#: run.json settings that may change between sessions: where the files are, not what they hold (their
+#: rows' checksums are settings), and the default seed, which the toy prompts' checksum covers.
+VOLATILE = ("prompts", "pairs", "seed", "device", "quiet")
 
 
 @dataclass
@@ -275,29 +280,30 @@ class AttackOptions:
     overwrite: bool = False
 
 
-def settings_file(out: Path) -> Path:
-    """Where ``run`` records what made ``out``: beside it, ``out`` + ``.json``."""
-    return out.with_name(out.name + ".json")
+def _checksum(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
 def run(options: AttackOptions) -> dict:
-    """Write ``options.out``: for each prompt, the text found; resumes a file made with the same settings.
+    """Write ``OUT/prompts.csv``: for each prompt, the text found; resumes a folder made with the same settings.
 
-    Returns what the settings file records, with ``rows`` (the records written) added.
+    Everything a user can get wrong is checked before the model loads. Returns ``folder``, ``file``,
+    ``settings`` (as ``run.json`` holds them), ``rows`` (the records written) and ``nearer``: how many texts
+    lie nearer their target than their source prompt does.
     """
     from tqdm.auto import tqdm
 
     from trasce import data, presets
-    from trasce.generate import check_counts, hide_loading_bars, pick_device, pick_dtype
+    from trasce.eval.toy import toy_concept
+    from trasce.generate import check_counts, hide_loading_bars, pick_device, pick_dtype, warn_of_other_prompt_columns
     from trasce.models import adapter_for
-    from trasce.pipeline import is_toy_model, load_diffusers_pipeline, model_call_defaults
-    from trasce.runs import atomic_write_bytes, package_versions, source_commit
+    from trasce.pipeline import DTYPES, is_toy_model, load_diffusers_pipeline, model_call_defaults
+    from trasce.runs import RunFolder, RunFolderError, atomic_write_bytes, refuse_several_processes
 
-    out = Path(options.out)
-    if out.suffix.lower() != ".csv":
-        raise ValueError(f"--out {out}: the attack writes a prompt file; give it a .csv name")
-    check_counts({"--n-prompts": options.n_prompts, "--n-pairs": options.n_pairs,
-                  "--population": options.population, "--generations": options.generations})
+    refuse_several_processes("trasce attack", "and its processes would write one file over each other: start it "
+                                              "without accelerate launch")
+    check_counts({"--n-prompts": options.n_prompts, "--n-pairs": options.n_pairs, "--length": options.length})
+    AttackSettings(options.strength, options.length or 1, options.population, options.generations)
     concept = presets.resolve(options.preset, options.concept, None, None, None)[0]
     toy = is_toy_model(options.model)
     if not toy and (options.prompts is None or options.pairs is None):
@@ -307,47 +313,58 @@ def run(options: AttackOptions) -> dict:
     if options.prompts is not None:
         rows = data.read_prompts(options.prompts, default_seed=options.seed, default_guidance=guidance,
                                  prompt_column=options.prompt_column)
+        warn_of_other_prompt_columns(rows, options.prompts, options.prompt_column, show=True)
     else:
         rows = toy_rows(concept, options.n_prompts, options.seed, guidance)
     pairs = read_pairs(options.pairs) if options.pairs is not None else toy_pairs(concept, options.n_pairs,
                                                                                    options.seed)
-    banned = banned_words(concept, options.ban, concept_words=not options.allow_concept_words)
-    pattern = ban_pattern(banned)
-
+    # On the embedded world a concept named by an alias ("a disc") bans its value's name too.
+    value = toy_concept(concept) if toy and not options.allow_concept_words else None
+    also = [value[1]] if value is not None else []
+    banned = banned_words(concept, [*options.ban, *also], concept_words=not options.allow_concept_words)
     device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device)
+    settings = {
+        "attack": "Ring-A-Bell (genetic search on the text encoder)", "model": str(options.model),
+        "concept": concept, "banned": list(banned), "strength": options.strength, "length": options.length,
+        "population": options.population, "generations": options.generations,
+        "dtype": next(name for name, value in DTYPES.items() if value == dtype), "device": str(device),
+        "prompts": None if options.prompts is None else str(options.prompts), "prompt_column": options.prompt_column,
+        "prompts_count": len(rows),
+        "prompts_sha256": _checksum([(r.case, r.prompt, r.seed, r.guidance_scale, r.extra) for r in rows]),
+        "pairs": None if options.pairs is None else str(options.pairs), "pairs_count": len(pairs),
+        "pairs_sha256": _checksum(pairs), "seed": options.seed,
+    }
+    folder = RunFolder(options.out)
+    path = folder.path / PROMPTS_FILE
+    if options.overwrite:
+        for stale in (path, folder.run_json_path):
+            stale.unlink(missing_ok=True)
+    elif folder.read_run_json() is not None:
+        folder.write_run_json(settings, volatile=VOLATILE)  # the same settings, or a RunFolderError naming one
+    elif path.exists():
+        raise RunFolderError(f"{folder.path} holds {PROMPTS_FILE} but no run.json, so the settings it was made with "
+                             "cannot be checked; give another --out, or --overwrite to replace it")
+    done = ({row[CASE_COLUMN]: row for row in data.read_columns(path, COLUMNS, "trasce attack prompt file")}
+            if path.exists() else {})
+
     hide_loading_bars()
-    pipe = load_diffusers_pipeline(options.model, torch_dtype=pick_dtype(options.dtype, device)).to(device)
+    pipe = load_diffusers_pipeline(options.model, torch_dtype=dtype).to(device)
     tokenizer = pipe.tokenizer
     most = tokenizer.model_max_length - 2  # the start and end tokens
     length = options.length if options.length is not None else min(16, most)
-    if not 1 <= length <= most:
+    if length > most:
         raise ValueError(f"--length {length}: this model's tokenizer takes 1 to {most} tokens besides its start and "
                          "end tokens")
-    settings = AttackSettings(options.strength, length, options.population, options.generations)
-
-    recorded = {
-        "attack": "Ring-A-Bell (genetic search on the text encoder)",
-        "model": str(options.model),
-        "concept": concept,
-        "banned": list(banned),
-        "settings": asdict(settings),
-        "pairs": {"file": None if options.pairs is None else str(options.pairs), "count": len(pairs),
-                  "sha256": hashlib.sha256(json.dumps(pairs).encode()).hexdigest()},
-        "prompts": {"file": None if options.prompts is None else str(options.prompts), "count": len(rows),
-                    "sha256": hashlib.sha256(json.dumps([(r.case, r.prompt, r.seed, r.guidance_scale)
-                                                         for r in rows]).encode()).hexdigest()},
-    }
-    done = _resume(out, recorded, options.overwrite)
+    search_settings = AttackSettings(options.strength, length, options.population, options.generations)
     encode = encoder(adapter_for(pipe))
-    vector = concept_vector(encode, pairs)
-    # Every source prompt lies this far from its target (strength times the concept vector away).
-    recorded.update(source_distance=float((settings.strength * vector).pow(2).mean()), versions=package_versions(),
-                    commit=source_commit())
-    atomic_write_bytes(settings_file(out), (json.dumps(recorded, indent=2) + "\n").encode())
-    tokens = vocabulary(tokenizer, pattern)
-    extra = [key for key in dict.fromkeys(k for row in rows for k in row.extra)
-             if key not in COLUMNS and key not in READ_COLUMNS]
-    records = {case: done[case] for case in (row.case for row in rows) if case in done}
+    shift = search_settings.strength * concept_vector(encode, pairs)
+    if not torch.isfinite(shift).all():
+        raise ValueError(f"--strength {options.strength}: the target overflows; give a smaller strength")
+    folder.write_run_json(settings, volatile=VOLATILE)
+    source_distance = float(shift.pow(2).mean())  # every source prompt lies this far from its target
+    tokens = vocabulary(tokenizer, ban_pattern(banned))
+    records = {row.case: {**done[row.case], **kept_columns(row)} for row in rows if row.case in done}
 
     def decode(genomes: torch.Tensor) -> list[str]:
         return [text.strip() for text in tokenizer.batch_decode(genomes.tolist(), skip_special_tokens=True)]
@@ -355,44 +372,13 @@ def run(options: AttackOptions) -> dict:
     todo = [row for row in rows if row.case not in records]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="attack", unit="prompt", disable=options.quiet)
     for row in todo:
-        target = encode([row.prompt])[0] + settings.strength * vector
-        text, distance = search(encode, decode, tokens, row.prompt, target, settings, row_generator(row), pattern)
-        records[row.case] = record(row, text, distance)
-        atomic_write_bytes(out, render([records[r.case] for r in rows if r.case in records], extra))
+        target = encode([row.prompt])[0] + shift
+        text, distance = search(encode, decode, tokens, row.prompt, target, search_settings, row_generator(row),
+                                ban_pattern(banned))
+        records[row.case] = record(row, text, distance, source_distance)
+        atomic_write_bytes(path, render([records[r.case] for r in rows if r.case in records]))
         bar.update()
     bar.close()
-    return {**recorded, "rows": [records[r.case] for r in rows]}
-
-
-def toy_rows(concept: str, n: int, seed: int, guidance: float) -> list[PromptRow]:
-    """The embedded world's prompts to attack: the benchmark's test captions naming ``concept`` by its
-    name (``target-name``), with the benchmark's cases and seeds, so that their images compare one to one."""
-    from trasce.benchmark import toy_prompt_sets, toy_target
-
-    attribute, value = toy_target(concept)
-    sets = toy_prompt_sets(concept, attribute, value, "test", seed, n_target=n, n_corner=1, n_other=1,
-                           guidance=guidance)
-    return [PromptRow(case=p.case, prompt=p.prompt, seed=p.seed, guidance_scale=p.guidance_scale, row=i + 1)
-            for i, p in enumerate(sets["target-name"])]
-
-
-def _resume(out: Path, recorded: dict, overwrite: bool) -> dict[str, dict[str, str]]:
-    """The rows ``out`` holds from a run with the same settings (none with ``overwrite``); ``ValueError`` when
-    ``out`` exists and was made otherwise."""
-    sidecar = settings_file(out)
-    if overwrite or not out.exists():
-        return {}
-    if not sidecar.exists():
-        raise ValueError(f"{out} exists, and {sidecar}, which would say how it was made, does not; give another "
-                         "--out, or --overwrite to replace it")
-    try:
-        before = json.loads(sidecar.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{sidecar} is not valid JSON ({error.msg} at line {error.lineno}); give another --out, or "
-                         "--overwrite to start again") from error
-    for key, value in recorded.items():
-        if before.get(key) != json.loads(json.dumps(value)):
-            raise ValueError(f"{out} was made with other settings: {key} was {json.dumps(before.get(key))}, now "
-                             f"{json.dumps(value)}; give the same arguments to resume, another --out, or "
-                             "--overwrite to start again")
-    return written_rows(out)
+    written = [records[r.case] for r in rows]
+    return {"folder": str(folder.path), "file": str(path), "settings": settings, "rows": written,
+            "nearer": sum(float(r["distance"]) < float(r["source_distance"]) for r in written)}

@@ -307,7 +307,7 @@ def benchmark(judge_option: tuple[str, ...], **kwargs) -> None:
 @click.option("--concept", help="the concept the prompts should bring back; its words are banned from them")
 @click.option("--preset", type=_choice(PRESETS), help="take the concept text of a published preset (nudity, violence)")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="the prompt file to write (.csv; resumable), with OUT.json beside it")
+              help="output folder (resumable): OUT/prompts.csv, the prompts found, and OUT/run.json")
 @click.option("--prompts", type=click.Path(path_type=Path),
               help="prompts to rewrite (CSV, TSV, JSONL or text) [toy: test captions naming the concept]")
 @click.option("--prompt-column", help=PROMPT_COLUMN_HELP.format(file="--prompts file's"))
@@ -333,15 +333,14 @@ def attack(ban: tuple[str, ...], **kwargs) -> None:
     """Red-team: rewrite prompts, without the concept's words, to bring it back (Ring-A-Bell's search).
 
     The search asks the model's text encoder only; the prompt file it writes keeps each source prompt's case,
-    seed and CFG scale, for trasce generate --prompts OUT.
+    seed and CFG scale, for trasce generate --prompts OUT/prompts.csv.
     """
     from trasce.attack import AttackOptions, run
 
     result = _guard(run, AttackOptions(ban=ban, **kwargs))
-    rows = result["rows"]
-    closer = sum(float(r["distance"]) < result["source_distance"] for r in rows)
-    click.echo(f"{len(rows)} prompts in {kwargs['out']} (banned: {', '.join(result['banned']) or 'nothing'}); "
-               f"{closer} nearer their target than their source prompt ({result['source_distance']:.4g})")
+    banned = ", ".join(result["settings"]["banned"]) or "nothing"
+    click.echo(f"{len(result['rows'])} prompts in {result['file']} (banned: {banned}); {result['nearer']} nearer "
+               "their target than their source prompt")
 
 
 if __name__ == "__main__":  # python -m trasce.cli

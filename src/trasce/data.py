@@ -423,9 +423,13 @@ def _read_text(path: Path, name: str) -> str:
         ) from error
 
 
-def _delimited_records(text: str, delimiter: str, collector: _Collector,
-                       prompt_columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped."""
+def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_columns: tuple[str, ...],
+                       every: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
+    """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped.
+
+    The header must hold one of ``prompt_columns``, or with ``every`` (a file that is not a prompt file)
+    every one of them; only a prompt file's columns are checked for names like the ones trasce reads.
+    """
     # StringIO(newline="") splits only on real line ends (str.splitlines would also split on
     # U+2028 and friends inside prompts), which is what the csv module expects.
     # strict: the csv module would otherwise read an unclosed quote to the end of the file, every
@@ -450,11 +454,15 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector,
                 f"(columns {seen[column] + 1} and {i + 1}); column names must be unique"
             )
         seen[column] = i
-    if not any(c in seen for c in prompt_columns):
+    missing = [c for c in prompt_columns if c not in seen]
+    if every and missing:
+        raise PromptFileError(f"{collector.name}: no column {_quoted_list(missing)}; expected "
+                              f"{_quoted_list(prompt_columns)} (found: {_quoted_list(columns)})")
+    if len(missing) == len(prompt_columns):
         raise PromptFileError(
             f"{collector.name}: no prompt column; expected {_one_of(prompt_columns)} (found: {_quoted_list(columns)})"
         )
-    for column, why in _unread_lookalikes(columns):
+    for column, why in () if every else _unread_lookalikes(columns):
         collector.add(1, column, why)
 
     line = reader.line_num
@@ -613,6 +621,33 @@ def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: flo
     collector.raise_if_any()
     if not rows:
         raise PromptFileError(f"{name}: no prompts found")
+    return rows
+
+
+def read_columns(path: str | Path, columns: tuple[str, ...], what: str) -> list[dict[str, str]]:
+    """The rows of the CSV file ``path``, a ``what`` (a file other than a prompt file), as ``{column: text}``
+    with every one of ``columns`` filled in (stripped of surrounding whitespace).
+
+    Raises :class:`PromptFileError` naming the file, and the row and column of every problem: a file
+    missing, unreadable, not UTF-8 or not ``.csv``, a column missing, a row that cannot be parsed, an empty
+    cell, no rows.
+    """
+    path = Path(path)
+    name = str(path)
+    if path.suffix.lower() != ".csv":
+        raise PromptFileError(f"{name}: a {what} is read as CSV; give a .csv file with columns "
+                              f"{_quoted_list(columns)}")
+    collector = _Collector(name)
+    rows = []
+    for line, record in _delimited_records(_read_text(path, name), ",", collector, columns, every=True):
+        values = {column: record[column].strip() for column in columns}
+        for column in columns:
+            if not values[column]:
+                collector.add(line, column, f"empty; every row of a {what} fills {_quoted_list(columns)}")
+        rows.append(values)
+    collector.raise_if_any()
+    if not rows:
+        raise PromptFileError(f"{name}: no rows")
     return rows
 
 
