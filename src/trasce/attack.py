@@ -319,8 +319,8 @@ def run(options: AttackOptions) -> dict:
     pairs = read_pairs(options.pairs) if options.pairs is not None else toy_pairs(concept, options.n_pairs,
                                                                                    options.seed)
     # On the embedded world a concept named by an alias ("a disc") bans its value's name too.
-    value = toy_concept(concept) if toy and not options.allow_concept_words else None
-    also = [value[1]] if value is not None else []
+    toy_value = toy_concept(concept) if toy and not options.allow_concept_words else None
+    also = [toy_value[1]] if toy_value is not None else []
     banned = banned_words(concept, [*options.ban, *also], concept_words=not options.allow_concept_words)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)
