@@ -195,7 +195,7 @@ def toy_target(concept: str | None) -> tuple[str, str]:
 
 
 def concept_captions(n_name: int, n_alias: int, split: str, seed: int, attribute: str,
-                      value: str) -> tuple[list[str], list[str]]:
+                     value: str) -> tuple[list[str], list[str]]:
     """``n_name`` captions naming ``value`` by its name and ``n_alias`` naming it only by an alias.
 
     Both come from one pool of captions of ``split`` that ask for the value; the pool is grown until

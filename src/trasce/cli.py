@@ -328,7 +328,7 @@ def benchmark(judge_option: tuple[str, ...], **kwargs) -> None:
 @click.option("--dtype", type=_choice(DTYPE_CHOICES), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-@click.option("--overwrite", is_flag=True, help="discard the prompts the file holds and start again")
+@click.option("--overwrite", is_flag=True, help="discard the prompts the folder holds and start again")
 def attack(ban: tuple[str, ...], **kwargs) -> None:
     """Red-team: rewrite prompts, without the concept's words, to bring it back (Ring-A-Bell's search).
 
