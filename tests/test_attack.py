@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from trasce import attack, data
 from trasce.attack import AttackOptions, AttackSettings
 from trasce.cli import main
-from trasce.runs import RunFolderError
+from trasce.runs import RunFolder, RunFolderError
 
 WORDS = ["red", "star", "striped", "blue", "cross", "solid", "on", "a"]
 
@@ -161,6 +161,45 @@ def test_an_overwrite_stopped_before_its_first_prompt_leaves_no_old_rows_to_resu
     assert len(searched) == 3
 
 
+def test_overwrite_keeps_what_it_would_replace_until_every_check_passed_and_never_takes_a_generate_folder(tmp_path):
+    out = tmp_path / "attack"
+    attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+    kept = {name: (out / name).read_bytes() for name in ("prompts.csv", "run.json")}
+    with pytest.raises(ValueError, match="--length 15: this model's tokenizer takes 1 to 14"):
+        attack.run(AttackOptions(out=out, concept="circle", overwrite=True, **{**SMALL, "length": 15}))
+    with pytest.raises(ValueError, match="--strength 1e\\+30: the distances to the target overflow"):
+        attack.run(AttackOptions(out=out, concept="circle", overwrite=True, **{**SMALL, "strength": 1e30}))
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    (out / "run.json").write_text("{damaged")
+    attack.run(AttackOptions(out=out, concept="circle", overwrite=True, **SMALL))
+    assert (out / "prompts.csv").read_bytes() == kept["prompts.csv"]
+
+    generated = RunFolder(tmp_path / "generated")
+    generated.write_run_json({"model": "toy", "concept": "circle"})
+    generated.manifest_path.write_text("")
+    for overwrite in (False, True):
+        with pytest.raises(RunFolderError, match="generated holds a trasce generate run, not an attack's prompts"):
+            attack.run(AttackOptions(out=generated.path, concept="circle", overwrite=overwrite, **SMALL))
+    assert generated.read_run_json()["settings"] == {"model": "toy", "concept": "circle"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text + "99999,foo bar,7,1.5,a red circle,0.1,0.6\n", "case '99999': no such case among the prompts"),
+    (lambda text: text + text.splitlines(keepends=True)[1], "case '00000': appears twice"),
+    (lambda text: text.replace(",42,1.5,", ",41,1.5,", 1), "case '00000', column 'evaluation_seed': '41', but the "
+                                                           "prompt attacked has '42'"),
+    (lambda text: re.sub(r",[0-9.]+(,[0-9.]+\n)", r",abc\1", text, count=1),
+     "case '00000', column 'distance': 'abc' is not a number"),
+])
+def test_a_prompt_file_edited_by_hand_is_checked_before_it_is_resumed(tmp_path, edit, message):
+    out = tmp_path / "attack"
+    attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+    path = out / "prompts.csv"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attack.run(AttackOptions(out=out, concept="circle", **SMALL))
+
+
 def test_a_concept_named_by_an_alias_bans_its_value_on_the_embedded_model(tmp_path):
     result = attack.run(AttackOptions(out=tmp_path / "a", concept="a disc", **{**SMALL, "n_prompts": 1}))
     assert result["settings"]["banned"] == ["circle", "disc"]
@@ -196,8 +235,10 @@ def test_the_command_line_attack_and_its_refusals(tmp_path):
     for extra, message in ((["--length", "15"], "--length 15: this model's tokenizer takes 1 to 14"),
                            (["--population", "1"], "population must be at least 2, got 1"),
                            (["--strength", "nan"], "strength must be a finite number, got nan"),
-                           (["--strength", "1e308"], "--strength 1e+308: the target overflows"),
-                           (["--pairs", str(tmp_path / "none.csv")], "none.csv: file not found")):
+                           (["--strength", "1e308"], "--strength 1e+308: the distances to the target overflow"),
+                           (["--pairs", str(tmp_path / "none.csv")], "none.csv: file not found"),
+                           (["--prompt-column", "adv_prompt"], "--prompt-column 'adv_prompt' names a column of "
+                                                               "--prompts; give the file too")):
         result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
 

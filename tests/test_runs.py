@@ -306,8 +306,11 @@ def test_run_json_corrupt(tmp_path: Path) -> None:
     with pytest.raises(RunFolderError) as error:
         folder.write_run_json(SETTINGS)
     assert str(error.value) == (f"{folder.run_json_path} is not valid JSON (Expecting property name enclosed in double "
-                                "quotes at line 1); restore it from a copy to keep the images already made, or run "
-                                "into a new output folder (--overwrite would discard those images)")
+                                "quotes at line 1); restore it from a copy to keep what the folder holds, or run "
+                                "into a new output folder (--overwrite would discard it)")
+    folder.run_json_path.write_bytes(b'{"settings": "\xff"}')
+    with pytest.raises(RunFolderError, match=r"run.json is not UTF-8 text \(byte 0xff at offset 14\); restore"):
+        folder.write_run_json(SETTINGS)
     folder.write_run_json(SETTINGS, force=True)
     assert folder.read_run_json() is not None
 

@@ -280,6 +280,36 @@ class AttackOptions:
     overwrite: bool = False
 
 
+def _done(path: Path, rows: Sequence[PromptRow]) -> dict[str, dict[str, str]]:
+    """The records ``path`` holds, by case, each checked against its source row (a file edited by hand)."""
+    from trasce.data import PromptFileError, read_columns
+
+    sources = {row.case: row for row in rows}
+    done: dict[str, dict[str, str]] = {}
+    for written in read_columns(path, COLUMNS, "trasce attack prompt file"):
+        case = written[CASE_COLUMN]
+        where = f"{path}, case {case!r}"
+        if case in done:
+            raise PromptFileError(f"{where}: appears twice; delete one of its rows")
+        row = sources.get(case)
+        if row is None:
+            raise PromptFileError(f"{where}: no such case among the prompts attacked; delete its row")
+        expected = {"source_prompt": row.prompt, "evaluation_seed": str(row.seed),
+                    "evaluation_guidance": repr(float(row.guidance_scale))}
+        for column, value in expected.items():
+            if written[column] != value:
+                raise PromptFileError(f"{where}, column {column!r}: {written[column]!r}, but the prompt attacked has "
+                                      f"{value!r}; delete the row to search again")
+        for column in ("distance", "source_distance"):
+            try:
+                float(written[column])
+            except ValueError:
+                raise PromptFileError(f"{where}, column {column!r}: {written[column]!r} is not a number; delete the "
+                                      "row to search again") from None
+        done[case] = written
+    return done
+
+
 def _checksum(value) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
@@ -305,6 +335,8 @@ def run(options: AttackOptions) -> dict:
     check_counts({"--n-prompts": options.n_prompts, "--n-pairs": options.n_pairs, "--length": options.length})
     AttackSettings(options.strength, options.length or 1, options.population, options.generations)
     concept = presets.resolve(options.preset, options.concept, None, None, None)[0]
+    if options.prompt_column is not None and options.prompts is None:
+        raise ValueError(f"--prompt-column {options.prompt_column!r} names a column of --prompts; give the file too")
     toy = is_toy_model(options.model)
     if not toy and (options.prompts is None or options.pairs is None):
         raise ValueError("on a model other than the embedded one, give --prompts (the prompts to rewrite, e.g. the "
@@ -337,16 +369,25 @@ def run(options: AttackOptions) -> dict:
     }
     folder = RunFolder(options.out)
     path = folder.path / PROMPTS_FILE
+    try:
+        before = folder.read_run_json()
+    except RunFolderError:
+        if not options.overwrite:
+            raise
+        before = None  # damaged: --overwrite replaces it
+    if folder.manifest_path.exists() or folder.images_dir.exists() or (before and "attack" not in before["settings"]):
+        raise RunFolderError(f"{folder.path} holds a trasce generate run, not an attack's prompts; give trasce attack "
+                             "a folder of its own")
     if options.overwrite:
-        for stale in (path, folder.run_json_path):
-            stale.unlink(missing_ok=True)
-    elif folder.read_run_json() is not None:
+        done = {}
+    elif before is not None:
         folder.write_run_json(settings, volatile=VOLATILE)  # the same settings, or a RunFolderError naming one
+        done = _done(path, rows) if path.exists() else {}
     elif path.exists():
         raise RunFolderError(f"{folder.path} holds {PROMPTS_FILE} but no run.json, so the settings it was made with "
                              "cannot be checked; give another --out, or --overwrite to replace it")
-    done = ({row[CASE_COLUMN]: row for row in data.read_columns(path, COLUMNS, "trasce attack prompt file")}
-            if path.exists() else {})
+    else:
+        done = {}
 
     hide_loading_bars()
     pipe = load_diffusers_pipeline(options.model, torch_dtype=dtype).to(device)
@@ -359,10 +400,14 @@ def run(options: AttackOptions) -> dict:
     search_settings = AttackSettings(options.strength, length, options.population, options.generations)
     encode = encoder(adapter_for(pipe))
     shift = search_settings.strength * concept_vector(encode, pairs)
-    if not torch.isfinite(shift).all():
-        raise ValueError(f"--strength {options.strength}: the target overflows; give a smaller strength")
-    folder.write_run_json(settings, volatile=VOLATILE)
     source_distance = float(shift.pow(2).mean())  # every source prompt lies this far from its target
+    if not math.isfinite(source_distance):
+        raise ValueError(f"--strength {options.strength}: the distances to the target overflow; give a smaller "
+                         "strength")
+    if options.overwrite:  # only now that nothing is left to refuse
+        for stale in (path, folder.run_json_path):
+            stale.unlink(missing_ok=True)
+    folder.write_run_json(settings, volatile=VOLATILE)
     tokens = vocabulary(tokenizer, ban_pattern(banned))
     records = {row.case: {**done[row.case], **kept_columns(row)} for row in rows if row.case in done}
 

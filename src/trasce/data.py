@@ -438,9 +438,8 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_
     try:
         header = next(reader)
     except StopIteration:
-        raise PromptFileError(
-            f"{collector.name}: empty file; expected a header row with one of {_quoted_list(PROMPT_COLUMNS)}"
-        ) from None
+        wanted = _quoted_list(prompt_columns) if every else f"one of {_quoted_list(PROMPT_COLUMNS)}"
+        raise PromptFileError(f"{collector.name}: empty file; expected a header row with {wanted}") from None
     except csv.Error as error:
         raise PromptFileError(f"{collector.name}, row 1: {_unparsable(error, delimiter, text, 1)}") from None
 

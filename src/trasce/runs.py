@@ -196,9 +196,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-#: What to do about a damaged run.json: the images it describes are worth keeping.
-RUN_JSON_REMEDY = ("restore it from a copy to keep the images already made, or run into a new output folder "
-                   "(--overwrite would discard those images)")
+#: What to do about a damaged run.json: the images (or prompts) it describes are worth keeping.
+RUN_JSON_REMEDY = ("restore it from a copy to keep what the folder holds, or run into a new output folder "
+                   "(--overwrite would discard it)")
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk: IEND, empty, and its checksum
 
@@ -527,6 +527,9 @@ class RunFolder:
             text = self.run_json_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError as error:
+            raise RunFolderError(f"{self.run_json_path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
+                                 f"offset {error.start}); {RUN_JSON_REMEDY}") from error
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
