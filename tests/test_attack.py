@@ -131,6 +131,10 @@ def test_attack_writes_a_prompt_file_generate_reads_and_resumes_it(tmp_path):
     assert [r.prompt for r in data.read_prompts(path)] == [rows[0].prompt, "kept as written", rows[2].prompt]
     assert path.read_text().endswith(lines[3])
 
+    # The default length, given by name, resumes; another is refused once the tokenizer tells them apart.
+    attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "length": 14}))
+    with pytest.raises(RunFolderError, match="holds a run with different settings: 'length' was 14, now 13"):
+        attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "length": 13}))
     with pytest.raises(RunFolderError, match="holds a run with different settings: 'generations' was 6, now 7"):
         attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "generations": 7}))
     with pytest.raises(RunFolderError, match=re.escape("'banned' was [\"circle\"], now [\"circle\", \"disc\"]")):

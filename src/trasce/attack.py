@@ -381,7 +381,8 @@ def run(options: AttackOptions) -> dict:
     if options.overwrite:
         done = {}
     elif before is not None:
-        folder.write_run_json(settings, volatile=VOLATILE)  # the same settings, or a RunFolderError naming one
+        # The same settings, or a RunFolderError naming one; the length is known once the tokenizer is.
+        folder.write_run_json(settings, volatile=(*VOLATILE, "length"))
         done = _done(path, rows) if path.exists() else {}
     elif path.exists():
         raise RunFolderError(f"{folder.path} holds {PROMPTS_FILE} but no run.json, so the settings it was made with "
@@ -398,6 +399,7 @@ def run(options: AttackOptions) -> dict:
         raise ValueError(f"--length {length}: this model's tokenizer takes 1 to {most} tokens besides its start and "
                          "end tokens")
     search_settings = AttackSettings(options.strength, length, options.population, options.generations)
+    settings["length"] = length
     encode = encoder(adapter_for(pipe))
     shift = search_settings.strength * concept_vector(encode, pairs)
     source_distance = float(shift.pow(2).mean())  # every source prompt lies this far from its target
