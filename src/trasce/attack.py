@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from trasce.data import CASE_COLUMN, READ_COLUMNS, PromptRow
+from trasce.data import CASE_COLUMN, READ_COLUMNS, PromptFileError, PromptRow, read_columns, read_prompts
 
 #: Share of the population kept unchanged from one generation to the next (the best texts).
 ELITE = 0.1
@@ -188,8 +188,6 @@ def row_generator(row: PromptRow) -> torch.Generator:
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """``(with_concept, without_concept)`` pairs from a CSV file with those columns (``data.read_columns``)."""
-    from trasce.data import read_columns
-
     return [(row[PAIR_COLUMNS[0]], row[PAIR_COLUMNS[1]]) for row in read_columns(path, PAIR_COLUMNS, "pairs file")]
 
 
@@ -251,7 +249,7 @@ def render(records: Sequence[dict[str, str]]) -> bytes:
 PROMPTS_FILE = "prompts.csv"
 #: run.json settings that may change between sessions: where the files are, not what they hold (their
 #: rows' checksums are settings), and the default seed, which the toy prompts' checksum covers.
-VOLATILE = ("prompts", "pairs", "seed", "device", "quiet")
+VOLATILE = ("prompts", "pairs", "seed", "device")
 
 
 @dataclass
@@ -282,8 +280,6 @@ class AttackOptions:
 
 def _done(path: Path, rows: Sequence[PromptRow]) -> dict[str, dict[str, str]]:
     """The records ``path`` holds, by case, each checked against its source row (a file edited by hand)."""
-    from trasce.data import PromptFileError, read_columns
-
     sources = {row.case: row for row in rows}
     done: dict[str, dict[str, str]] = {}
     for written in read_columns(path, COLUMNS, "trasce attack prompt file"):
@@ -294,9 +290,9 @@ def _done(path: Path, rows: Sequence[PromptRow]) -> dict[str, dict[str, str]]:
         row = sources.get(case)
         if row is None:
             raise PromptFileError(f"{where}: no such case among the prompts attacked; delete its row")
-        expected = {"source_prompt": row.prompt, "evaluation_seed": str(row.seed),
-                    "evaluation_guidance": repr(float(row.guidance_scale))}
-        for column, value in expected.items():
+        expected = record(row, "", 0.0, 0.0)  # the columns that come from the source row, as written
+        for column in ("source_prompt", "evaluation_seed", "evaluation_guidance"):
+            value = expected[column]
             if written[column] != value:
                 raise PromptFileError(f"{where}, column {column!r}: {written[column]!r}, but the prompt attacked has "
                                       f"{value!r}; delete the row to search again")
@@ -323,7 +319,7 @@ def run(options: AttackOptions) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from trasce import data, presets
+    from trasce import presets
     from trasce.eval.toy import toy_concept
     from trasce.generate import check_counts, hide_loading_bars, pick_device, pick_dtype, warn_of_other_prompt_columns
     from trasce.models import adapter_for
@@ -343,7 +339,7 @@ def run(options: AttackOptions) -> dict:
                          "nudity rows of I2P) and --pairs (a CSV of prompts with and without the concept)")
     guidance = float(model_call_defaults(options.model)["guidance_scale"])
     if options.prompts is not None:
-        rows = data.read_prompts(options.prompts, default_seed=options.seed, default_guidance=guidance,
+        rows = read_prompts(options.prompts, default_seed=options.seed, default_guidance=guidance,
                                  prompt_column=options.prompt_column)
         warn_of_other_prompt_columns(rows, options.prompts, options.prompt_column, show=True)
     else:
@@ -410,7 +406,8 @@ def run(options: AttackOptions) -> dict:
         for stale in (path, folder.run_json_path):
             stale.unlink(missing_ok=True)
     folder.write_run_json(settings, volatile=VOLATILE)
-    tokens = vocabulary(tokenizer, ban_pattern(banned))
+    pattern = ban_pattern(banned)
+    tokens = vocabulary(tokenizer, pattern)
     records = {row.case: {**done[row.case], **kept_columns(row)} for row in rows if row.case in done}
 
     def decode(genomes: torch.Tensor) -> list[str]:
@@ -421,7 +418,7 @@ def run(options: AttackOptions) -> dict:
     for row in todo:
         target = encode([row.prompt])[0] + shift
         text, distance = search(encode, decode, tokens, row.prompt, target, search_settings, row_generator(row),
-                                ban_pattern(banned))
+                                pattern)
         records[row.case] = record(row, text, distance, source_distance)
         atomic_write_bytes(path, render([records[r.case] for r in rows if r.case in records]))
         bar.update()
