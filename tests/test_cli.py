@@ -337,7 +337,7 @@ def test_generate_compiled_resumes_an_uncompiled_run_and_stops_on_a_wrong_gradie
     torch._dynamo.reset()
     assert _run("generate", "--model", tiny_sd_folder, "--prompts", prompts, "--out", out, "--compile", "cudagraphs",
                 *BASE).exit_code == 0  # the same images up to rounding: compiling does not block resuming
-    assert asked == [{"backend": "cudagraphs"}]
+    assert asked == [{"backend": "cudagraphs", "dynamic": False}]
     assert [r["prompt"] for r in _manifest(out)] == ["a red apple", "a blue car"]
     torch._dynamo.reset()
     monkeypatch.undo()

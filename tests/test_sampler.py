@@ -703,7 +703,7 @@ def test_compile_choices_map_to_torch_compile_arguments():
 
     assert compile_options("default") == {}
     assert compile_options("reduce-overhead") == {"mode": "reduce-overhead"}
-    assert compile_options("cudagraphs") == {"backend": "cudagraphs"}
+    assert compile_options("cudagraphs") == {"backend": "cudagraphs", "dynamic": False}
     with pytest.raises(ValueError, match="unknown compile choice 'inductor'; expected one of default, "
                                          "reduce-overhead, max-autotune, max-autotune-no-cudagraphs, cudagraphs"):
         compile_options("inductor")

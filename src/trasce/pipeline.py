@@ -298,7 +298,10 @@ def compile_options(choice: str) -> dict:
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"unknown compile choice {choice!r}; expected one of {', '.join(COMPILE_CHOICES)}")
     if choice == "cudagraphs":
-        return {"backend": "cudagraphs"}
+        # Static shapes: the backend keys its recorded graphs by the graph's integer inputs, which need not hold
+        # the batch size, so a graph made dynamic in the batch replayed one batch's recording for another (an H200
+        # run: "The size of tensor a (8) must match the size of tensor b (12)" once three branches had run).
+        return {"backend": "cudagraphs", "dynamic": False}
     return {} if choice == "default" else {"mode": choice}
 
 
