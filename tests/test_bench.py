@@ -246,10 +246,12 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     # aot_eager traces and differentiates the denoiser as inductor does, in seconds and without its CPU bugs.
     compile_ = torch.compile
     monkeypatch.setattr(trasce.bench.torch, "compile", lambda module, **_: compile_(module, backend="aot_eager"))
+    monkeypatch.setattr(trasce.bench, "_warm_up", lambda fn, device: (fn(), 0.5))  # as if on CUDA: 0.5 GiB working
     torch._dynamo.reset()
     kwargs = dict(model="tiny-sd", dtype="fp32", batch_size=2, steps=STEPS, device="cpu", repeats=1,
                   released=False, quiet=True, compile_mode="default")
     result = run_bench(**kwargs)
+    assert all(r["peak_memory_gib"] > 0.5 for r in result["rows"])  # inductor without CUDA graphs: measured
     assert result["compile"] == {"mode": "default", "gradient_check": "passed"}
     compiled = {(r["method"], r["prompts"]): r for r in result["rows"] if r["compile_mode"] == "default"}
     assert {key: r["backward_passes"] for key, r in compiled.items()} == {
@@ -260,10 +262,11 @@ def test_bench_compiled_rows_and_their_gradient_check(monkeypatch):
     exact = compiled[("trasce exact, two calls", "any")]
     assert abs(exact["ratio_to_plain"] - exact["seconds_per_image"] / plain) < 1e-3  # against compiled plain CFG
     assert "| trasce exact, two calls, compiled (default) | any | fp32 | 2 |" in trasce.bench.format_rows(result)
-    alone = run_bench(**kwargs, compiled_only=True)
-    assert [(r["method"], r["compile_mode"]) for r in alone["rows"]] == [
-        (method, "default") for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact, two calls",
-                                           "trasce exact, one call", "trasce lazy")]
+    alone = run_bench(**{**kwargs, "compile_mode": "cudagraphs"}, compiled_only=True)
+    assert [(r["method"], r["compile_mode"], r["peak_memory_gib"]) for r in alone["rows"]] == [
+        (method, "cudagraphs", None)
+        for method in ("plain CFG (diffusers)", "trasce negation", "trasce exact, two calls", "trasce exact, one call",
+                       "trasce lazy")]
     assert alone["compile"]["gradient_check"] == "passed"
 
     monkeypatch.setattr(sampler.GradientCheck, "tolerance", -1.0)  # no gradient passes: the check fails

@@ -291,6 +291,8 @@ def flow_matching(scheduler) -> bool:
 #: ``--compile`` choices: ``torch.compile``'s modes, and ``cudagraphs``, its backend that replays CUDA
 #: graphs of the uncompiled kernels (no code generation by inductor, so it compiles faster).
 COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
+#: The choices that record CUDA graphs on a GPU.
+CUDA_GRAPH_CHOICES = ("reduce-overhead", "max-autotune", "cudagraphs")
 
 
 def compile_options(choice: str) -> dict:
