@@ -494,6 +494,9 @@ def test_steered_images_take_one_call_on_cuda_for_a_few_latents_and_two_otherwis
     assert settings.uses_one_call("cpu", 1) is False
     assert replace(settings, one_call=False).uses_one_call("cuda", 1) is False
     assert replace(settings, one_call=True).uses_one_call("cpu", 10**9) is True
+    # A denoiser replaying CUDA graphs launches nothing per kernel: two calls, less arithmetic.
+    assert settings.uses_one_call("cuda", 4 * 4 * 64 * 64, cuda_graphs=True) is False
+    assert replace(settings, one_call=True).uses_one_call("cuda", 1, cuda_graphs=True) is True
     unet_forward, calls = tiny_sd.unet.forward, []
 
     def counting(*args, **kw):
@@ -516,7 +519,7 @@ def test_the_default_chooses_one_or_two_calls_at_each_step_by_the_steered_images
 
     asked = []
 
-    def choice(self, device, elements):
+    def choice(self, device, elements, cuda_graphs):
         asked.append(elements)
         return self.one_call if self.one_call is not None else elements <= 2 * 4 * 8 * 8
 
@@ -708,6 +711,42 @@ def test_compile_choices_map_to_torch_compile_arguments():
     with pytest.raises(ValueError, match="unknown compile choice 'inductor'; expected one of default, "
                                          "reduce-overhead, max-autotune, max-autotune-no-cudagraphs, cudagraphs"):
         compile_options("inductor")
+
+
+def test_a_denoiser_replaying_cuda_graphs_is_detected_and_the_sampler_told(tiny_sd, monkeypatch):
+    from trasce.models.base import compile_module
+    from trasce.sampler import EraseSettings
+
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
+    unet = tiny_sd.unet
+    assert not trasce.adapter.cuda_graphs
+    try:  # nothing below is called, so nothing compiles
+        for compiled, graphs in ((torch.compile(unet, mode="reduce-overhead"), True),
+                                 (torch.compile(unet, mode="max-autotune"), True),
+                                 (torch.compile(unet), False),
+                                 (torch.compile(unet, mode="max-autotune-no-cudagraphs"), False),
+                                 (compile_module(unet, backend="cudagraphs"), True),
+                                 (torch.compile(unet, backend="cudagraphs"), False)):  # the caller's: unrecognised
+            tiny_sd.unet = compiled
+            assert trasce.adapter.cuda_graphs is graphs, compiled
+        tiny_sd.unet = unet
+        unet.up_blocks[0].compile(mode="reduce-overhead")  # one block, in place
+        assert trasce.adapter.cuda_graphs
+        unet.up_blocks[0]._compiled_call_impl = None
+        trasce.compile(backend="cudagraphs")
+        assert trasce.adapter.cuda_graphs
+    finally:
+        tiny_sd.unet = unet
+        unet.up_blocks[0]._compiled_call_impl = None
+    assert not trasce.adapter.cuda_graphs
+
+    told = []
+    choose = EraseSettings.uses_one_call
+    monkeypatch.setattr(EraseSettings, "uses_one_call", lambda self, *args: told.append(args[2]) or choose(self, *args))
+    trasce(["a red apple"], num_inference_steps=2, output_type="latent")
+    monkeypatch.setattr(type(trasce.adapter), "cuda_graphs", property(lambda self: True))
+    trasce(["a red apple"], num_inference_steps=2, output_type="latent")
+    assert told == [False, False, True, True]
 
 
 def test_a_compiled_denoiser_is_detected_however_it_was_compiled(tiny_sd):

@@ -45,6 +45,7 @@ from types import SimpleNamespace
 import torch
 
 from trasce.models import FluxAdapter, StableDiffusionAdapter
+from trasce.models.base import compile_module
 from trasce.pipeline import CUDA_GRAPH_CHOICES, DTYPES, TraSCEPipeline, compile_options, load_diffusers_pipeline
 from trasce.reference import released_loop
 from trasce.runs import refuse_several_processes, source_commit
@@ -235,7 +236,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
 
     attribute = trasce.adapter.denoiser_attribute
     eager_denoiser = getattr(pipe, attribute)
-    compiled_denoiser = None if compile_mode is None else torch.compile(eager_denoiser, **compile_options(compile_mode))
+    compiled_denoiser = compile_mode and compile_module(eager_denoiser, **compile_options(compile_mode))
 
     def with_compiled(fn):
         """``fn`` with the pipeline's denoiser swapped for the compiled one while it runs."""
@@ -271,7 +272,7 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
                    compiled: str | None = None, memory_format: str | None = None) -> None:
         settings = asdict(variant.settings)
         if variant.settings.steers:  # with one_call=None, the choice for a step that steers every image
-            settings["one_call"] = variant.settings.uses_one_call(dev, batch_elements)
+            settings["one_call"] = variant.settings.uses_one_call(dev, batch_elements, compiled in CUDA_GRAPH_CHOICES)
         add(method, kind, lambda: variant(texts, generator=generator(), **common), batch_size, note=note,
             settings=settings, compiled=compiled, memory_format=memory_format)
 

@@ -25,7 +25,7 @@ import torch
 
 from trasce import presets
 from trasce.models import Adapter, adapter_class_for, adapter_for
-from trasce.models.base import FALLBACK_CALL_DEFAULTS
+from trasce.models.base import FALLBACK_CALL_DEFAULTS, compile_module
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
 
 SCHEDULERS = {
@@ -438,13 +438,15 @@ class TraSCEPipeline:
         uncompiled module's before the first steering call of each shape (``GradientCheck``: two
         more forward and backward passes, once per shape). Compilers have shipped wrong backward
         passes (torch 2.13's inductor on CPU), and the call stops with ``CompiledGradientError``
-        rather than steer with one.
+        rather than steer with one. A denoiser compiled to replay CUDA graphs (``mode="reduce-overhead"``
+        or ``"max-autotune"``, ``backend="cudagraphs"``) takes two calls per steered step unless
+        ``one_call`` says otherwise (``EraseSettings.uses_one_call``).
         """
         name = self.adapter.denoiser_attribute
         if self.adapter.compiled:
             raise ValueError(f"the pipeline's {name} is already compiled")
         module = getattr(self.pipe, name)
-        setattr(self.pipe, name, torch.compile(module, **options))
+        setattr(self.pipe, name, compile_module(module, **options))
         return self
 
     def with_settings(self, **changes) -> TraSCEPipeline:
@@ -560,7 +562,7 @@ class TraSCEPipeline:
         denoise = partial(self.adapter.denoise_latents, dtype=self.adapter.dtype)  # the dtype asked once per call
         steps = sample(denoise, scheduler, x, cond_0, cond_p, cond_c, scale, self.settings,
                        num_inference_steps, generator=generator, timesteps_set=True,
-                       gradient_check=self.adapter.gradient_check())
+                       gradient_check=self.adapter.gradient_check(), cuda_graphs=self.adapter.cuda_graphs)
         if progress:
             from tqdm.auto import tqdm
 

@@ -8,6 +8,7 @@ initial noise and decodes the final latents. It never copies or modifies the pip
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -15,6 +16,30 @@ from trasce.sampler import Cond, GradientCheck
 
 #: ``guidance_scale`` and ``steps`` where nothing else states them: SD v1.4's, TraSCE's published setting.
 FALLBACK_CALL_DEFAULTS: dict[str, float | int] = {"guidance_scale": 7.5, "steps": 50}
+
+#: Modules compiled by ``compile_module`` with ``torch.compile``'s ``cudagraphs`` backend, which nothing
+#: public tells apart from other backends (inductor's modes say so in ``get_compiler_config()``).
+_CUDA_GRAPHS_BACKEND: weakref.WeakSet = weakref.WeakSet()
+
+
+def compile_module(module: torch.nn.Module, **options) -> torch.nn.Module:
+    """``torch.compile(module, **options)``, remembered as replaying CUDA graphs under the ``cudagraphs`` backend."""
+    compiled = torch.compile(module, **options)
+    if options.get("backend") == "cudagraphs":
+        _CUDA_GRAPHS_BACKEND.add(compiled)
+    return compiled
+
+
+def _replays_cuda_graphs(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is compiled, itself, in place or through its ``forward``, to replay CUDA graphs."""
+    if module in _CUDA_GRAPHS_BACKEND:
+        return True
+    for compiled in (module, getattr(module, "_compiled_call_impl", None), module.__dict__.get("forward")):
+        config = getattr(compiled, "get_compiler_config", None)
+        config = config() if callable(config) else None
+        if isinstance(config, dict) and config.get("triton.cudagraphs"):
+            return True
+    return False
 
 
 class Adapter:
@@ -105,6 +130,13 @@ class Adapter:
     def compiled(self) -> bool:
         """Whether ``torch.compile`` reaches any part of the denoiser."""
         return bool(self._compiled_parts())
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether a part of the denoiser is compiled to replay CUDA graphs: by inductor in a mode that
+        records them (``reduce-overhead``, ``max-autotune``), or by ``compile_module`` with the
+        ``cudagraphs`` backend (that backend applied by the caller directly goes unrecognised)."""
+        return any(_replays_cuda_graphs(m) for m in self.denoiser_module.modules())
 
     def gradient_check(self) -> GradientCheck | None:
         """The check that holds a compiled denoiser's backward pass to the uncompiled one (``None``
