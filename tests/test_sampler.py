@@ -431,7 +431,8 @@ def test_one_call_gives_the_same_numbers_with_hot_cold_and_surprised_images(tiny
     lazy = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple", loss_scale=3.0, step_size=2.0, sigma=20.0,
                                     lazy_tolerance=1e-3)
     # A bound of 0 makes every cold image stay cold, and a large one makes every cold image a surprise
-    # (a constant: "an apple" can measure a gradient norm of exactly 0, its prompt being the concept);
+    # (a constant: "an apple" can measure a gradient norm of exactly 0, its prompt being the concept;
+    # ``value * 0`` keeps an unmeasured image's NaN, as the sampler's own bound does);
     # between the two settings each kind of image occurs.
     for margin in (0.0, 1e6):
         monkeypatch.setattr(sampler._GradientNormEstimate, "bound", lambda self, m=margin: self.value * 0 + m)

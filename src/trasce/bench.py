@@ -236,7 +236,9 @@ def run_bench(model: str = "sd14", dtype: str = "auto", batch_size: int = 4, ste
 
     attribute = trasce.adapter.denoiser_attribute
     eager_denoiser = getattr(pipe, attribute)
-    compiled_denoiser = compile_mode and compile_module(eager_denoiser, **compile_options(compile_mode))
+    compiled_denoiser = None
+    if compile_mode is not None:
+        compiled_denoiser = compile_module(eager_denoiser, **compile_options(compile_mode))
 
     def with_compiled(fn):
         """``fn`` with the pipeline's denoiser swapped for the compiled one while it runs."""

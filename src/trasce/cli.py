@@ -113,7 +113,8 @@ def _choice(values) -> click.Choice:
 @click.option("--one-call/--two-calls", default=None,
               help="a steered image's three branches in one call under gradients, or in two (same images; one "
                    "call launches fewer kernels and does more backward work) [default: one call on CUDA when "
-                   "the steered images hold at most four 512 px SD v1.4 latents' worth, else two]")
+                   "the steered images hold at most four 512 px SD v1.4 latents' worth, else two; two when the "
+                   "denoiser replays CUDA graphs]")
 @click.option("--steer-window", type=(float, float), default=(0.0, 1.0), show_default=True, metavar="START END",
               help="steer only in this fraction of the steps: step i of n when START*n <= i < END*n "
                    "(0 1: every step, as released)")

@@ -343,9 +343,9 @@ class TraSCEPipeline:
     ``lazy_tolerance`` skips backward passes whose update is estimated to be smaller, as an RMS per latent
     element (``None``: exact, every backward pass runs). ``one_call``: a steered image's three
     branches in one denoiser call under gradients (same numbers, fewer kernel launches), or in two
-    (``False``); ``None`` chooses one call on CUDA for a few images' latents, else two
-    (``EraseSettings.uses_one_call``). ``family_options`` sets the model family's own settings
-    (``Adapter.options``: SDXL's ``original_size``, ``target_size``, ``crops_coords_top_left``;
+    (``False``); ``None`` chooses one call on CUDA for a few images' latents, else two, and two for a
+    denoiser that replays CUDA graphs (``EraseSettings.uses_one_call``). ``family_options`` sets the model
+    family's own settings (``Adapter.options``: SDXL's ``original_size``, ``target_size``, ``crops_coords_top_left``;
     SD3's ``max_sequence_length``; FLUX's ``distilled_guidance`` and ``max_sequence_length``). They
     belong to the adapter, which copies made by :meth:`with_settings` share with this pipeline.
     """
