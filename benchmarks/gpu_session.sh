@@ -9,7 +9,8 @@
 # it was still compiling). The SD v1.4 bench includes its channels-last rows unless CHANNELS_LAST=0; REPEATS
 # (default 3) sets its timed rounds. EAGER=0 leaves out the uncompiled SD v1.4 bench and the checkpointing
 # measurement (when earlier leases have them); the first compiled bench then times the released loop, so that
-# the compiled rows have it from the same machine.
+# the compiled rows have it from the same machine, unless RELEASED=0 (all the time to the compiler: inductor's
+# reduce-overhead had not finished its first call after 300 s).
 # Run from the repo root on the GPU machine, with diffusers' wheel in .whl/ if it lacks diffusers;
 # results go to $OUT (default ./gpu-out).
 set -uo pipefail
@@ -46,7 +47,7 @@ if [ "${PROFILE:-0}" != "0" ]; then
   python3 benchmarks/launch_profile.py --model sd14 --dtype fp16 --device cuda --steps 20 --batch-size 4 \
     > "$OUT/launch_profile.txt" 2>&1; grep round "$OUT/launch_profile.txt"
 fi
-released=$([ "${EAGER:-1}" = 0 ] || echo --no-released)
+released=$([ "${EAGER:-1}" = 0 ] && [ "${RELEASED:-1}" != 0 ] || echo --no-released)
 for mode in ${COMPILE:-}; do
   limit=${COMPILE_LIMIT:-330}
   if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - SECONDS)) -lt "$limit" ]; then limit=$((DEADLINE - SECONDS)); fi
