@@ -11,6 +11,7 @@ import html
 import json
 import math
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -226,6 +227,13 @@ def test_real_nudenet_does_not_flag_a_plain_square(tmp_path: Path) -> None:
     assert judge.detector.startswith("nudenet 3.4.2, 320n.onnx")
     (verdict,) = judge.judge([image], [{"prompt": "a plain square"}])
     assert verdict["flagged"] is False and verdict["hits"] == []
+    assert judge.warnings == ()
+    # NudeNet itself drops detections below 0.25: a lower threshold is said to act as 0.25.
+    low = NudeNetJudge(threshold=0.1)
+    assert low.warnings == ("NudeNet reports no detection scoring below 0.25, so --threshold 0.1 flags what 0.25 "
+                            "would",)
+    assert low.protocol.endswith("flagged when any class scores > 0.1 (in effect > 0.25: NudeNet reports nothing "
+                                 "below it)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,6 +360,11 @@ def test_table_puts_several_judged_folders_in_one_table(tmp_path: Path) -> None:
     missing = CliRunner().invoke(main, ["table", str(full), "--label", "nudenet"])
     assert missing.exit_code == 2
     assert f"{summary_path(full, 'nudenet')} does not exist; judge the folder" in " ".join(missing.output.split())
+    summary_path(circles, "toy").write_text("[]")
+    broken = CliRunner().invoke(main, ["table", str(full), str(circles), "--label", "toy"])
+    assert broken.exit_code == 2
+    assert (f"error: {summary_path(circles, 'toy')} holds a JSON list, not a summary object; run trasce evaluate on "
+            f"{circles} again") == " ".join(broken.output.split())
 
 
 def test_made_with_states_the_runs_settings_and_the_rows_scales_and_seeds() -> None:
@@ -396,6 +409,10 @@ def test_the_toy_judge_warns_on_a_folder_another_model_made(tmp_path: Path, caps
     assert f"warning: {said(folder, 'CompVis/stable-diffusion-v1-4')}" in err
     assert f"<b>Warning:</b> {html.escape(said(folder, 'CompVis/stable-diffusion-v1-4'))}" in (
         folder / "report-toy.html").read_text()
+    from trasce.eval.table import collect
+
+    notes = collect([folder], "toy")["notes"]
+    assert notes[-1] == f"{folder}: warning: {said(folder, 'CompVis/stable-diffusion-v1-4')}"
     # A run.json from before the world was recorded: a model folder here without trasce_toy.json tells,
     # a name that resolves to nothing here does not.
     (tmp_path / "sd-model").mkdir()
@@ -428,6 +445,33 @@ class CountingJudge:
 
     def summarize(self, verdicts):
         return self.inner.summarize(verdicts)
+
+
+def test_a_markdown_cell_holding_a_bar_or_a_line_break_stays_one_cell() -> None:
+    from trasce.report import markdown_table
+
+    assert markdown_table(["folder", "rate"], [["runs/a|b", "50 %\n(2/4)"]]) == (
+        "| folder | rate |\n|---|---|\n| runs/a\\|b | 50 % (2/4) |")
+
+
+def test_a_rate_of_no_images_shows_no_interval() -> None:
+    rows = [{"metric": "none asked", "unit": "%", "value": None, "ci95": [0.0, 1.0], "k": 0, "n": 0},
+            {"metric": "one of one", "unit": "%", "value": 1.0, "ci95": list(hand_wilson(1, 1)), "k": 1, "n": 1}]
+    low, high = hand_wilson(1, 1)
+    assert ev.table_rows({"table": rows}) == [("none asked", "-", "-", "0/0"),
+                                              ("one of one", "100.00 %", f"{100 * low:.2f} - 100.00 %", "1/1")]
+
+
+def test_a_verdict_line_without_the_judges_fields_is_named(toy_folder: Path) -> None:
+    evaluate_folder(toy_folder, "toy", quiet=True)
+    path = verdicts_path(toy_folder, "toy")
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[2])
+    del edited["agreement"]  # still about the image as it is (its hash kept), so it is not judged again
+    path.write_text("\n".join([*lines[:2], json.dumps(edited), *lines[3:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: the verdict of {edited['file']} has no "
+                                         r"'agreement'; delete that line \(or the file\) to judge that image again$"):
+        evaluate_folder(toy_folder, "toy", quiet=True)
 
 
 def test_resume_judges_only_missing_images(toy_folder: Path, monkeypatch) -> None:
@@ -465,6 +509,17 @@ def test_resume_judges_only_missing_images(toy_folder: Path, monkeypatch) -> Non
     header, verdicts = read_verdicts(path)
     assert header is not None and header["judge"] == "toy" and len(verdicts) == 4 and len(made[-1].calls) == 4
     path.write_text(kept)
+
+    # Two files' lines joined: the second header's verdicts were made under another protocol.
+    other = json.loads(lines[0])
+    other["settings"]["extra"] = "other"
+    path.write_text(kept + json.dumps(other) + "\n")
+    joined = rf"^{re.escape(str(path))} holds verdicts made under two protocols: 'extra' is \"<not set>\" in the "
+    joined += rf"header on line 1 and \"other\" in the one on line {len(kept.splitlines()) + 1} \(two files"
+    with pytest.raises(ValueError, match=joined):
+        evaluate_folder(toy_folder, "toy", quiet=True)
+    path.write_text(kept + lines[0] + "\n")  # the same protocol's header again: nothing to refuse
+    assert evaluate_folder(toy_folder, "toy", quiet=True)["judged_now"] == 0
 
     extra["value"] = "changed"
     with pytest.raises(ValueError, match=r"other settings: 'extra' was .*, now \"changed\"; use --overwrite"):
@@ -613,7 +668,8 @@ def test_cli_folder_errors(tmp_path: Path, toy_folder: Path) -> None:
         evaluate_folder(toy_folder, "dalle")
 
     (toy_folder / "images" / "00001.png").write_bytes(b"not a png")
-    assert_fails(run_cli(toy_folder, "--judge", "toy", "--quiet"), "cannot read image", "00001.png")
+    assert_fails(run_cli(toy_folder, "--judge", "toy", "--quiet"),
+                 f"cannot read image {toy_folder / 'images' / '00001.png'} (not in an image format PIL reads)")
 
     (toy_folder / "images" / "00001.png").unlink()
     (toy_folder / "images" / "00003.png").unlink()

@@ -87,10 +87,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """The same table as Markdown, for READMEs and papers."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
+    """The same table as Markdown, for READMEs and papers (a ``|`` or line break in a cell escaped, so that
+    it stays one cell)."""
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(" ".join(str(cell).split("\n")).replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def page(title: str, body: str) -> str:

@@ -136,7 +136,8 @@ def read_verdicts(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, di
     """``(header, {file: verdict})`` of a verdicts file; ``(None, {})`` when there is none.
 
     Unreadable lines (a crash mid-append leaves a truncated last line) are skipped; when a file appears
-    twice the last verdict wins.
+    twice the last verdict wins. A second header whose judge or settings differ from the first (two
+    files' lines joined) is a ``ValueError``: its verdicts were made under another protocol.
     """
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed by the with below; the lock lives while it is open
@@ -147,8 +148,9 @@ def read_verdicts(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, di
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
         data = handle.read()
     header: dict[str, Any] | None = None
+    header_line = 0
     verdicts: dict[str, dict[str, Any]] = {}
-    for raw in data.split(b"\n"):
+    for number, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
         try:
@@ -157,8 +159,18 @@ def read_verdicts(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, di
             continue
         if not isinstance(record, dict):
             continue
-        if record.get("header") is True:
-            header = header or record
+        if record.get("header") is True and header is None:
+            header, header_line = record, number
+        elif record.get("header") is True:
+            first, later = ({"judge": h.get("judge"), **(h.get("settings") or {})} for h in (header, record))
+            key = _first_difference(first, later, ())
+            if key is not None:
+                was, now = (_show(values.get(key, "<not set>")) for values in (first, later))
+                raise ValueError(
+                    f"{path} holds verdicts made under two protocols: {key!r} is {was} in the header on line "
+                    f"{header_line} and {now} in the one on line {number} (two files joined?); keep one protocol's "
+                    "lines, or delete the file to judge every image again"
+                )
         elif isinstance(record.get("file"), str):
             verdicts.pop(record["file"], None)
             verdicts[record["file"]] = record
@@ -192,8 +204,10 @@ def load_image(path: Path) -> tuple[Any, str]:
             return (image.copy() if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB"),
                     hashlib.sha256(data).hexdigest())
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        # (PIL names the buffer it read, "<_io.BytesIO object at 0x...>", where it knows no format)
+        reason = "not in an image format PIL reads" if isinstance(error, UnidentifiedImageError) else str(error)
         raise ValueError(
-            f"cannot read image {path} ({error}); delete it and rerun the command that made it (trasce generate "
+            f"cannot read image {path} ({reason}); delete it and rerun the command that made it (trasce generate "
             "or trasce benchmark) to make it again"
         ) from error
 
@@ -411,7 +425,15 @@ def evaluate_folder(
         state.wait_for_everyone()
         _, done = read_verdicts(verdict_file)  # the other processes' verdicts too
     verdicts = [done[record["file"]] for record in records]
-    result = judge.summarize(verdicts)
+    try:
+        result = judge.summarize(verdicts)
+    except KeyError as error:  # a verdict line edited, or written by other code
+        field = error.args[0] if error.args else None
+        lacking = next((v.get("file") for v in verdicts if field not in v), None)
+        if lacking is None:
+            raise
+        raise ValueError(f"{verdict_file}: the verdict of {lacking} has no {field!r}; delete that line (or the file) "
+                         "to judge that image again") from error
     summary = {
         "judge": name,
         "label": label,
@@ -470,7 +492,7 @@ def table_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         if row.get("unit") == "%":
             shown = "-" if value is None else f"{100 * value:.2f} %"
             low, high = row.get("ci95") or (None, None)
-            interval = "-" if low is None else f"{100 * low:.2f} - {100 * high:.2f} %"
+            interval = "-" if low is None or value is None else f"{100 * low:.2f} - {100 * high:.2f} %"
             count = f"{row.get('k')}/{row.get('n')}"
         else:
             shown = _number(value)

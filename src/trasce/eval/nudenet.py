@@ -16,7 +16,6 @@ a list of ``{"class", "score", "box"}`` dicts, which lets the decision logic be 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -107,13 +106,6 @@ def parse_threshold(value: float | str | None) -> float:
         raise ValueError(f"--threshold must be a number between 0 and 1, got {value!r}") from None
     if not math.isfinite(threshold) or not 0 < threshold < 1:
         raise ValueError(f"--threshold must be strictly between 0 and 1, got {value!r}")
-    if threshold < DETECTOR_MIN_SCORE:
-        warnings.warn(
-            f"NudeNet drops detections scoring below {DETECTOR_MIN_SCORE}, so --threshold {threshold} "
-            f"acts as {DETECTOR_MIN_SCORE}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     return threshold
 
 
@@ -163,6 +155,7 @@ class NudeNetJudge:
     """NudeNet nudity judge; ``detector`` replaces NudeNet's ``NudeDetector().detect`` (for tests)."""
 
     name = "nudenet"
+    warnings: tuple[str, ...] = ()  # said before judging, and kept in the summary
 
     def __init__(
         self,
@@ -187,6 +180,9 @@ class NudeNetJudge:
             # NudeDetector() loads the 320n.onnx that ships inside the wheel; nothing is downloaded.
             self._detect: Detector = NudeDetector().detect
             self.detector = f"nudenet {version}, {MODEL_FILE}"
+            if self.threshold < DETECTOR_MIN_SCORE:
+                self.warnings = (f"NudeNet reports no detection scoring below {DETECTOR_MIN_SCORE}, so --threshold "
+                                 f"{self.threshold} flags what {DETECTOR_MIN_SCORE} would",)
         else:
             self._detect = detector
             self.detector = detector_name or f"custom detector {getattr(detector, '__name__', type(detector).__name__)}"
@@ -194,9 +190,11 @@ class NudeNetJudge:
     @property
     def protocol(self) -> str:
         """One line for reports: detector, classes and rule."""
+        floor = (f" (in effect > {DETECTOR_MIN_SCORE}: NudeNet reports nothing below it)"
+                 if self.warnings else "")
         return (
             f"{self.detector}; classes {self.class_set} ({', '.join(self.classes)}); "
-            f"flagged when any class scores > {self.threshold}"
+            f"flagged when any class scores > {self.threshold}{floor}"
         )
 
     def settings(self) -> dict[str, Any]:

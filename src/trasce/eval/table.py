@@ -3,7 +3,8 @@
 Each folder's ``summary-<label>.json`` (written by ``trasce evaluate``) gives a row: how its images
 were made (method or mode), its image count, and its numbers; the columns are the metrics the
 summaries hold, in the order they first appear. The judges' protocol lines follow the table, once
-per distinct protocol, and a folder that is not complete is marked.
+per distinct protocol, and a folder that is not complete is marked; a folder's safety-checker note and
+its judge's warnings (a toy judge on another model's images) follow as its report shows them.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
             raise ValueError(f"{path} does not exist; judge the folder first (trasce evaluate {folder} --judge "
                              f"JUDGE, with --label {label} unless {label} is the judge's name)")
         try:
-            summaries.append((str(folder), json.loads(path.read_text(encoding="utf-8"))))
+            summary = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error.msg}); run trasce evaluate on {folder} "
                              "again") from error
+        if not isinstance(summary, dict):
+            raise ValueError(f"{path} holds a JSON {type(summary).__name__}, not a summary object; run trasce "
+                             f"evaluate on {folder} again")
+        summaries.append((str(folder), summary))
 
     columns: list[str] = []
     for _, summary in summaries:
@@ -60,9 +65,13 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
     for folder, summary in summaries:
         protocols.setdefault(f"{summary.get('judge')}: {summary.get('protocol', '')}", []).append(folder)
     notes = [line if len(protocols) == 1 else f"{line} ({', '.join(shown)})" for line, shown in protocols.items()]
-    notes.append("Rates with their 95 % Wilson interval in parentheses.")
+    notes.append("Rates with their 95 % Wilson interval in parentheses, which takes every image as independent "
+                 "(several images of one prompt are not).")
     notes += [f"{folder}: {summary['completeness']}" for folder, summary in summaries
               if summary.get("complete") is False and summary.get("completeness")]
+    notes += [f"{folder}: {summary['safety_checker']}" for folder, summary in summaries
+              if summary.get("safety_checker")]
+    notes += [f"{folder}: warning: {line}" for folder, summary in summaries for line in summary.get("warnings") or ()]
     return {"header": ["folder", "method", "images", *columns], "rows": rows, "notes": notes}
 
 
