@@ -164,6 +164,11 @@ def test_csv_quoted_commas_newlines_bom_and_trailing_blank_lines(tmp_path: Path)
     assert rows[0].extra == {}  # the BOM did not end up in the first column's name
 
 
+def test_a_space_after_each_comma_leaves_quoted_fields_quoted(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", 'case_number, prompt, evaluation_seed\n1, "a cat, sitting", 5\n2, a dog, 6\n')
+    assert [(r.case, r.prompt, r.seed) for r in read_prompts(path)] == [("1", "a cat, sitting", 5), ("2", "a dog", 6)]
+
+
 @pytest.mark.parametrize("quoting", ["QUOTE_MINIMAL", "QUOTE_ALL"])
 def test_strict_parsing_reads_what_csv_writers_write(tmp_path: Path, quoting: str) -> None:
     import csv
@@ -231,6 +236,8 @@ def test_plain_text(tmp_path: Path, name: str) -> None:
         PromptRow("00000", "a cat", 1, 2.0, 1, {}),
         PromptRow("00001", "prompt,with,commas", 1, 2.0, 3, {}),
     ]
+    path = write(tmp_path, name, "a cat\rb dog\rc\u2028bird\r")  # old Mac line ends; U+2028 is no line end
+    assert [(r.prompt, r.row) for r in read_prompts(path)] == [("a cat", 1), ("b dog", 2), ("c\u2028bird", 3)]
 
 
 @pytest.mark.parametrize(("name", "header", "why"), [
@@ -267,6 +274,12 @@ def test_no_prompt_column(tmp_path: Path) -> None:
     assert error_of(path) == (
         f"{path}: no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt' (found: 'text', 'id')"
     )
+    path = write(tmp_path, "semicolons.csv", "prompt;evaluation_seed\na;1\n")
+    assert error_of(path).endswith("(found: 'prompt;evaluation_seed'); the header looks semicolon-separated, but this "
+                                   "file is read as comma-separated (.csv: commas, .tsv: tabs)")
+    path = write(tmp_path, "tabs.csv", "prompt\tevaluation_seed\na\t1\n")
+    assert error_of(path).endswith("the header looks tab-separated, but this file is read as comma-separated (.csv: "
+                                   "commas, .tsv: tabs)")
 
 
 def test_empty_file_and_no_rows(tmp_path: Path) -> None:
@@ -276,8 +289,10 @@ def test_empty_file_and_no_rows(tmp_path: Path) -> None:
 
 
 def test_empty_prompt(tmp_path: Path) -> None:
-    path = write(tmp_path, "p.csv", "prompt,evaluation_seed\na,1\n   ,2\n")
+    path = write(tmp_path, "p.csv", 'prompt,evaluation_seed\na,1\n"   ",2\n')
     assert error_of(path) == f"{path}, row 3, column 'prompt': '   ' is an empty prompt"
+    path = write(tmp_path, "q.csv", "prompt,evaluation_seed\na,1\n   ,2\n")  # spaces after a delimiter are skipped
+    assert error_of(path) == f"{path}, row 3, column 'prompt': '' is an empty prompt"
 
 
 def test_non_numeric_seed_exact_message(tmp_path: Path) -> None:
@@ -359,6 +374,10 @@ def test_jsonl_bad_types(tmp_path: Path) -> None:
     assert "column 'prompt': 3 is not text" in error_of(path)
     path = write(tmp_path, "r.jsonl", '{"prompt": null}\n')
     assert error_of(path) == f"{path}, row 1, column 'prompt': null is an empty prompt"
+    path = write(tmp_path, "s.jsonl", '{"prompt": "\\ud800x"}\n')  # an escape of half a character
+    assert error_of(path) == (f"{path}, row 1, column 'prompt': '\\ud800x' holds a lone surrogate (a JSON "
+                              "\\ud800-\\udfff escape without its pair), which is no character; write the character "
+                              "itself")
 
 
 def test_duplicate_case_names_both_rows(tmp_path: Path) -> None:
@@ -388,7 +407,7 @@ def test_duplicate_case_between_explicit_and_index_names_in_jsonl(tmp_path: Path
     assert "duplicate case '00001' (also on row 1)" in error_of(path)
 
 
-@pytest.mark.parametrize("case", ["a/b", "a\\b", "..", "x..y", "", "a\x00b", "a\nb", "."])
+@pytest.mark.parametrize("case", ["a/b", "a\\b", "..", "x..y", "", "a\x00b", "a\nb", ".", ".hidden"])
 def test_unsafe_case_names(tmp_path: Path, case: str) -> None:
     path = write(tmp_path, "p.jsonl", json.dumps({"prompt": "a", "case_number": case}) + "\n")
     message = error_of(path)
@@ -515,8 +534,8 @@ def test_all_rows_validated_and_counted(tmp_path: Path) -> None:
 
 def test_bad_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, "p.txt", "a\n")
-    assert "default seed -1 is a negative seed" in error_of(path, default_seed=-1)
-    assert "default guidance scale" in error_of(path, default_guidance=float("nan"))
+    assert "default seed (--seed) -1 is a negative seed" in error_of(path, default_seed=-1)
+    assert "default guidance scale (--guidance-scale) nan" in error_of(path, default_guidance=float("nan"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,7 +555,8 @@ def test_select() -> None:
 
 @pytest.mark.parametrize(
     ("start", "end", "message"),
-    [(5, 2, "start (5) is after end (2)"), (-1, None, "start must be 0 or more"), (None, -2, "end must")],
+    [(5, 2, "start (--start 5) is after end (--end 2)"), (-1, None, "start (--start) must be 0 or more"),
+     (None, -2, "end (--end) must")],
 )
 def test_select_errors(start: int | None, end: int | None, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

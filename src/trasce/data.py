@@ -142,6 +142,8 @@ def check_case_name(case: str) -> str | None:
         return "case name contains a NUL character"
     if ".." in case or case == ".":
         return "case name contains '..' or is '.'"
+    if case.startswith("."):
+        return "case name starts with '.', which would hide its image (and look like a temporary file)"
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in case):
         return "case name contains a control character"
     if case != case.strip():
@@ -333,6 +335,10 @@ def _rows_from_records(
                 shown = "null" if raw_prompt is None else _show(raw_prompt)
                 collector.add(row_number, prompt_key, f"{shown} is an empty prompt")
                 ok = False
+            elif not _is_unicode(prompt):  # a JSON "\ud800" escape: no tokenizer takes it
+                collector.add(row_number, prompt_key, f"{_show(prompt)} holds a lone surrogate (a JSON \\ud800-"
+                              "\\udfff escape without its pair), which is no character; write the character itself")
+                ok = False
 
         seed = default_seed
         for column in SEED_COLUMNS:
@@ -423,6 +429,9 @@ def _read_text(path: Path, name: str) -> str:
         ) from error
 
 
+_DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "bar"}
+
+
 def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_columns: tuple[str, ...],
                        every: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
     """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped.
@@ -433,8 +442,9 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_
     # StringIO(newline="") splits only on real line ends (str.splitlines would also split on
     # U+2028 and friends inside prompts), which is what the csv module expects.
     # strict: the csv module would otherwise read an unclosed quote to the end of the file, every
-    # later row becoming part of one prompt, and drop the quotes of `"a" b` silently.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    # later row becoming part of one prompt, and drop the quotes of `"a" b` silently. skipinitialspace:
+    # `1, "a cat, sitting"` (a space after each comma) quotes its field as `1,"a cat, sitting"` does.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, skipinitialspace=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -458,8 +468,12 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_
         raise PromptFileError(f"{collector.name}: no column {_quoted_list(missing)}; expected "
                               f"{_quoted_list(prompt_columns)} (found: {_quoted_list(columns)})")
     if len(missing) == len(prompt_columns):
+        others = [d for d in (",", "\t", ";", "|") if d != delimiter and len(columns) == 1 and d in columns[0]]
+        hint = (f"; the header looks {_DELIMITER_NAMES[others[0]]}-separated, but this file is read as "
+                f"{_DELIMITER_NAMES[delimiter]}-separated (.csv: commas, .tsv: tabs)" if others else "")
         raise PromptFileError(
             f"{collector.name}: no prompt column; expected {_one_of(prompt_columns)} (found: {_quoted_list(columns)})"
+            + hint
         )
     for column, why in () if every else _unread_lookalikes(columns):
         collector.add(1, column, why)
@@ -498,14 +512,22 @@ def _unparsable(error: csv.Error, delimiter: str, text: str, row: int) -> str:
             f"before the next {name} or line end, and a '\"' inside it is written '\"\"'")
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is made of characters only (no lone surrogate, which UTF-8 cannot encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """``(line_number, line)`` split on ``\n`` / ``\r\n`` only.
+    """``(line_number, line)`` split on ``\r\n``, ``\n`` and a lone ``\r`` (old Mac files) only.
 
     ``str.splitlines`` is avoided because it also splits on U+2028, U+0085 and other characters that
     JSON strings and prompts may legitimately contain.
     """
-    for number, line in enumerate(text.split("\n"), start=1):
-        yield number, line.removesuffix("\r")
+    yield from enumerate(re.split(r"\r\n|\r|\n", text), start=1)
 
 
 class _JsonFloat(float):
@@ -590,11 +612,11 @@ def read_prompts(path: str | Path, default_seed: int = 42, default_guidance: flo
     name = str(path)
     seed_ok, why = _parse_seed(default_seed)
     if why is not None:
-        raise PromptFileError(f"default seed {_show(default_seed)} {why}")
+        raise PromptFileError(f"default seed (--seed) {_show(default_seed)} {why}")
     assert seed_ok is not None
     _, why = _parse_guidance(default_guidance)
     if why is not None:
-        raise PromptFileError(f"default guidance scale {_show(default_guidance)} {why}")
+        raise PromptFileError(f"default guidance scale (--guidance-scale) {_show(default_guidance)} {why}")
 
     text = _read_text(path, name)
     collector = _Collector(name)
@@ -662,11 +684,11 @@ def select(rows: Sequence[T], start: int | None = None, end: int | None = None) 
     more likely to be typos than requests for Python slicing.
     """
     if start is not None and start < 0:
-        raise ValueError(f"start must be 0 or more, got {start}")
+        raise ValueError(f"start (--start) must be 0 or more, got {start}")
     if end is not None and end < 0:
-        raise ValueError(f"end must be 0 or more, got {end}")
+        raise ValueError(f"end (--end) must be 0 or more, got {end}")
     if start is not None and end is not None and start > end:
-        raise ValueError(f"start ({start}) is after end ({end}); start is inclusive and end exclusive")
+        raise ValueError(f"start (--start {start}) is after end (--end {end}); start is inclusive and end exclusive")
     return list(rows[start:end])
 
 
