@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -346,6 +347,26 @@ def test_reset(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.images_dir.iterdir()) == ["notes.txt"]
     # Verdicts about the deleted images go with them: evaluate would reuse them for new images of the same name.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "notes.json", "run.json"]
+
+
+def test_a_file_is_no_run_folder(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunFolderError, match=rf"^{re.escape(str(tmp_path / 'afile'))} is a file, not a folder; give a "
+                                             r"folder \(a new or empty one for a new run\)$"):
+        RunFolder(tmp_path / "afile")
+
+
+def test_reset_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    (photos / "images" / "holiday.png").write_bytes(b"png")
+    (photos / "verdicts-mine.jsonl").write_text("{}")
+    with pytest.raises(RunFolderError, match=rf"^{re.escape(str(photos))} holds files but no run.json or "
+                                             r"manifest.jsonl: it is not a trasce output folder, and --overwrite "
+                                             r"deletes only a run's files; give --out a new or empty folder$"):
+        RunFolder(photos).reset()
+    assert sorted(p.name for p in photos.rglob("*")) == ["holiday.png", "images", "verdicts-mine.jsonl"]
+    RunFolder(tmp_path / "new").reset()  # nothing there: nothing to refuse
 
 
 def test_requested_images_are_the_union_of_every_sessions_and_resuming_adds_nothing(tmp_path: Path) -> None:

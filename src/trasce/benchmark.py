@@ -62,7 +62,7 @@ from trasce.generate import (
     warn_of_an_unscaled_sigma,
     warn_of_other_prompt_columns,
 )
-from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults
+from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults, model_revision
 from trasce.runs import (
     RunFolder,
     atomic_save_image,
@@ -747,6 +747,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     dtype = pick_dtype(options.dtype, device)
     if options.quiet:
         hide_loading_bars()
+    loaded = pipe is None  # (a pipeline passed in need not be options.model's)
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(options.model, torch_dtype=dtype, scheduler=options.scheduler,
                                               safety_checker=False, concept=concept, preset=preset,
@@ -768,6 +769,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
 
     shared = {
         "benchmark": "trasce benchmark", "model": options.model, "world": "toy" if toy else "diffusers",
+        "model_revision": model_revision(options.model) if loaded else None,
         "concept": concept, "steps": steps, "guidance_scale": guidance, "scheduler": type(pipe.pipe.scheduler).__name__,
         "dtype": str(dtype).removeprefix("torch."), "height": size[0], "width": size[1], "seed": options.seed,
         "prompt_source": prompt_source, "batch_size": options.batch_size, "device": str(device),

@@ -21,7 +21,7 @@ import torch
 
 from trasce import data
 from trasce.data import PromptRow
-from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults
+from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults, model_revision
 from trasce.runs import RunFolder, atomic_save_image, failing_together
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, check_scheduler
 
@@ -279,6 +279,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
               file=sys.stderr)
     if options.quiet:
         hide_loading_bars()
+    loaded = pipe is None  # (a pipeline passed in need not be options.model's)
     if pipe is None:
         pipe = TraSCEPipeline.from_pretrained(
             options.model, torch_dtype=dtype, scheduler=options.scheduler, safety_checker=options.safety_checker,
@@ -326,6 +327,8 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
         if is_main:
             if options.overwrite:
                 folder.reset()
+            # The weights themselves, so that a model changed under its name is not mixed into a resumed run.
+            settings["model_revision"] = model_revision(options.model) if loaded else None
             folder.write_run_json(settings, force=options.overwrite)
             folder.remove_stale_temp_files()  # what a killed run left half-written
     n = options.images_per_prompt

@@ -100,6 +100,10 @@ LATER_SETTINGS: dict[str, Any] = {"steer_window": [0.0, 1.0], "safety_checker": 
                                   "lazy_tolerance": DEFAULT_LAZY_TOLERANCE,  # (trasce benchmark's)
                                   "prompt_column": None}
 
+# Settings that a run.json written before them lacks, or that a session could not read (a hub id out of the
+# cache has no revision): compared only where both sessions recorded a value.
+COMPARED_WHEN_KNOWN: frozenset[str] = frozenset({"model_revision"})
+
 # Packages whose versions can change the pixels; recorded in run.json so a result can be reproduced.
 _VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers", "trasce")
 _TEMP_SUFFIX = ".tmp"
@@ -343,13 +347,16 @@ def append_lines(path: Path, lines: Sequence[str], header: str | None = None) ->
 class RunFolder:
     """One output folder of ``trasce generate``.
 
-    Creating the object touches nothing on disk; the folder and ``images/`` are made by the first
-    write. All paths in the manifest are relative to the folder (``images/12.png``) so a folder can
-    be moved or copied elsewhere and still resumed or evaluated.
+    Creating the object writes nothing (a path that is a file is refused); the folder and ``images/``
+    are made by the first write. All paths in the manifest are relative to the folder
+    (``images/12.png``) so a folder can be moved or copied elsewhere and still resumed or evaluated.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is a file, not a folder; give a folder (a new or empty one for a new "
+                                 "run)")
         self.images_dir = self.path / IMAGES_DIR
         self.manifest_path = self.path / MANIFEST_NAME
         self.run_json_path = self.path / RUN_JSON_NAME
@@ -611,8 +618,14 @@ class RunFolder:
 
         For ``--overwrite``. The manifest goes first, so a crash half-way leaves a folder in which
         nothing counts as done (the safe direction). ``run.json`` is left for
-        :meth:`write_run_json` with ``force=True`` to replace.
+        :meth:`write_run_json` with ``force=True`` to replace. A folder that holds files but neither
+        ``run.json`` nor a manifest is no run folder, and is refused (``RunFolderError``) untouched.
         """
+        is_run = self.run_json_path.is_file() or self.manifest_path.is_file()
+        if not is_run and self.path.is_dir() and any(self.path.iterdir()):
+            raise RunFolderError(f"{self.path} holds files but no {RUN_JSON_NAME} or {self.manifest_path.name}: it is "
+                                 "not a trasce output folder, and --overwrite deletes only a run's files; give --out "
+                                 "a new or empty folder")
         self.manifest_path.unlink(missing_ok=True)
         (self.path / REQUESTED_NAME).unlink(missing_ok=True)
         for name in (VERDICTS_NAME, SUMMARY_NAME, REPORT_NAME):
@@ -661,9 +674,12 @@ def _parse_manifest_line(raw: bytes) -> dict[str, Any] | None:
 def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any], volatile: frozenset[str]) -> str | None:
     """First key (sorted) whose value differs between two settings dicts, ignoring ``volatile``.
 
-    A key of ``LATER_SETTINGS`` that one side lacks has its default value there.
+    A key of ``LATER_SETTINGS`` that one side lacks has its default value there; a key of
+    ``COMPARED_WHEN_KNOWN`` counts only where both sides hold a value.
     """
     for key in sorted((set(old) | set(new)) - volatile):
+        if key in COMPARED_WHEN_KNOWN and (old.get(key) is None or new.get(key) is None):
+            continue
         missing = LATER_SETTINGS.get(key, _MISSING)
         if old.get(key, missing) != new.get(key, missing):
             return key

@@ -253,9 +253,9 @@ def check_judge(judge_name: str, options: Mapping[str, Any] | None, concept: str
 
 
 def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
-    run_folder = RunFolder(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; give a trasce generate output folder")
+    run_folder = RunFolder(folder)
     if not run_folder.manifest_path.is_file():
         raise ValueError(f"{folder} has no {MANIFEST_NAME}; is it a trasce generate output folder?")
     records = run_folder.read_manifest()
