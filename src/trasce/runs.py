@@ -435,8 +435,9 @@ class RunFolder:
             records[file] = record
         if bad_lines:
             warnings.warn(
-                f"{self.manifest_path}: skipped {len(bad_lines)} unreadable line(s) "
-                f"(first: line {bad_lines[0]}); their images do not count as made (trasce generate makes them again)",
+                f"{self.manifest_path}: skipped {len(bad_lines)} unreadable line(s) (first: line {bad_lines[0]}), "
+                "as a crash leaves them; an image such a line recorded counts as made only where a later line "
+                "records it again (trasce generate makes the others again)",
                 RuntimeWarning,
                 stacklevel=2,
             )
