@@ -211,27 +211,36 @@ def test_a_rerun_of_a_finished_folder_says_so(tiny_sd_folder, tmp_path):
 
 
 def test_a_model_changed_under_its_name_is_not_mixed_into_a_resumed_run(tiny_sd_folder, tmp_path):
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
     from trasce.pipeline import model_revision
 
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_sd_folder, moved)  # the same files under another path
     out = tmp_path / "out"
-    args = ("generate", "--model", tiny_sd_folder, "--out", out, *BASE)
-    assert _run(*args, "--prompt", "a red apple").exit_code == 0
+    args = ("generate", "--out", out, *BASE)
+    assert _run(*args, "--model", tiny_sd_folder, "--prompt", "a red apple").exit_code == 0
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["model_revision"] == model_revision(tiny_sd_folder) != model_revision("toy")
     (weights,) = (tiny_sd_folder / "unet").glob("*.safetensors")
     save_file({name: tensor * 1.1 for name, tensor in load_file(weights).items()}, weights)  # retrained in place
-    result = CliRunner().invoke(main, [str(a) for a in (*args, "--prompt", "a red apple", "--prompt", "a blue car")])
+    result = CliRunner().invoke(main, [str(a) for a in (*args, "--model", tiny_sd_folder, "--prompt", "a red apple",
+                                                        "--prompt", "a blue car")])
     assert result.exit_code == 2
     assert " ".join(result.output.split()).startswith(f"error: {out} holds a run with different settings: "
                                                       "'model_revision' was \"sha256:")
     assert len(_manifest(out)) == 1
-    # A run.json from before the revision was recorded resumes as it did.
+    # The first model's files under their new path: the same model, and the run resumes.
+    assert _run(*args, "--model", moved, "--prompt", "a red apple", "--prompt", "a blue car").exit_code == 0
+    assert len(_manifest(out)) == 2
+    # A run.json from before the revision was recorded resumes as it did, on the name alone.
     run["settings"].pop("model_revision")
     (out / "run.json").write_text(json.dumps(run))
-    assert _run(*args, "--prompt", "a red apple", "--prompt", "a blue car").exit_code == 0
-    assert len(_manifest(out)) == 2
+    assert _run(*args, "--model", tiny_sd_folder, "--prompt", "a red apple", "--prompt", "a blue car",
+                "--prompt", "a green pear").exit_code == 0
+    assert len(_manifest(out)) == 3
 
 
 def test_a_preset_made_for_another_model_is_warned_about(tiny_sd_folder, tmp_path):

@@ -103,6 +103,9 @@ LATER_SETTINGS: dict[str, Any] = {"steer_window": [0.0, 1.0], "safety_checker": 
 # Settings that a run.json written before them lacks, or that a session could not read (a hub id out of the
 # cache has no revision): compared only where both sessions recorded a value.
 COMPARED_WHEN_KNOWN: frozenset[str] = frozenset({"model_revision"})
+# Settings that name what another setting identifies: equal where that one is known and equal (the same
+# weights under another path: `--model ./m1` for `m1`, or a folder moved).
+NAMED_BY: dict[str, str] = {"model": "model_revision"}
 
 # Packages whose versions can change the pixels; recorded in run.json so a result can be reproduced.
 _VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "diffusers", "transformers", "trasce")
@@ -676,10 +679,14 @@ def _first_difference(old: Mapping[str, Any], new: Mapping[str, Any], volatile: 
     """First key (sorted) whose value differs between two settings dicts, ignoring ``volatile``.
 
     A key of ``LATER_SETTINGS`` that one side lacks has its default value there; a key of
-    ``COMPARED_WHEN_KNOWN`` counts only where both sides hold a value.
+    ``COMPARED_WHEN_KNOWN`` counts only where both sides hold a value; a key of ``NAMED_BY`` only where
+    the key it names does not settle it.
     """
     for key in sorted((set(old) | set(new)) - volatile):
         if key in COMPARED_WHEN_KNOWN and (old.get(key) is None or new.get(key) is None):
+            continue
+        identity = NAMED_BY.get(key)
+        if identity is not None and old.get(identity) is not None and old.get(identity) == new.get(identity):
             continue
         missing = LATER_SETTINGS.get(key, _MISSING)
         if old.get(key, missing) != new.get(key, missing):
