@@ -136,6 +136,15 @@ def test_exact_steering_is_recorded_and_a_lazy_folder_is_not_resumed_exact(tmp_p
             "0.0001") in " ".join(result.output.split())
     # a method that never steers does not depend on it: its folders resume either way
     assert _run(*args, "--methods", "none").exit_code == 0
+    # A refused run writes no folder's settings, not even those of the methods checked before the refusal.
+    refused = CliRunner().invoke(main, [str(a) for a in (*args, "--methods", "negation,none", "--steps", 3)])
+    assert refused.exit_code == 2 and "'steps' was 2, now 3" in refused.output
+    assert not (out / "negation").exists()
+    # Within a method's settings, the one that changed is named.
+    preset = CliRunner().invoke(main, [str(a) for a in (*args, "--methods", "trasce", "--exact", "--preset",
+                                                        "toy-fill")])
+    assert preset.exit_code == 2
+    assert "'method_settings.preset' was \"toy-shape\", now \"toy-fill\"" in " ".join(preset.output.split())
 
 
 def test_rerun_generates_nothing(toy_run, monkeypatch):
@@ -208,6 +217,28 @@ def test_sld_on_the_pixel_model_matches_plain_cfg_when_its_guidance_is_off():
         final = safe(prompts, height=32, width=32, num_inference_steps=2, guidance_scale=7.5, latents=noise,
                      output_type="latent", sld_guidance_scale=0.0).images
     assert torch.equal(pipe.adapter.decode(final, "pt")[0], plain)
+
+
+def test_sld_takes_a_batch_holding_a_prompt_longer_than_its_tokenizer_takes():
+    """diffusers' safe pipeline pads the untruncated ids of its length warning to the batch's longest prompt:
+    a batch of unequal lengths past the limit failed ("Unable to create tensor"); such a prompt goes alone."""
+    from trasce.benchmark import method_runner
+    from trasce.generate import initial_noise
+    from trasce.pipeline import TraSCEPipeline
+
+    pipe = TraSCEPipeline.from_pretrained("toy", concept="circle", preset="toy-shape")
+    run = method_runner("sld-max", pipe, "circle", 32, 32)
+    long = "a red circle " + "on a big gray background with a thin outline " * 3  # past the toy's 16 tokens
+    prompts = ["a red circle", long, "a green square", long + "again"]
+    noise = torch.cat([initial_noise(pipe, seed, 1, 32, 32)[0] for seed in range(4)])
+
+    def made(index):
+        images, _ = run([prompts[i] for i in index], noise[index], [torch.Generator().manual_seed(i) for i in index],
+                        [7.5] * len(index), 2)
+        return [np.asarray(image) for image in images]
+
+    together = made([0, 1, 2, 3])
+    assert all(np.array_equal(a, b) for a, b in zip(together, [made([i])[0] for i in range(4)], strict=True))
 
 
 @pytest.mark.parametrize(("args", "message"), [

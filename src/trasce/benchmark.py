@@ -377,8 +377,15 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
             images: list = [None] * len(prompts)
             stats: list[dict] = [{} for _ in prompts]
             # SLD takes one CFG scale per call: one call per distinct scale, each image back in its place.
-            for scale in dict.fromkeys(scales):
-                index = [i for i, s in enumerate(scales) if s == scale]
+            # A prompt longer than the tokenizer takes goes alone: diffusers' safe pipeline pads the
+            # untruncated ids it checks for its warning to the longest prompt only, and a batch of
+            # unequal lengths fails to become a tensor (the images do not depend on the batch).
+            limit = safe.tokenizer.model_max_length
+            long = {i for i, prompt in enumerate(prompts) if len(safe.tokenizer(prompt).input_ids) > limit}
+            calls = [(scale, index) for scale in dict.fromkeys(scales)
+                     for index in ([[i] for i, s in enumerate(scales) if s == scale and i in long]
+                                   + [[i for i, s in enumerate(scales) if s == scale and i not in long]]) if index]
+            for scale, index in calls:
                 final = safe([prompts[i] for i in index], height=height, width=width, num_inference_steps=steps,
                              guidance_scale=scale, latents=latents[index].to(pipe.adapter.device, pipe.adapter.dtype),
                              generator=[generators[i] for i in index], output_type="latent", **config).images
@@ -779,19 +786,23 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
     }
     per_method = {m: method_settings(m, pipe, concept, preset) for m in methods}
 
-    # Every folder's settings are checked before anything is generated: a mismatch costs nothing.
-    folders: dict[str, dict[str, RunFolder]] = {m: {} for m in methods}
-    for method in methods:
-        for split in sets:
-            folder = RunFolder(out / method / split)
-            if options.overwrite:
-                folder.reset()
-            # The steering methods' lazy tolerance (None: exact), in their folders only: switching --exact
-            # does not refuse the folders of methods that never steer.
-            steering = {"lazy_tolerance": lazy_tolerance} if method in STEERING_MODES else {}
-            folder.write_run_json({**shared, "method": method, "method_settings": per_method[method],
-                                   "prompt_set": split, **steering}, force=options.overwrite, volatile=VOLATILE)
-            folders[method][split] = folder
+    # Every folder's settings are checked before any is written or anything generated: a mismatch costs nothing.
+    folders = {m: {s: RunFolder(out / m / s) for s in sets} for m in methods}
+
+    def settings_of(method: str, split: str) -> dict[str, Any]:
+        # The steering methods' lazy tolerance (None: exact), in their folders only: switching --exact
+        # does not refuse the folders of methods that never steer.
+        steering = {"lazy_tolerance": lazy_tolerance} if method in STEERING_MODES else {}
+        return {**shared, "method": method, "method_settings": per_method[method], "prompt_set": split, **steering}
+
+    for check_only in (() if options.overwrite else (True,)) + (False,):
+        for method in methods:
+            for split in sets:
+                folder = folders[method][split]
+                if options.overwrite:
+                    folder.reset()
+                folder.write_run_json(settings_of(method, split), force=options.overwrite, volatile=VOLATILE,
+                                      check_only=check_only)
     # Each reads its folder's manifest once; a done image must still match its prompt.
     # A set that shrank (a smaller --n-target) keeps its other images, which no result counts.
     done = {(m, s): folders[m][s].done_for(sets[s], 1, f"prompt set {s}",

@@ -556,6 +556,7 @@ class RunFolder:
         settings: Mapping[str, Any],
         force: bool = False,
         volatile: Iterable[str] = VOLATILE_SETTINGS,
+        check_only: bool = False,
     ) -> dict[str, Any]:
         """Record the run's settings in ``run.json``, or check them against the stored ones.
 
@@ -574,6 +575,8 @@ class RunFolder:
 
         ``force`` does not touch the manifest or images: call :meth:`reset` as well, or the images
         of the old settings still count as done. Returns the contents of ``run.json`` afterwards.
+        ``check_only`` raises as above but writes nothing (returning ``{}`` where there is no ``run.json``), so
+        that a command with several folders refuses before any of them records settings it then refuses.
         """
         new_settings = _normalise(dict(settings))
         versions = package_versions()
@@ -591,6 +594,11 @@ class RunFolder:
                 if key is not None:
                     before = old["settings"].get(key, LATER_SETTINGS.get(key, _MISSING))
                     after = new_settings.get(key, LATER_SETTINGS.get(key, _MISSING))
+                    # Within a group of settings (trasce benchmark's method_settings), the one that differs.
+                    inner = (_first_difference(before, after, frozenset())
+                             if isinstance(before, dict) and isinstance(after, dict) else None)
+                    if inner is not None:
+                        key, before, after = f"{key}.{inner}", before.get(inner, _MISSING), after.get(inner, _MISSING)
                     raise RunFolderError(
                         f"{self.path} holds a run with different settings: {key!r} was "
                         f"{_show(before)}, now {_show(after)}; use a new output folder or --overwrite"
@@ -606,6 +614,8 @@ class RunFolder:
                         stacklevel=2,
                     )
                 return old
+        if check_only:
+            return {}
         content = {
             "settings": new_settings,
             "versions": versions,
