@@ -684,6 +684,17 @@ def test_with_settings_checks_as_the_constructor(tiny_sd):
         nudity.with_settings(sigma=0.0)
     with pytest.raises(TypeError, match="with_settings\\(\\) got 'sigmaa'; it takes concept, kernel, "):
         nudity.with_settings(sigmaa=1.0)
+    # A copy's call defaults are its own.
+    copy = nudity.with_settings(sigma=0.5)
+    copy.call_defaults["steps"] = 2
+    assert nudity.call_defaults["steps"] != 2
+
+
+def test_to_takes_what_diffusers_to_takes(tiny_sd):
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
+    assert trasce.to("cpu", torch.float64) is trasce and tiny_sd.unet.dtype == torch.float64
+    trasce.to(dtype=torch.float32)
+    assert tiny_sd.unet.dtype == torch.float32 and tiny_sd.text_encoder.dtype == torch.float32
 
 
 def test_the_output_indexes_as_diffusers(tiny_sd):
@@ -921,10 +932,24 @@ def test_bad_arguments(tiny_sd):
         trasce(["a", "b"], guidance_scale=[1, 2, 3], num_inference_steps=1)
     with pytest.raises(ValueError, match="got 1 generators for 2 images"):
         trasce(["a", "b"], generator=[torch.Generator()], num_inference_steps=1)
-    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="num_inference_steps must be a whole number of at least 1, got 0"):
         trasce("a car", num_inference_steps=0)
-    with pytest.raises(ValueError, match="num_images_per_prompt must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="num_inference_steps must be a whole number of at least 1, got 2.5"):
+        trasce("a car", num_inference_steps=2.5)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a whole number of at least 1, got 0"):
         trasce("a car", num_inference_steps=1, num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a whole number of at least 1, got '2'"):
+        trasce("a car", num_inference_steps=1, num_images_per_prompt="2")
+    with pytest.raises(ValueError, match="output_type must be one of 'pil', 'np', 'pt', 'latent', got 'PIL'"):
+        trasce("a car", num_inference_steps=1, output_type="PIL")
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or a list of them \(one per image\), "
+                                        r"got int 0; torch.Generator\(\).manual_seed\(0\) makes one from a seed"):
+        trasce("a car", num_inference_steps=1, generator=0)
+    # An empty concept at call time (a blank cell) would erase nothing: refused, per prompt.
+    with pytest.raises(ValueError, match="an empty concept for prompt 'b': nothing would be erased"):
+        trasce(["a", "b"], concept=["an apple", "  "], num_inference_steps=1)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number, got nan"):
+        trasce("a car", num_inference_steps=1, guidance_scale=float("nan"))
     with pytest.raises(TypeError, match="prompt must be a string or a list of strings, got NoneType"):
         trasce(None, num_inference_steps=1)
     with pytest.raises(TypeError, match="prompt must be a string or a list of strings; it holds int"):

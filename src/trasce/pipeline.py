@@ -13,6 +13,8 @@ import functools
 import hashlib
 import inspect
 import json
+import math
+import numbers
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -317,6 +319,9 @@ def flow_matching(scheduler) -> bool:
             or bool(config.get("use_flow_sigmas")))
 
 
+#: What a call's ``output_type`` may be: PIL images, numpy or torch arrays in [0, 1], or the final latents.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
 #: ``--compile`` choices: ``torch.compile``'s modes, and ``cudagraphs``, its backend that replays CUDA
 #: graphs of the uncompiled kernels (no code generation by inductor, so it compiles faster).
 COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
@@ -433,8 +438,9 @@ class TraSCEPipeline:
         """Wrap an existing diffusers pipeline (its models are shared, not copied)."""
         return cls(pipe, **settings)
 
-    def to(self, device: str | torch.device) -> TraSCEPipeline:
-        self.pipe.to(device)
+    def to(self, *args, **kwargs) -> TraSCEPipeline:
+        """Move (or cast) the wrapped pipeline, as ``DiffusionPipeline.to`` takes it: a device, a dtype, or both."""
+        self.pipe.to(*args, **kwargs)
         return self
 
     def enable_gradient_checkpointing(self) -> TraSCEPipeline:
@@ -494,6 +500,7 @@ class TraSCEPipeline:
             current.update(concept=None, loss_scale=None, step_size=None, sigma=None)
         other = object.__new__(TraSCEPipeline)
         other.__dict__.update(self.__dict__)
+        other.call_defaults = dict(self.call_defaults)  # the copy's own: only the models and adapter are shared
         other._set_erasure(**{**current, **changes})
         return other
 
@@ -530,20 +537,32 @@ class TraSCEPipeline:
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a list of strings; it holds "
                             f"{', '.join(sorted({type(p).__name__ for p in prompts if not isinstance(p, str)}))}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         if num_inference_steps is None:
             num_inference_steps = int(self.call_defaults["steps"])
         if guidance_scale is None:
             guidance_scale = float(self.call_defaults["guidance_scale"])
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        for name, count in (("num_images_per_prompt", num_images_per_prompt),
+                            ("num_inference_steps", num_inference_steps)):
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {count!r}")
+        if output_type not in OUTPUT_TYPES:  # before the denoising, not after it
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
+            raise TypeError(f"generator must be a torch.Generator or a list of them (one per image), got "
+                            f"{type(generator).__name__} {generator!r}; torch.Generator().manual_seed({generator!r}) "
+                            "makes one from a seed")
         n = num_images_per_prompt
         images_prompts = [p for p in prompts for _ in range(n)]
         batch = len(images_prompts)
         scales = self._per_image(guidance_scale, len(prompts), n, "guidance_scale", float)
         concept = self.concept if concept is None else concept
         concepts = self._per_image(concept, len(prompts), n, "concept", str, f". {presets.ONE_CONCEPT}")
+        for text, concept_text in zip(images_prompts, concepts, strict=True):
+            if self.settings.mode != "none" and not concept_text.strip():
+                raise ValueError(f"an empty concept for prompt {text!r}: nothing would be erased; name the concept "
+                                 "(or leave concept out to use the pipeline's own)")
+        if not all(math.isfinite(scale) for scale in scales):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
 
         height, width = self.adapter.image_size(height, width)
 
