@@ -219,6 +219,8 @@ def test_a_model_changed_under_its_name_is_not_mixed_into_a_resumed_run(tiny_sd_
 
     moved = tmp_path / "moved"
     shutil.copytree(tiny_sd_folder, moved)  # the same files under another path
+    (moved / "README.md").write_text("a model card: no image depends on it")
+    assert model_revision(moved) == model_revision(tiny_sd_folder)
     out = tmp_path / "out"
     args = ("generate", "--out", out, *BASE)
     assert _run(*args, "--model", tiny_sd_folder, "--prompt", "a red apple").exit_code == 0

@@ -275,10 +275,10 @@ def test_no_prompt_column(tmp_path: Path) -> None:
         f"{path}: no prompt column; expected one of 'prompt', 'adv_prompt', 'sensitive prompt' (found: 'text', 'id')"
     )
     path = write(tmp_path, "semicolons.csv", "prompt;evaluation_seed\na;1\n")
-    assert error_of(path).endswith("(found: 'prompt;evaluation_seed'); the header looks semicolon-separated, but this "
-                                   "file is read as comma-separated (.csv: commas, .tsv: tabs)")
+    assert error_of(path).endswith("(found: 'prompt;evaluation_seed'); the header looks ';'-separated, but this "
+                                   "file is read as ','-separated (.csv: commas, .tsv: tabs)")
     path = write(tmp_path, "tabs.csv", "prompt\tevaluation_seed\na\t1\n")
-    assert error_of(path).endswith("the header looks tab-separated, but this file is read as comma-separated (.csv: "
+    assert error_of(path).endswith("the header looks tab-separated, but this file is read as ','-separated (.csv: "
                                    "commas, .tsv: tabs)")
 
 

@@ -323,7 +323,7 @@ def run(options: AttackOptions) -> dict:
     from trasce.eval.toy import toy_concept
     from trasce.generate import check_counts, hide_loading_bars, pick_device, pick_dtype, warn_of_other_prompt_columns
     from trasce.models import adapter_for
-    from trasce.pipeline import DTYPES, is_toy_model, load_diffusers_pipeline, model_call_defaults
+    from trasce.pipeline import DTYPES, is_toy_model, load_diffusers_pipeline, model_call_defaults, model_revision
     from trasce.runs import RunFolder, RunFolderError, atomic_write_bytes, refuse_several_processes
 
     refuse_several_processes("trasce attack", "and its processes would write one file over each other: start it "
@@ -354,6 +354,7 @@ def run(options: AttackOptions) -> dict:
     dtype = pick_dtype(options.dtype, device)
     settings = {
         "attack": "Ring-A-Bell (genetic search on the text encoder)", "model": str(options.model),
+        "model_revision": model_revision(options.model),
         "concept": concept, "banned": list(banned), "strength": options.strength, "length": options.length,
         "population": options.population, "generations": options.generations,
         "dtype": next(name for name, value in DTYPES.items() if value == dtype), "device": str(device),

@@ -429,9 +429,6 @@ def _read_text(path: Path, name: str) -> str:
         ) from error
 
 
-_DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "bar"}
-
-
 def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_columns: tuple[str, ...],
                        every: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
     """Records of a CSV/TSV text as ``(start_line, {column: value})``; blank lines are skipped.
@@ -469,8 +466,8 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_
                               f"{_quoted_list(prompt_columns)} (found: {_quoted_list(columns)})")
     if len(missing) == len(prompt_columns):
         others = [d for d in (",", "\t", ";", "|") if d != delimiter and len(columns) == 1 and d in columns[0]]
-        hint = (f"; the header looks {_DELIMITER_NAMES[others[0]]}-separated, but this file is read as "
-                f"{_DELIMITER_NAMES[delimiter]}-separated (.csv: commas, .tsv: tabs)" if others else "")
+        hint = (f"; the header looks {_delimiter_name(others[0])}-separated, but this file is read as "
+                f"{_delimiter_name(delimiter)}-separated (.csv: commas, .tsv: tabs)" if others else "")
         raise PromptFileError(
             f"{collector.name}: no prompt column; expected {_one_of(prompt_columns)} (found: {_quoted_list(columns)})"
             + hint
@@ -503,9 +500,13 @@ def _delimited_records(text: str, delimiter: str, collector: _Collector, prompt_
         yield start, dict(zip(columns, cells, strict=True))
 
 
+def _delimiter_name(delimiter: str) -> str:
+    return "tab" if delimiter == "\t" else repr(delimiter)
+
+
 def _unparsable(error: csv.Error, delimiter: str, text: str, row: int) -> str:
     """Why a row (counted from 1, the header's) cannot be parsed: the reader's reason, the line, how to quote."""
-    name = "tab" if delimiter == "\t" else repr(delimiter)
+    name = _delimiter_name(delimiter)
     reason = str(error).replace(f"'{delimiter}'", name)
     line = next((line for number, line in _lines(text) if number == row), "")
     return (f"cannot be parsed ({reason}): {_show(line)}; a field that starts with '\"' must end with '\"' "

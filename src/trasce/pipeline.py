@@ -91,25 +91,25 @@ def resolve_model(model: str | Path) -> str:
     return str(embedded_model_path()) if str(model) == "toy" else str(model)
 
 
+#: Files of a model folder that make no image: its card and pictures (editing them keeps the model).
+_NOT_MODEL_FILES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
 def model_revision(model: str | Path) -> str | None:
     """What a model's images are made from, as one text, for a resumed run to check: for a folder, the
-    SHA-256 of its files' names and contents (weights, configs, tokenizer; not hidden ones), for a hub id,
-    the revision its cache holds; ``None`` for a hub id out of the cache (nothing is downloaded).
-
-    A folder's weights are read once, at a few GiB per second: seconds for SD v1.4.
+    SHA-256 of its files' names and contents (weights, configs, tokenizer; not hidden files, its card or
+    pictures), read whole once per call; for a hub id, the revision its cache holds; ``None`` for a hub
+    id out of the cache (nothing is downloaded).
     """
+    from trasce.eval.base import file_sha256
+
     path = Path(resolve_model(model))
     if path.is_dir():
-        digest = hashlib.sha256()
-        files = sorted(p for p in path.rglob("*") if p.is_file()
+        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
+                       and p.suffix.lower() not in _NOT_MODEL_FILES
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        for file in files:
-            digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
-            with open(file, "rb") as handle:
-                while chunk := handle.read(1 << 24):
-                    digest.update(chunk)
-            digest.update(b"\0")
-        return f"sha256:{digest.hexdigest()}"
+        listing = "".join(f"{name}\0{file_sha256(path / name)}\n" for name in files)
+        return f"sha256:{hashlib.sha256(listing.encode('utf-8')).hexdigest()}"
     try:
         from huggingface_hub import try_to_load_from_cache
 
