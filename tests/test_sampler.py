@@ -972,6 +972,21 @@ def test_bad_arguments(tiny_sd):
         TraSCEPipeline.from_pipe(object(), concept="x")
     with pytest.raises(ValueError, match=r"steer_window must be \(start, end\) .*; got \(0.1, 0.2, 0.3\)"):
         TraSCEPipeline.from_pipe(tiny_sd, concept="x", steer_window=(0.1, 0.2, 0.3))
+    # Settings of the wrong type are named with their value, not left to fail inside float() or a comparison.
+    with pytest.raises(TypeError, match=r"^sigma must be a number, got str 'x'$"):
+        trasce.with_settings(sigma="x")
+    with pytest.raises(ValueError, match=r"^lazy_tolerance must be a number of at least 0 \(or None: exact\), "
+                                         r"got '1'$"):
+        trasce.with_settings(lazy_tolerance="1")
+    with pytest.raises(ValueError, match=r"\(\(0, 1\) steers at every step\); got None$"):
+        trasce.with_settings(steer_window=None)
+    with pytest.raises(ValueError, match=r"^one_call must be True, False or None \(chosen at each step\), got 1$"):
+        trasce.with_settings(one_call=1)
+    with pytest.raises(ValueError, match=r"^height must be a whole number of pixels of at least 1 \(or None: the "
+                                         r"model's 64x64\), got -8$"):
+        trasce("a car", height=-8, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"^width must be a whole number .*, got 63.5$"):
+        trasce("a car", width=63.5, num_inference_steps=1)
 
 
 @pytest.mark.parametrize("window, steps, expected", [

@@ -8,6 +8,7 @@ magnitude smaller, so its presets (``toy-*``) were found by a sweep on its valid
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -54,7 +55,8 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
     """Concept and settings from a preset, with explicit values taking precedence.
 
     Raises ``ValueError`` for an unknown preset, a preset that needs a concept but got none, or
-    no concept at all; ``TypeError`` for a concept that is not one text (a list of concepts).
+    no concept at all; ``TypeError`` for a concept that is not one text (a list of concepts) or a
+    setting that is not a number.
     """
     base = Preset(None, 1.0, 1.0, 1.0)
     if preset is not None:
@@ -68,6 +70,10 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
         hint = f"preset {preset!r} needs the concept named" if preset else "give a concept or a preset"
         raise ValueError(f"no concept to erase: {hint} (e.g. concept={base.example!r}; on the command line, "
                          f"--concept {base.example!r})")
+    given = {"loss_scale": loss_scale, "step_size": step_size, "sigma": sigma}
+    for name, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return (
         concept,
         base.loss_scale if loss_scale is None else float(loss_scale),

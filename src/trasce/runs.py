@@ -440,7 +440,8 @@ class RunFolder:
             warnings.warn(
                 f"{self.manifest_path}: skipped {len(bad_lines)} unreadable line(s) (first: line {bad_lines[0]}), "
                 "as a crash leaves them; an image such a line recorded counts as made only where a later line "
-                "records it again (trasce generate makes the others again)",
+                "records it again (trasce generate makes the others again); this warning comes at every reading "
+                "until the line is deleted",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +44,11 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 #: such images took 14-26 % less time in one call than in two, sixteen 17 % more: there the GPU's
 #: arithmetic, not its kernel launches, sets the pace. On a CPU one call never paid.
 ONE_CALL_MAX_ELEMENTS = 4 * 4 * 64 * 64
+
+
+def _is_number(value) -> bool:
+    """A real number, not a bool or a text (``"1"`` compares with no number)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -80,11 +86,17 @@ class EraseSettings:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.kernel not in ("exp", "gaussian"):
             raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
-        if self.lazy_tolerance is not None and not self.lazy_tolerance >= 0:
-            raise ValueError(f"lazy_tolerance must be at least 0 (or None: exact), got {self.lazy_tolerance}")
-        if len(self.steer_window) != 2 or not 0 <= self.steer_window[0] <= self.steer_window[1] <= 1:
+        if self.lazy_tolerance is not None and (not _is_number(self.lazy_tolerance) or not self.lazy_tolerance >= 0):
+            raise ValueError(f"lazy_tolerance must be a number of at least 0 (or None: exact), got "
+                             f"{self.lazy_tolerance!r}")
+        window = self.steer_window
+        if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(map(_is_number, window))
+                or not 0 <= window[0] <= window[1] <= 1):
+            shown = tuple(window) if isinstance(window, (tuple, list)) else window
             raise ValueError(f"steer_window must be (start, end) with 0 <= start <= end <= 1, fractions of the "
-                             f"steps; got {tuple(self.steer_window)}")
+                             f"steps ((0, 1) steers at every step); got {shown!r}")
+        if not (self.one_call is None or isinstance(self.one_call, bool)):
+            raise ValueError(f"one_call must be True, False or None (chosen at each step), got {self.one_call!r}")
 
     def window_steps(self, n: int) -> tuple[int, int]:
         """The steps ``first <= i < last`` of ``n`` that ``steer_window`` holds.

@@ -8,6 +8,7 @@ initial noise and decodes the final latents. It never copies or modifies the pip
 from __future__ import annotations
 
 import inspect
+import numbers
 import weakref
 
 import torch
@@ -190,7 +191,11 @@ class Adapter:
         """``(height, width)``, each left out (``None``) taken from ``default_size``; ``ValueError`` unless the
         family can make images of that size (``size_multiple``)."""
         default = self.default_size()
-        height, width = height or default[0], width or default[1]
+        height, width = height or default[0], width or default[1]  # 0 as None, as diffusers has it
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"{name} must be a whole number of pixels of at least 1 (or None: the model's "
+                                 f"{default[0]}x{default[1]}), got {size!r}")
         multiple = self.size_multiple()
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for {self.family}; "
