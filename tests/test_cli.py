@@ -607,3 +607,18 @@ def test_the_cli_drops_transformers_advice_to_install_torchvision():
                                "(not installed); falling back to `CLIPImageProcessorPil` ...", (), None)
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", (), None)
     assert not logger.filter(advice) and logger.filter(other)
+
+
+def test_an_image_that_overflowed_is_refused_with_its_row_and_the_others_kept(tmp_path):
+    # CFG 1e30 overflows to NaN; diffusers would save it black, and a judge would count it (a nudity judge: erased).
+    prompts = _write(tmp_path / "p.csv", "case_number,prompt,evaluation_seed,evaluation_guidance\n"
+                                         "1,a red circle,1,1e30\n2,a blue star,2,1.5\n3,a green square,3,1.5\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["generate", "--prompts", str(prompts), "--out", str(out), "--concept", "circle",
+                                       "--steps", "2", "--batch-size", "2", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: case '1' ('a red circle', seed 1, CFG 1e+30, line 2 of {prompts}): its "
+                                    "final latent holds NaN or inf"), result.output
+    # Case 2 shared the batch and was saved; case 3's batch never ran.
+    assert [r["case"] for r in _manifest(out)] == ["2"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["2.png"]

@@ -1175,3 +1175,12 @@ def test_under_euler_lazy_steering_takes_every_update_above_its_tolerance():
     lazy = runs(replace(settings, lazy_tolerance=0.5 * min(released)))
     assert [bool(step.steered) for step in lazy] == [True] * 10
     assert torch.allclose(lazy[-1].latents, exact[-1].latents, atol=1e-5)
+
+
+def test_an_image_that_overflows_is_named_and_marked(tiny_sd):
+    trasce = TraSCEPipeline.from_pipe(tiny_sd, concept="an apple")
+    with pytest.warns(RuntimeWarning, match=r"^image 1 of the batch \('b', CFG 1e\+30, \.\.\.\) came out with NaN or "
+                                            r"inf in its final latent"):
+        out = trasce(["a", "b"], guidance_scale=[7.5, 1e30], num_inference_steps=2, output_type="latent")
+    assert out.finite.tolist() == [True, False]
+    assert out.images[0].isfinite().all() and not out.images[1].isfinite().all()

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,10 +361,17 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                 noise, step_generators = noise_cache[row.case]
                 latents.append(noise[k])
                 generators.append(step_generators[k])
-            out = pipe([row.prompt for row, _ in batch], num_inference_steps=steps,
-                       guidance_scale=[row.guidance_scale for row, _ in batch], latents=torch.stack(latents),
-                       generator=generators, height=height, width=width, output_type="pil")
+            with warnings.catch_warnings():  # an image that overflowed is refused below, with its row
+                warnings.filterwarnings("ignore", "image.* came out with NaN or inf", RuntimeWarning)
+                warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+                out = pipe([row.prompt for row, _ in batch], num_inference_steps=steps,
+                           guidance_scale=[row.guidance_scale for row, _ in batch], latents=torch.stack(latents),
+                           generator=generators, height=height, width=width, output_type="pil")
+            overflowed = []
             for i, (row, k) in enumerate(batch):
+                if not out.finite[i]:  # a black image would be judged as any other: by a nudity judge, as erased
+                    overflowed.append(row)
+                    continue
                 atomic_save_image(folder.image_path(row.case, k, n), out.images[i])
                 record = {
                     "file": folder.image_file(row.case, k, n), "case": row.case, "k": k, "prompt": row.prompt,
@@ -376,4 +384,12 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                 }
                 folder.append_manifest(record)
                 bar.update(1)
+            if overflowed:
+                row = overflowed[0]
+                raise ValueError(
+                    f"case {row.case!r} ({row.prompt!r}, seed {row.seed}, CFG {row.guidance_scale:g}"
+                    f"{f', line {row.row} of {options.prompts}' if options.prompts else ''}): its final latent holds "
+                    "NaN or inf (an overflow: a guidance scale or step size this large, or fp16's range), so its "
+                    "image would be black or garbled; it was not saved (the other images made are kept). Give a "
+                    "usual CFG scale (1 to 20), or --dtype bf16/fp32, and run again to resume")
     return folder

@@ -50,7 +50,9 @@ class TraSCEOutput:
     steps ran the backward pass for the image. All are ``(B,)`` CPU tensors; the first two are
     ``None`` in mode ``none`` (no concept branch), ``steered_steps`` in modes that do not steer.
     ``nsfw_content_detected``: as diffusers' SD pipeline returns it, the flags of the pipeline's
-    safety checker, whose flagged images are black (``None``: no checker ran).
+    safety checker, whose flagged images are black (``None``: no checker ran). ``finite``: ``(B,)``
+    bool, whether the image's final latent holds only finite numbers (one that overflowed to NaN or
+    inf decodes to a black or garbled image; the call warns of it).
     """
 
     images: object
@@ -58,6 +60,7 @@ class TraSCEOutput:
     min_distance: torch.Tensor | None = None
     steered_steps: torch.Tensor | None = None
     nsfw_content_detected: list[bool] | None = None
+    finite: torch.Tensor | None = None
 
     def to_tuple(self) -> tuple:
         """``(images, nsfw_content_detected)`` as diffusers' SD output gives them, without the flags where no
@@ -592,6 +595,14 @@ class TraSCEPipeline:
         with frozen_parameters(self.adapter.denoiser_module):
             x, max_kernel, min_distance, steered = self._denoise(scheduler, x, cond_0, cond_p, cond_c, scale_arg,
                                                                  num_inference_steps, generator, callback, progress)
+        finite = x.flatten(1).isfinite().all(dim=1).cpu()
+        if not finite.all():
+            bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+            warnings.warn(f"image{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the batch "
+                          f"({images_prompts[bad[0]]!r}, CFG {scales[bad[0]]:g}, ...) came out with NaN or inf in "
+                          f"{'their' if len(bad) > 1 else 'its'} final latent, which decodes to a black or garbled "
+                          "image: a guidance scale or step size this large overflows, or the dtype's range is too "
+                          "small (fp16: try bf16 or fp32)", RuntimeWarning, stacklevel=3)
         # Latents are returned in the denoiser's dtype, as diffusers returns them.
         flagged = None
         if output_type == "latent":
@@ -601,7 +612,7 @@ class TraSCEPipeline:
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self.pipe.maybe_free_model_hooks()  # as diffusers' pipelines end: offloaded models go back to the CPU
         return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,
-                            steered_steps=steered, nsfw_content_detected=flagged)
+                            steered_steps=steered, nsfw_content_detected=flagged, finite=finite)
 
     def _denoise(self, scheduler, x, cond_0, cond_p, cond_c, scale, num_inference_steps, generator, callback,
                  progress):
