@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -622,3 +624,59 @@ def test_an_image_that_overflowed_is_refused_with_its_row_and_the_others_kept(tm
     # Case 2 shared the batch and was saved; case 3's batch never ran.
     assert [r["case"] for r in _manifest(out)] == ["2"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["2.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--model", "toy", "--steps", "1", "--json", "{tmp}/run"],
+     "--json {tmp}/run is a folder; give a file's path"),
+    (["bench", "--model", "toy", "--steps", "1", "--json", "{tmp}/afile/x.json"],
+     "--json {tmp}/afile/x.json: {tmp}/afile is a file, not a folder"),
+    (["table", "{tmp}/run", "--label", "toy", "--markdown", "{tmp}/run"],
+     "--markdown {tmp}/run is a folder; give a file's path"),
+    (["table", "{tmp}/run", "--label", "toy", "--html", "{tmp}/afile/t.html"],
+     "--html {tmp}/afile/t.html: {tmp}/afile is a file"),
+    (["train-toy", "--out", "{tmp}/afile"], "--out {tmp}/afile is a file; give a folder"),
+    (["train-toy", "--out", "{tmp}/x", "--minutes", "-1"],
+     "Invalid value for '--minutes': -1.0 is not in the range x>0"),
+    (["generate", "--prompt", "a", "--concept", "circle", "--out", "{tmp}/afile/sub"],
+     "--out {tmp}/afile/sub: {tmp}/afile is a file, not a folder"),
+    (["generate", "--prompt", "a", "--concept", "circle", "--out", "{tmp}/run/sub"],
+     "--out {tmp}/run/sub lies inside {tmp}/run, another run's folder; give trasce generate a folder of its own"),
+    (["generate", "--prompt", "a", "--concept", "circle", "--out", "{tmp}"],
+     "--out {tmp} holds other runs' folders (run: a trasce benchmark or demo); give trasce generate a folder"),
+    (["demo", "--out", "{tmp}/run"], "--out {tmp}/run holds a single run (trasce generate's or attack's); trasce demo "
+                                     "writes a folder per method in it: give it a folder of its own"),
+    (["benchmark", "--concept", "circle", "--out", "{tmp}/run"], "trasce benchmark writes a folder per method in it"),
+    (["attack", "--concept", "circle", "--out", "{tmp}/run/attack"], "lies inside {tmp}/run, another run's folder"),
+])
+def test_an_output_path_that_cannot_be_used_is_refused_before_any_work(tmp_path, args, message):
+    # One finished generate run, and a file where a folder is wanted.
+    run = tmp_path / "run"
+    assert _run("generate", "--prompt", "a red circle", "--concept", "circle", "--steps", 1, "--out", run,
+                "--quiet").exit_code == 0
+    (tmp_path / "afile").write_text("not a folder")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert message.replace("{tmp}", str(tmp_path)) in result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_command_shows_trasce_warnings_as_one_line(tmp_path):
+    # A manifest line damaged in the middle (a crash, then a resumed run) is warned of at every reading.
+    out = tmp_path / "out"
+    assert _run("generate", "--prompt", "a red circle", "--prompt", "a blue star", "--concept", "circle",
+                "--steps", 1, "--out", out, "--quiet").exit_code == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text("\n".join([lines[0], lines[1][:30], lines[1]]) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "trasce", "evaluate", str(out), "--judge", "toy", "--quiet"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warned = [line for line in result.stderr.splitlines() if "unreadable line" in line]
+    assert warned == [f"warning: {out / 'manifest.jsonl'}: skipped 1 unreadable line(s) (first: line 2), as a crash "
+                      "leaves them; an image such a line recorded counts as made only where a later line records it "
+                      "again (trasce generate makes the others again); this warning comes at every reading until "
+                      "the line is deleted"], result.stderr[-2000:]
+    assert "RuntimeWarning" not in result.stderr and "read_manifest()" not in result.stderr

@@ -12,6 +12,7 @@ from trasce.data import (
     PromptFileError,
     PromptRow,
     check_case_name,
+    defaulted_cells,
     other_prompt_columns,
     read_prompts,
     select,
@@ -587,3 +588,19 @@ def test_shard_errors(index: int, count: int, message: str) -> None:
     with pytest.raises(ValueError) as error:
         shard([1, 2, 3], index, count)
     assert str(error.value) == message
+
+
+def test_a_gap_in_a_seeded_file_is_named_with_its_rows(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("case_number,prompt,evaluation_seed,sd_seed,evaluation_guidance\n"
+                    "1,a,7,,2\n2,b,,,\n3,c,,5,\n4,d,9,,3\n")
+    rows = read_prompts(path, default_seed=42, default_guidance=7.5)
+    # Row 4 (case 3) falls through to sd_seed, as pandas' empty cells should; only row 3 has no seed at all.
+    assert [(r.seed, r.guidance_scale, r.defaulted) for r in rows] == [
+        (7, 2.0, ()), (42, 7.5, ("seed", "guidance_scale")), (5, 7.5, ("guidance_scale",)), (9, 3.0, ())]
+    assert defaulted_cells(rows, path) == [
+        f"{path}: 1 of 4 rows leave the seed empty (row 3), which take 42, the default, instead",
+        f"{path}: 2 of 4 rows leave the CFG scale empty (rows 3, 4), which take 7.5, the default, instead"]
+    # A file whose column is empty throughout, or that has none, is not a gap: the default is what it asks for.
+    path.write_text("prompt,evaluation_seed\na,\nb,\n")
+    assert defaulted_cells(read_prompts(path, default_seed=42, default_guidance=7.5), path) == []

@@ -12,6 +12,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -365,6 +366,10 @@ def test_table_puts_several_judged_folders_in_one_table(tmp_path: Path) -> None:
     assert broken.exit_code == 2
     assert (f"error: {summary_path(circles, 'toy')} holds a JSON list, not a summary object; run trasce evaluate on "
             f"{circles} again") == " ".join(broken.output.split())
+    summary_path(circles, "toy").write_text("{}")
+    empty = CliRunner().invoke(main, ["table", str(circles), "--label", "toy"])
+    assert (f"error: {summary_path(circles, 'toy')} holds no numbers (no 'table'); run trasce evaluate on the folder "
+            "again") == " ".join(empty.output.split())
 
 
 def test_made_with_states_the_runs_settings_and_the_rows_scales_and_seeds() -> None:
@@ -663,6 +668,11 @@ def test_cli_folder_errors(tmp_path: Path, toy_folder: Path) -> None:
     empty.mkdir()
     assert_fails(run_cli(empty, "--judge", "toy"),
                  f"error: {empty} has no manifest.jsonl; is it a trasce generate output folder?")
+    # A benchmark's folder holds METHOD/SET run folders: the message names one.
+    shutil.copytree(toy_folder, empty / "trasce" / "target")
+    assert_fails(run_cli(empty, "--judge", "toy"),
+                 f"error: {empty} has no manifest.jsonl, but holds run folders ({empty / 'trasce' / 'target'}): "
+                 "evaluate those, one at a time")
     assert_fails(run_cli(toy_folder, "--judge", "dalle"), "--judge", "nudenet", "imagenet")
     with pytest.raises(ValueError, match="unknown judge 'dalle'; valid judges: nudenet, toy, clip, imagenet, q16, fid"):
         evaluate_folder(toy_folder, "dalle")

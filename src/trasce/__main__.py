@@ -1,5 +1,5 @@
 """``python -m trasce`` (and ``accelerate launch -m trasce``) is the ``trasce`` command."""
 
-from trasce.cli import main
+from trasce.cli import console
 
-main()
+console()

@@ -324,11 +324,12 @@ def run(options: AttackOptions) -> dict:
     from trasce.generate import check_counts, hide_loading_bars, pick_device, pick_dtype, warn_of_other_prompt_columns
     from trasce.models import adapter_for
     from trasce.pipeline import DTYPES, is_toy_model, load_diffusers_pipeline, model_call_defaults, model_revision
-    from trasce.runs import RunFolder, RunFolderError, atomic_write_bytes, refuse_several_processes
+    from trasce.runs import RunFolder, RunFolderError, atomic_write_bytes, check_run_place, refuse_several_processes
 
     refuse_several_processes("trasce attack", "and its processes would write one file over each other: start it "
                                               "without accelerate launch")
     check_counts({"--n-prompts": options.n_prompts, "--n-pairs": options.n_pairs, "--length": options.length})
+    check_run_place(options.out, "trasce attack", holds_runs=False)
     AttackSettings(options.strength, options.length or 1, options.population, options.generations)
     concept = presets.resolve(options.preset, options.concept, None, None, None)[0]
     if options.prompt_column is not None and options.prompts is None:

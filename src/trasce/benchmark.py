@@ -67,6 +67,7 @@ from trasce.runs import (
     RunFolder,
     atomic_save_image,
     atomic_write_bytes,
+    check_run_place,
     package_versions,
     refuse_several_processes,
     source_commit,
@@ -695,6 +696,7 @@ def run_benchmark(options: BenchmarkOptions, pipe: TraSCEPipeline | None = None)
                              "many prompts over GPUs, run trasce generate and trasce evaluate under accelerate")
     methods = parse_methods(options.methods)
     out = Path(options.out)
+    check_run_place(out, "trasce benchmark", holds_runs=True)
     toy = is_toy_model(options.model)
     _check_sizes(options, toy)
     if options.split not in ("test", "val"):

@@ -17,6 +17,7 @@ from trasce.benchmark import MAX_BASE_SEED
 from trasce.data import MAX_SEED, PROMPT_COLUMNS
 from trasce.pipeline import COMPILE_CHOICES, SCHEDULERS
 from trasce.presets import PRESETS
+from trasce.runs import check_output_path
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, MODES
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
@@ -155,18 +156,19 @@ def generate(**kwargs) -> None:
 
 @main.command("train-toy")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="checkpoint here, pipeline in OUT/pipeline")
-@click.option("--steps", type=int, help="training steps [default: train.py's MAX_STEPS]")
-@click.option("--minutes", type=float, help="stop (and save) after this many minutes")
-@click.option("--batch-size", type=int, help="images per step [default: train.py's BATCH_SIZE]")
+@click.option("--steps", type=click.IntRange(min=1), help="training steps [default: train.py's MAX_STEPS]")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="stop (and save) after this many minutes")
+@click.option("--batch-size", type=click.IntRange(min=1), help="images per step [default: train.py's BATCH_SIZE]")
 @click.option("--seed", type=int)
 @click.option("--device", help="[default: cuda if there is one, else cpu]")
-@click.option("--checkpoint-every", type=int, help="steps between checkpoints")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="steps between checkpoints")
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt (with the same arguments)")
 def train_toy(out: Path, resume: bool, **options) -> None:
     """Retrain stage 1 of the embedded model from scratch (python -m trasce.toy.train, which also takes --lr,
     --init and --offset-noise); stage 2 is python -m trasce.toy.align."""
     from trasce.toy import train
 
+    _guard(check_output_path, out, "--out", folder=True)
     argv = ["--out", str(out), *(["--resume"] if resume else [])]
     for name, value in options.items():
         if value is not None:
@@ -225,6 +227,8 @@ def bench(model, dtype, batch_size, steps, height, width, device, repeats, no_re
     """Time plain CFG, negative prompting, the released loop and trasce's exact and lazy paths."""
     from trasce.bench import format_rows, run_bench
 
+    if json_path is not None:  # before the timing, which a bad path would otherwise lose
+        _guard(check_output_path, json_path, "--json", folder=False)
     result = _guard(run_bench, model=model, dtype=dtype, batch_size=batch_size, steps=steps, height=height,
                     width=width, device=device, repeats=repeats, released=not no_released,
                     concept=concept, preset=preset, benign_prompt=benign_prompt, near_prompt=near_prompt,
@@ -344,5 +348,25 @@ def attack(ban: tuple[str, ...], **kwargs) -> None:
                "their target than their source prompt")
 
 
+
+def console() -> None:
+    """The ``trasce`` command (and ``python -m trasce``): :func:`main`, with the warnings that trasce's own
+    code issues shown as one line each, ``warning: ...``, as its other notices are (Python's format adds
+    the file, line and source line of trasce's code, which say nothing to a user)."""
+    import warnings
+
+    package = Path(__file__).resolve().parent
+    shown_as_python_does = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if Path(filename).resolve().is_relative_to(package):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown_as_python_does(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    main()
+
+
 if __name__ == "__main__":  # python -m trasce.cli
-    sys.exit(main())
+    sys.exit(console())

@@ -104,6 +104,9 @@ class PromptRow:
     row: int
     extra: dict[str, str] = field(default_factory=dict)
     prompt_column: str = "prompt"
+    #: ``"seed"`` and/or ``"guidance_scale"`` where the file has a column for it whose cells are all empty in this
+    #: row, which then took the default (see :func:`defaulted_cells`)
+    defaulted: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,8 +406,25 @@ def _rows_from_records(
             extra = {k: _cell_text(v) for k, v in record.items() if k != prompt_key and k not in READ_COLUMNS}
             # Other prompt-like columns (e.g. 'adv_prompt' next to 'prompt') are data, so keep them.
             extra.update({k: _cell_text(record[k]) for k in PROMPT_COLUMNS if k in record and k != prompt_key})
-            rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra, prompt_key))
+            defaulted = tuple(name for name, columns in (("seed", SEED_COLUMNS), ("guidance_scale", GUIDANCE_COLUMNS))
+                              if any(c in record for c in columns)
+                              and all(_is_empty(record[c]) for c in columns if c in record))
+            rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra, prompt_key, defaulted))
     return rows
+
+
+def defaulted_cells(rows: Sequence[PromptRow], path: str | Path) -> list[str]:
+    """One line per kind of cell that some rows of ``path`` left empty while others filled it (a gap in a
+    seeded file, not a file without seeds), naming the rows and the value they took instead."""
+    lines = []
+    for name, shown in (("seed", "seed"), ("guidance_scale", "CFG scale")):
+        empty = [row for row in rows if name in row.defaulted]
+        if empty and len(empty) < len(rows):
+            numbers = ", ".join(str(row.row) for row in empty[:10]) + (", ..." if len(empty) > 10 else "")
+            rows_word = "rows" if len(empty) > 1 else "row"
+            lines.append(f"{path}: {len(empty)} of {len(rows)} rows leave the {shown} empty ({rows_word} {numbers}), "
+                         f"which take {getattr(empty[0], name):g}, the default, instead")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------

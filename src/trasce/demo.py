@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trasce.generate import GenerateOptions, run
 from trasce.report import Html, grid, image_tag, save_png, table, write_page
+from trasce.runs import check_run_place
 
 DEMO_CONCEPT = "circle"
 DEMO_PROMPTS = (
@@ -44,6 +45,7 @@ def demo(out: Path, concept: str = DEMO_CONCEPT, prompts: tuple[str, ...] = DEMO
     from trasce.toy.judge import Judge
 
     started = time.perf_counter()
+    check_run_place(out, "trasce demo", holds_runs=True)
     attribute, value = toy_target(concept)
     folders = {}
     for mode, _ in METHODS:

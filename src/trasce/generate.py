@@ -23,7 +23,7 @@ import torch
 from trasce import data
 from trasce.data import PromptRow
 from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults, model_revision
-from trasce.runs import RunFolder, atomic_save_image, failing_together
+from trasce.runs import RunFolder, atomic_save_image, check_run_place, failing_together
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, check_scheduler
 
 # The run settings that each manifest line repeats, so that an image's line alone says how it was made.
@@ -270,8 +270,12 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                          f"got {start:g} {end:g}")
     check_lazy_tolerance(options.lazy_tolerance)
     check_size_flags(options.height, options.width)
+    check_run_place(options.out, "trasce generate", holds_runs=False)
 
     warn_of_other_prompt_columns(rows, options.prompts, options.prompt_column, state.is_main_process)
+    if options.prompts is not None and state.is_main_process:
+        for line in data.defaulted_cells(all_rows, options.prompts):
+            print(f"warning: {line}", file=sys.stderr)
     toy_preset = (options.preset or "").startswith("toy-")
     if options.preset and toy_preset != is_toy_model(options.model) and state.is_main_process:
         made_for = "the embedded model" if toy_preset else "Stable Diffusion v1.4"

@@ -246,6 +246,12 @@ def load_diffusers_pipeline(model: str | Path, torch_dtype: torch.dtype | None =
             if path.exists():
                 raise
             cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            cause = cause.replace(" Please check out the root cause in the stacktrace above.", "")  # none is shown
+            if listed is None:  # not even its model_index.json is in the cache
+                raise OSError(f"cannot load model {str(model)!r}: there is no such folder here, and no hub model of "
+                              "that id is in the local cache or could be downloaded (offline, a misspelt id, or a "
+                              "gated model without a token); give a diffusers folder, a cached hub id, or 'toy'. "
+                              f"diffusers said: {cause}") from error
             raise OSError(f"cannot load model {str(model)!r}: it is no folder here, and as a hub id: {cause} (give a "
                           "diffusers folder, a cached hub id, or 'toy')") from error
     if not safety_checker and getattr(pipe, "safety_checker", None) is not None:

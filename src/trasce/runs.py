@@ -119,6 +119,61 @@ class RunFolderError(RuntimeError):
     """A run folder that cannot be used as asked (e.g. resumed with different settings)."""
 
 
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing folder above ``path`` when it is a file (nothing can be written below it)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_path(path: str | Path, option: str, folder: bool) -> None:
+    """``ValueError`` naming ``option`` unless ``path`` can be written as a ``folder`` (else a file): it is
+    not the other kind, and no folder above it is a file."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a folder (a new or empty one for a new run)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file's path")
+    blocking = _file_above(path)
+    if blocking is not None:
+        raise ValueError(f"{option} {path}: {blocking} is a file, not a folder")
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` is a trasce run folder: a manifest, or a run.json that trasce wrote."""
+    if (folder / MANIFEST_NAME).is_file():
+        return True
+    try:
+        run = json.loads((folder / RUN_JSON_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and isinstance(run.get("settings"), dict) and "trasce" in (run.get("versions") or {})
+
+
+def check_run_place(path: str | Path, command: str, holds_runs: bool, option: str = "--out") -> None:
+    """``RunFolderError`` where ``command`` would mix its output with another run's: ``path`` lies inside
+    a run folder, or, for a command that writes one run folder per method (``holds_runs``: trasce
+    benchmark, trasce demo) is one, or for one that writes a single run holds such folders below it."""
+    path = Path(path)
+    check_output_path(path, option, folder=True)
+    for place in path.absolute().parents:
+        if _holds_a_run(place):
+            raise RunFolderError(f"{option} {path} lies inside {place}, another run's folder; give {command} a "
+                                 "folder of its own")
+    if not path.is_dir():
+        return
+    if holds_runs and _holds_a_run(path):
+        raise RunFolderError(f"{option} {path} holds a single run (trasce generate's or attack's); {command} writes a "
+                             "folder per method in it: give it a folder of its own")
+    if not holds_runs:
+        below = next((p.parent for pattern in ("*", "*/*") for p in sorted(path.glob(f"{pattern}/{RUN_JSON_NAME}"))
+                      if _holds_a_run(p.parent)), None)
+        if below is not None:
+            raise RunFolderError(f"{option} {path} holds other runs' folders ({below.relative_to(path)}: a trasce "
+                                 f"benchmark or demo); give {command} a folder of its own")
+
+
 @contextmanager
 def failing_together(state) -> Iterator[None]:
     """A block that may fail in some processes only (the main process's check of ``run.json``, one
@@ -360,6 +415,9 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"{self.path} is a file, not a folder; give a folder (a new or empty one for a new "
                                  "run)")
+        blocking = _file_above(self.path)
+        if blocking is not None:
+            raise RunFolderError(f"{self.path}: {blocking} is a file, not a folder")
         self.images_dir = self.path / IMAGES_DIR
         self.manifest_path = self.path / MANIFEST_NAME
         self.run_json_path = self.path / RUN_JSON_NAME

@@ -72,5 +72,9 @@ def table(folders: tuple[Path, ...], label: str, metric: tuple[str, ...], markdo
     """
     from trasce.cli import _guard
     from trasce.eval.table import collect, write
+    from trasce.runs import check_output_path
 
+    for path, option in ((markdown, "--markdown"), (html_path, "--html")):
+        if path is not None:
+            _guard(check_output_path, path, option, folder=False)
     click.echo(_guard(lambda: write(collect(folders, label, metric), markdown, html_path)))

@@ -257,6 +257,11 @@ def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
         raise ValueError(f"{folder} is not a folder; give a trasce generate output folder")
     run_folder = RunFolder(folder)
     if not run_folder.manifest_path.is_file():
+        inner = sorted(path.parent for pattern in ("*", "*/*") for path in folder.glob(f"{pattern}/{MANIFEST_NAME}"))
+        if inner:  # a trasce benchmark's (METHOD/SET) or demo's (METHOD) folder
+            more = f", and {len(inner) - 1} more" if len(inner) > 1 else ""
+            raise ValueError(f"{folder} has no {MANIFEST_NAME}, but holds run folders ({inner[0]}{more}): evaluate "
+                             "those, one at a time (trasce benchmark has judged its own: see its results.md)")
         raise ValueError(f"{folder} has no {MANIFEST_NAME}; is it a trasce generate output folder?")
     records = run_folder.read_manifest()
     if not records:

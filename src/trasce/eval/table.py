@@ -50,8 +50,10 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
             if name not in columns and (not metrics or any(text in name for text in metrics)):
                 columns.append(name)
     if not columns:
-        raise ValueError(f"no metric matches {', '.join(map(repr, metrics))}" if metrics else
-                         "the summaries hold no numbers")
+        files = ", ".join(str(summary_path(folder, label)) for folder, _ in summaries)
+        raise ValueError(f"no metric of {files} matches {', '.join(map(repr, metrics))}" if metrics else
+                         f"{files} hold{'s' if len(summaries) == 1 else ''} no numbers (no 'table'); run trasce "
+                         "evaluate on the folder again")
     rows = []
     for folder, summary in summaries:
         # evaluate's own cells (value, interval): "12.50 %" and "6.70 - 22.10 %" make "12.50 % (6.70 - 22.10 %)"
