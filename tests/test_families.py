@@ -133,6 +133,11 @@ def test_decoded_images_match_diffusers(pipes, family):
     ours = _ours(pipe, ["a red apple"], latents, steps=2, output_type="np", mode="none").images
     assert ours.shape == (1, HEIGHT, WIDTH, 3)
     assert np.allclose(ours, expected, atol=1e-4), np.abs(ours - expected).max()
+    # return_dict=False: these families' pipelines return (images,), with no safety checker's flags
+    tupled = TraSCEPipeline.from_pipe(pipe, mode="none")(["a red apple"], num_inference_steps=2, guidance_scale=SCALE,
+                                                          latents=latents.clone(), height=HEIGHT, width=WIDTH,
+                                                          output_type="np", return_dict=False)
+    assert type(tupled) is tuple and len(tupled) == 1 and np.array_equal(tupled[0], ours)
 
 
 def test_sdxl_empty_branch_follows_force_zeros_for_empty_prompt(pipes):

@@ -705,6 +705,12 @@ def test_the_output_indexes_as_diffusers(tiny_sd):
         assert len(ours.to_tuple()) == len(expected.to_tuple()) == parts  # the checker's flags where one ran
         assert torch.allclose(ours[0], expected[0], atol=1e-4)
         assert ours.to_tuple()[1:] == expected.to_tuple()[1:]
+        # return_dict=False, as diffusers: the tuple itself
+        plain = pipe(["a red apple"], latents=_latents(pipe), return_dict=False, **kwargs)
+        tupled = TraSCEPipeline.from_pipe(pipe, mode="none")(["a red apple"], latents=_latents(pipe),
+                                                              return_dict=False, **kwargs)
+        assert type(tupled) is type(plain) is tuple and len(tupled) == len(plain) == 2  # None: no checker ran
+        assert torch.allclose(tupled[0], plain[0], atol=1e-4) and tupled[1:] == plain[1:]
 
 
 def test_offloaded_models_are_freed_after_a_call_as_in_diffusers(tiny_sd, monkeypatch):
@@ -987,6 +993,13 @@ def test_bad_arguments(tiny_sd):
         trasce("a car", height=-8, num_inference_steps=1)
     with pytest.raises(ValueError, match=r"^width must be a whole number .*, got 63.5$"):
         trasce("a car", width=63.5, num_inference_steps=1)
+    # diffusers' arguments that the call does not take say what to give instead.
+    with pytest.raises(TypeError, match=r"^TraSCEPipeline's call does not take 'negative_prompt': the concept's branch "
+                                        r"takes its place: give concept="):
+        trasce("a car", negative_prompt="an apple", num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^TraSCEPipeline's call does not take 'clip_skip' \(and 'eta'\): it takes "
+                                        r"prompt, num_inference_steps, .*, return_dict$"):
+        trasce("a car", eta=0.0, clip_skip=1, num_inference_steps=1)
 
 
 @pytest.mark.parametrize("window, steps, expected", [

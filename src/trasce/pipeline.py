@@ -307,6 +307,30 @@ def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
                     parameter.requires_grad_(flag)
 
 
+#: What to give instead of a diffusers pipeline argument that TraSCEPipeline's call does not take.
+INSTEAD_OF_DIFFUSERS: dict[str, str] = {
+    "negative_prompt": "the concept's branch takes its place: give concept= (per prompt, if need be); "
+                       "mode='negative_prompt' is diffusers' negative prompting with the concept",
+    "negative_prompt_embeds": "give the concept's text as concept=; trasce encodes it",
+    "prompt_embeds": "give the prompt's text; trasce encodes the prompt and concept texts itself",
+    "callback_on_step_end": "give callback=, called after each step with a trasce.sampler.Step (its latents, "
+                            "distance, kernel and whether the image was steered)",
+    "eta": "the scheduler steps with its defaults, as the released loop did (DDIM's eta 0)",
+}
+
+
+def _not_taken(arguments: Mapping[str, Any]) -> str:
+    """The ``TypeError`` message for diffusers arguments the call does not take."""
+    name = sorted(arguments)[0]
+    instead = INSTEAD_OF_DIFFUSERS.get(name)
+    if instead is None:
+        parameters = inspect.signature(TraSCEPipeline.__call__).parameters
+        takes = [p for p in parameters if p not in ("self", "diffusers_only")]
+        instead = f"it takes {', '.join(takes)}"
+    more = f" (and {', '.join(map(repr, sorted(arguments)[1:]))})" if len(arguments) > 1 else ""
+    return f"TraSCEPipeline's call does not take {name!r}{more}: {instead}"
+
+
 def _outside_inference_mode(call: Callable) -> Callable:
     """``call`` without gradients, as diffusers' pipelines run, but outside ``torch.inference_mode``.
 
@@ -529,15 +553,22 @@ class TraSCEPipeline:
         concept: str | Sequence[str] | None = None,
         callback: Callable[[Step], None] | None = None,
         progress: bool = False,
-    ) -> TraSCEOutput:
+        return_dict: bool = True,
+        **diffusers_only,
+    ) -> TraSCEOutput | tuple:
         """Generate images for ``prompt`` with the concept erased.
 
         ``num_inference_steps`` and ``guidance_scale`` default to ``call_defaults``, the model's (as the
         diffusers pipeline's own, but true CFG at 3.5 for FLUX). ``guidance_scale`` and ``concept`` may
         be given per prompt; ``generator`` is one
         generator for the whole batch (diffusers' semantics) or one per image. With
-        ``output_type="latent"``, ``images`` holds the final latents ``(B, C, h, w)``.
+        ``output_type="latent"``, ``images`` holds the final latents ``(B, C, h, w)``. ``return_dict=False``
+        returns a tuple, as the wrapped pipeline's own does: ``(images, nsfw_content_detected)`` for SD
+        1.x/2.x, ``(images,)`` otherwise. diffusers' other arguments (``negative_prompt``,
+        ``prompt_embeds``, ``eta``...) are refused with what to give instead.
         """
+        if diffusers_only:
+            raise TypeError(_not_taken(diffusers_only))
         if not isinstance(prompt, (str, Sequence)):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -617,8 +648,13 @@ class TraSCEPipeline:
             images, flagged = self.adapter.decode(x, output_type)
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self.pipe.maybe_free_model_hooks()  # as diffusers' pipelines end: offloaded models go back to the CPU
-        return TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance,
-                            steered_steps=steered, nsfw_content_detected=flagged, finite=finite)
+        out = TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance, steered_steps=steered,
+                           nsfw_content_detected=flagged, finite=finite)
+        if return_dict:
+            return out
+        # As the wrapped pipeline's own return_dict=False: SD 1.x/2.x's pairs the images with the checker's
+        # flags (None where none ran), the other families return the images alone.
+        return (images, flagged) if hasattr(self.pipe, "safety_checker") else (images,)
 
     def _denoise(self, scheduler, x, cond_0, cond_p, cond_c, scale, num_inference_steps, generator, callback,
                  progress):
