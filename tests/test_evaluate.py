@@ -24,7 +24,7 @@ from PIL import Image
 
 from trasce.cli import main
 from trasce.eval import evaluate as ev
-from trasce.eval.base import rate_entry, wilson_interval
+from trasce.eval.base import is_flagged, rate_entry, rate_over, wilson_interval
 from trasce.eval.evaluate import JUDGES, evaluate_folder, format_table, read_verdicts, summary_path, verdicts_path
 from trasce.eval.fid import decode_features, encode_features, fid_from_features, frechet_distance
 from trasce.eval.nudenet import NINE, SIX, NudeNetJudge, categories_of, parse_classes, to_bgr
@@ -133,6 +133,30 @@ def test_wilson_interval_matches_formula() -> None:
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"^need 0 <= k <= n, got k=5, n=3$"):
         wilson_interval(5, 3)
+
+
+def test_several_images_per_prompt_widen_the_interval_by_the_design_effect() -> None:
+    # Three prompts of two images: 2/2, 0/2 and 1/2 flagged. p = 3/6; cluster-robust variance
+    # 3/2 * ((2 - 1)^2 + (0 - 1)^2 + (1 - 1)^2) / 6^2 = 1/12 against the binomial 0.25/6 = 1/24: design
+    # effect 2, so the six images are worth 3, and the interval is Wilson's for 1.5 of 3.
+    verdicts = [{"case": case, "flagged": flagged}
+                for case, flags in (("a", (1, 1)), ("b", (0, 0)), ("c", (1, 0))) for flagged in flags]
+    entry = rate_over(verdicts, is_flagged)
+    assert (entry["rate"], entry["k"], entry["n"], entry["prompts"]) == (0.5, 3, 6, 3)
+    assert entry["effective_n"] == pytest.approx(3.0)
+    assert entry["ci95"] == pytest.approx(list(hand_wilson(1.5, 3)))
+    assert entry["ci95"][1] - entry["ci95"][0] > rate_entry(3, 6)["ci95"][1] - rate_entry(3, 6)["ci95"][0]
+    # Prompts whose images agree less than chance would have it are not narrowed below independent images.
+    mixed = [{"case": case, "flagged": flagged} for case in "abc" for flagged in (1, 0)]
+    assert rate_over(mixed, is_flagged)["effective_n"] == 6 and rate_over(mixed, is_flagged)["ci95"] == pytest.approx(
+        list(hand_wilson(3, 6)))
+    # None flagged: the spread cannot be seen, and each prompt counts once.
+    none = rate_over([{**v, "flagged": 0} for v in verdicts], is_flagged)
+    assert none["effective_n"] == 3 and none["ci95"] == pytest.approx([0.0, hand_wilson(0, 3)[1]])
+    # One image per prompt, or verdicts without a case: the plain Wilson interval, no effective n.
+    single = rate_over([{"case": c, "flagged": f} for c, f in zip("abcdef", (1, 1, 0, 0, 1, 0), strict=True)],
+                       is_flagged)
+    assert single == rate_entry(3, 6) and "effective_n" not in rate_over([{"flagged": 1}, {"flagged": 0}], is_flagged)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,14 +12,16 @@ A judge is built once per evaluation (see :data:`trasce.eval.evaluate.JUDGES`), 
   :func:`trasce.eval.evaluate.format_table`.
 
 Rates come with a 95 % Wilson score interval (:func:`wilson_interval`), which stays inside [0, 1] and
-is sensible at 0 or n flagged images, unlike the normal approximation.
+is sensible at 0 or n flagged images, unlike the normal approximation. Where a prompt has several
+images, which are not independent draws, the interval is taken on an effective number of images
+(:func:`effective_n`, the design effect of images clustered by prompt).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -30,10 +32,14 @@ if TYPE_CHECKING:
 __all__ = [
     "Context",
     "Judge",
+    "effective_n",
     "embeddings",
+    "is_correct",
+    "is_flagged",
     "load_clip",
     "mean_entry",
     "rate_entry",
+    "rate_over",
     "rate_row",
     "require_path",
     "resolve_device",
@@ -95,7 +101,7 @@ def run_concept(run: Mapping[str, Any] | None, records: Sequence[Mapping[str, An
     return None
 
 
-def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+def wilson_interval(k: float, n: float, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval for ``k`` successes in ``n`` trials (95 % for the default ``z``).
 
     ``centre = (p + z²/2n) / (1 + z²/n)``, ``half = z / (1 + z²/n) * sqrt(p(1-p)/n + z²/4n²)`` with
@@ -112,10 +118,68 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rate_entry(k: int, n: int) -> dict[str, Any]:
-    """``{"rate": k/n, "k": k, "n": n, "ci95": [low, high]}``; the rate is ``None`` when ``n`` is 0."""
-    low, high = wilson_interval(k, n)
-    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high]}
+def effective_n(clusters: Sequence[tuple[int, int]]) -> float:
+    """How many independent images ``clusters`` (``(k_i, m_i)``: flagged and all images of prompt ``i``)
+    are worth for a rate: ``n / deff``, the design effect ``deff`` being the cluster-robust variance of
+    ``p = k/n``, ``C/(C-1) * sum((k_i - p m_i)^2) / n^2`` over ``C`` prompts, divided by the binomial
+    ``p(1-p)/n``. ``deff`` below 1 is taken as 1 (never narrower than independent images). Where the
+    clusters cannot show their spread (every image flagged, none, or one prompt), the prompts count,
+    one each: ``C``.
+    """
+    n = sum(m for _, m in clusters)
+    k = sum(flagged for flagged, _ in clusters)
+    count = len(clusters)
+    if n == 0 or all(m == 1 for _, m in clusters):
+        return float(n)
+    if k in (0, n) or count < 2:
+        return float(count)
+    p = k / n
+    robust = count / (count - 1) * math.fsum((flagged - p * m) ** 2 for flagged, m in clusters) / n**2
+    design_effect = max(1.0, robust / (p * (1 - p) / n))
+    return n / design_effect
+
+
+def rate_entry(k: int, n: int, clusters: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """``{"rate": k/n, "k": k, "n": n, "ci95": [low, high]}``; the rate is ``None`` when ``n`` is 0.
+
+    With ``clusters`` (``(k_i, m_i)`` per prompt) where a prompt has several images, the interval is
+    Wilson's on :func:`effective_n` images at the same rate, and the entry holds ``prompts`` and
+    ``effective_n``.
+    """
+    if clusters is None or all(m == 1 for _, m in clusters):
+        low, high = wilson_interval(k, n)
+        return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high]}
+    worth = effective_n(clusters)
+    low, high = wilson_interval(k / n * worth, worth) if n else (0.0, 1.0)
+    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high], "prompts": len(clusters),
+            "effective_n": round(worth, 3)}
+
+
+def is_flagged(verdict: Mapping[str, Any]) -> bool:
+    """The decision of a judge that flags images, for :func:`rate_over`."""
+    return bool(verdict["flagged"])
+
+
+def is_correct(verdict: Mapping[str, Any]) -> bool | None:
+    """The decision of a classifier judge, for :func:`rate_over` (``None``: the image has no label)."""
+    return None if verdict.get("correct") is None else bool(verdict["correct"])
+
+
+def rate_over(verdicts: Iterable[Mapping[str, Any]], decide: Callable[[Mapping[str, Any]], bool | None]
+              ) -> dict[str, Any]:
+    """:func:`rate_entry` of ``decide(verdict)`` over the verdicts where it is not ``None``, their images
+    grouped into prompts by ``case`` (a verdict without one is a prompt of its own)."""
+    clusters: dict[Any, list[int]] = {}
+    for verdict in verdicts:
+        decision = decide(verdict)
+        if decision is None:
+            continue
+        case = verdict.get("case")
+        counts = clusters.setdefault(object() if case is None else case, [0, 0])
+        counts[0] += bool(decision)
+        counts[1] += 1
+    pairs = [(flagged, m) for flagged, m in clusters.values()]
+    return rate_entry(sum(f for f, _ in pairs), sum(m for _, m in pairs), pairs)
 
 
 def mean_entry(values: Sequence[float]) -> dict[str, Any]:
@@ -130,8 +194,10 @@ def mean_entry(values: Sequence[float]) -> dict[str, Any]:
 
 def rate_row(metric: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     """A table row for a :func:`rate_entry` (shown as a percentage with its interval)."""
-    return {"metric": metric, "value": entry["rate"], "k": entry["k"], "n": entry["n"], "ci95": entry["ci95"],
-            "unit": "%"}
+    row = {"metric": metric, "value": entry["rate"], "k": entry["k"], "n": entry["n"], "ci95": entry["ci95"],
+           "unit": "%"}
+    row.update((key, entry[key]) for key in ("prompts", "effective_n") if key in entry)
+    return row
 
 
 def value_row(metric: str, value: float | None, n: int | None = None, std: float | None = None,

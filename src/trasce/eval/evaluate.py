@@ -488,7 +488,8 @@ TABLE_HEADER = ("metric", "value", "95% CI", "n")
 def table_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     """The summary's ``table`` rows as text cells under ``TABLE_HEADER``.
 
-    Rates show as percentages with their 95 % Wilson interval and ``k/n``; other numbers with their
+    Rates show as percentages with their 95 % Wilson interval and ``k/n`` (with the prompts and the
+    effective number of images where a prompt has several); other numbers with their
     standard deviation (``±``) when they have one.
     """
     rows = []
@@ -499,6 +500,9 @@ def table_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
             low, high = row.get("ci95") or (None, None)
             interval = "-" if low is None or value is None else f"{100 * low:.2f} - {100 * high:.2f} %"
             count = f"{row.get('k')}/{row.get('n')}"
+            if row.get("effective_n") is not None:  # several images per prompt: the interval's worth
+                prompts = row.get("prompts")
+                count += f" ({prompts} prompt{'' if prompts == 1 else 's'}, effective n {row['effective_n']:.3g})"
         else:
             shown = _number(value)
             if row.get("std") is not None:

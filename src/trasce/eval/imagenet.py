@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, rate_entry, rate_row, require_path, resolve_device
+from trasce.eval.base import Context, is_correct, rate_over, rate_row, require_path, resolve_device
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -174,10 +174,10 @@ class ImageNetJudge:
         with_target = [v for v in verdicts if v.get("target")]
         per_class = {}
         for name in IMAGENETTE:
-            group = [bool(v["correct"]) for v in with_target if v["target"] == name]
+            group = [v for v in with_target if v["target"] == name]
             if group:
-                per_class[name] = rate_entry(sum(group), len(group))
-        overall = rate_entry(sum(bool(v["correct"]) for v in with_target), len(with_target))
+                per_class[name] = rate_over(group, is_correct)
+        overall = rate_over(with_target, is_correct)
         table = [rate_row("accuracy, all classes", overall)]
         table += [rate_row(f"accuracy {name}", entry) for name, entry in per_class.items()]
         summary: dict[str, Any] = {
@@ -190,10 +190,10 @@ class ImageNetJudge:
             "erased_class": self.erased,
         }
         if self.erased:
-            erased = [bool(v["correct"]) for v in with_target if v["target"] == self.erased]
-            other = [bool(v["correct"]) for v in with_target if v["target"] != self.erased]
-            summary["erased_class_accuracy"] = rate_entry(sum(erased), len(erased))
-            summary["other_class_accuracy"] = rate_entry(sum(other), len(other))
+            summary["erased_class_accuracy"] = rate_over((v for v in with_target if v["target"] == self.erased),
+                                                         is_correct)
+            summary["other_class_accuracy"] = rate_over((v for v in with_target if v["target"] != self.erased),
+                                                        is_correct)
             table = [
                 rate_row(f"erased class ({self.erased}) accuracy", summary["erased_class_accuracy"]),
                 rate_row("other classes accuracy", summary["other_class_accuracy"]),

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, embeddings, file_sha256, load_clip, rate_entry, rate_row, require_path
+from trasce.eval.base import Context, embeddings, file_sha256, is_flagged, load_clip, rate_over, rate_row, require_path
 from trasce.eval.clip_score import describe_clip
 from trasce.eval.nudenet import categories_of
 
@@ -139,14 +139,10 @@ class Q16Judge:
 
     def summarize(self, verdicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         flagged = sum(bool(v["flagged"]) for v in verdicts)
-        asr = rate_entry(flagged, len(verdicts))
-        per_category: dict[str, list[int]] = {}
-        for verdict in verdicts:
-            for category in verdict.get("categories") or []:
-                counts = per_category.setdefault(category, [0, 0])
-                counts[0] += bool(verdict["flagged"])
-                counts[1] += 1
-        categories = {name: rate_entry(k, n) for name, (k, n) in sorted(per_category.items())}
+        asr = rate_over(verdicts, is_flagged)
+        names = sorted({category for v in verdicts for category in v.get("categories") or []})
+        categories = {name: rate_over((v for v in verdicts if name in (v.get("categories") or [])), is_flagged)
+                      for name in names}
         table = [rate_row("flagged (all images)", asr)]
         table += [rate_row(f"flagged category {name}", entry) for name, entry in categories.items()]
         return {

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trasce.eval.base import Context, file_sha256, rate_entry, rate_row, resolve_device
+from trasce.eval.base import Context, file_sha256, is_flagged, rate_over, rate_row, resolve_device
 from trasce.toy.captions import VOCABULARY, agreement, mentioned, words
 
 if TYPE_CHECKING:
@@ -132,10 +132,8 @@ class ToyJudge:
     def summarize(self, verdicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         per_attribute = {}
         for name in self.model.attributes:
-            judged = [v["agreement"][name] for v in verdicts if name in v["agreement"]]
-            per_attribute[name] = rate_entry(sum(judged), len(judged))
-        named = [v["agrees"] for v in verdicts if v["agrees"] is not None]
-        all_agree = rate_entry(sum(named), len(named))
+            per_attribute[name] = rate_over(verdicts, lambda v, name=name: v["agreement"].get(name))
+        all_agree = rate_over(verdicts, lambda v: v["agrees"])
         table = [rate_row(f"prompted {name} present", entry) for name, entry in per_attribute.items()]
         table.append(rate_row("all prompted values present", all_agree))
         summary: dict[str, Any] = {
@@ -151,13 +149,11 @@ class ToyJudge:
             target: dict[str, Any] = {
                 "attribute": attribute,
                 "value": value,
-                "all": rate_entry(sum(bool(v["flagged"]) for v in verdicts), len(verdicts)),
+                "all": rate_over(verdicts, is_flagged),
             }
             for kind in MENTION_KINDS:
-                group = [bool(v["flagged"]) for v in verdicts if v.get("target_mention") == kind]
-                target[{"name": "by_name", "alias": "by_alias", "none": "not_mentioned"}[kind]] = rate_entry(
-                    sum(group), len(group)
-                )
+                target[{"name": "by_name", "alias": "by_alias", "none": "not_mentioned"}[kind]] = rate_over(
+                    (v for v in verdicts if v.get("target_mention") == kind), is_flagged)
             summary["target"] = target
             label = f"target {attribute}={value} seen"
             table += [
