@@ -643,7 +643,7 @@ def test_an_image_that_overflowed_is_refused_with_its_row_and_the_others_kept(tm
     (["generate", "--prompt", "a", "--concept", "circle", "--out", "{tmp}/run/sub"],
      "--out {tmp}/run/sub lies inside {tmp}/run, another run's folder; give trasce generate a folder of its own"),
     (["generate", "--prompt", "a", "--concept", "circle", "--out", "{tmp}"],
-     "--out {tmp} holds other runs' folders (run: a trasce benchmark or demo); give trasce generate a folder"),
+     "--out {tmp} holds other runs' folders (run); give trasce generate a folder of its own"),
     (["demo", "--out", "{tmp}/run"], "--out {tmp}/run holds a single run (trasce generate's or attack's); trasce demo "
                                      "writes a folder per method in it: give it a folder of its own"),
     (["benchmark", "--concept", "circle", "--out", "{tmp}/run"], "trasce benchmark writes a folder per method in it"),

@@ -599,8 +599,13 @@ def test_a_gap_in_a_seeded_file_is_named_with_its_rows(tmp_path):
     assert [(r.seed, r.guidance_scale, r.defaulted) for r in rows] == [
         (7, 2.0, ()), (42, 7.5, ("seed", "guidance_scale")), (5, 7.5, ("guidance_scale",)), (9, 3.0, ())]
     assert defaulted_cells(rows, path) == [
-        f"{path}: 1 of 4 rows leave the seed empty (row 3), which take 42, the default, instead",
-        f"{path}: 2 of 4 rows leave the CFG scale empty (rows 3, 4), which take 7.5, the default, instead"]
+        f"{path}: 1 of 4 rows give no seed (row 3), which take 42, the default, instead",
+        f"{path}: 2 of 4 rows give no CFG scale (rows 3, 4), which take 7.5, the default, instead"]
     # A file whose column is empty throughout, or that has none, is not a gap: the default is what it asks for.
     path.write_text("prompt,evaluation_seed\na,\nb,\n")
     assert defaulted_cells(read_prompts(path, default_seed=42, default_guidance=7.5), path) == []
+    # JSON lines: a row that leaves the key out is a gap too.
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a", "evaluation_seed": 1}\n{"prompt": "b"}\n')
+    assert defaulted_cells(read_prompts(lines, default_seed=42, default_guidance=7.5), lines) == [
+        f"{lines}: 1 of 2 rows give no seed (row 2), which take 42, the default, instead"]

@@ -136,27 +136,39 @@ def test_wilson_interval_matches_formula() -> None:
 
 
 def test_several_images_per_prompt_widen_the_interval_by_the_design_effect() -> None:
+    # Student's t, 97.5 % quantile, from a printed table: 5 and 2 degrees of freedom.
+    t5, t2 = 2.570582, 4.302653
     # Three prompts of two images: 2/2, 0/2 and 1/2 flagged. p = 3/6; cluster-robust variance
     # 3/2 * ((2 - 1)^2 + (0 - 1)^2 + (1 - 1)^2) / 6^2 = 1/12 against the binomial 0.25/6 = 1/24: design
-    # effect 2, so the six images are worth 3, and the interval is Wilson's for 1.5 of 3.
+    # effect 2, so the six images are worth 3, and Korn and Graubard's degrees of freedom make that
+    # 3 * (t(5) / t(2))^2, about 1.07 (three prompts say little).
     verdicts = [{"case": case, "flagged": flagged}
                 for case, flags in (("a", (1, 1)), ("b", (0, 0)), ("c", (1, 0))) for flagged in flags]
     entry = rate_over(verdicts, is_flagged)
+    worth = 3 * (t5 / t2) ** 2
     assert (entry["rate"], entry["k"], entry["n"], entry["prompts"]) == (0.5, 3, 6, 3)
-    assert entry["effective_n"] == pytest.approx(3.0)
-    assert entry["ci95"] == pytest.approx(list(hand_wilson(1.5, 3)))
+    assert entry["effective_n"] == pytest.approx(worth, abs=1e-3)
+    assert entry["ci95"] == pytest.approx(list(hand_wilson(0.5 * worth, worth)), abs=1e-5)
     assert entry["ci95"][1] - entry["ci95"][0] > rate_entry(3, 6)["ci95"][1] - rate_entry(3, 6)["ci95"][0]
-    # Prompts whose images agree less than chance would have it are not narrowed below independent images.
-    mixed = [{"case": case, "flagged": flagged} for case in "abc" for flagged in (1, 0)]
-    assert rate_over(mixed, is_flagged)["effective_n"] == 6 and rate_over(mixed, is_flagged)["ci95"] == pytest.approx(
-        list(hand_wilson(3, 6)))
-    # None flagged: the spread cannot be seen, and each prompt counts once.
+    # Prompts whose images agree no more than chance has it: design effect 1, the degrees of freedom alone.
+    mixed = rate_over([{"case": case, "flagged": flagged} for case in "abc" for flagged in (1, 0)], is_flagged)
+    assert mixed["effective_n"] == pytest.approx(6 * (t5 / t2) ** 2, abs=1e-3)
+    # None flagged: the design effect cannot be seen and is taken as 1, so that a cleaner run never gets a wider
+    # interval than one with a flagged image (100 prompts of 10 images: 0/1000 against 1/1000).
     none = rate_over([{**v, "flagged": 0} for v in verdicts], is_flagged)
-    assert none["effective_n"] == 3 and none["ci95"] == pytest.approx([0.0, hand_wilson(0, 3)[1]])
-    # One image per prompt, or verdicts without a case: the plain Wilson interval, no effective n.
+    assert none["effective_n"] == pytest.approx(6 * (t5 / t2) ** 2, abs=1e-3)
+    clean = rate_over([{"case": c, "flagged": 0} for c in range(100) for _ in range(10)], is_flagged)
+    one = rate_over([{"case": c, "flagged": int(c == 0 and i == 0)} for c in range(100) for i in range(10)],
+                    is_flagged)
+    assert clean["ci95"][1] < one["ci95"][1]
+    # Many prompts: the count approaches n / deff (t(999) / t(99) = 1.9623 / 1.9842).
+    assert clean["effective_n"] == pytest.approx(1000 * (1.962341 / 1.984217) ** 2, abs=0.01)
+    # One image per prompt, one prompt, or verdicts without a case: the plain Wilson interval, no effective n.
     single = rate_over([{"case": c, "flagged": f} for c, f in zip("abcdef", (1, 1, 0, 0, 1, 0), strict=True)],
                        is_flagged)
     assert single == rate_entry(3, 6) and "effective_n" not in rate_over([{"flagged": 1}, {"flagged": 0}], is_flagged)
+    alone = rate_over([{"case": "a", "flagged": f} for f in (1, 0, 0, 0)], is_flagged)
+    assert alone["effective_n"] == 4 and alone["ci95"] == rate_entry(1, 4)["ci95"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trasce import runs
-from trasce.runs import RunFolder, RunFolderError, atomic_save_image, atomic_write_bytes
+from trasce.runs import RunFolder, RunFolderError, atomic_save_image, atomic_write_bytes, check_run_place
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -414,3 +414,23 @@ def test_source_commit_names_the_checkouts_commit_and_whether_tracked_files_chan
     assert runs.source_commit(tmp_path) == commit
     (tmp_path / "a.py").write_text("two\n")
     assert runs.source_commit(tmp_path) == commit + "+dirty"
+
+
+def test_a_run_folder_is_refused_inside_another_run_but_not_beside_it(tmp_path: Path, monkeypatch) -> None:
+    run = RunFolder(tmp_path / "a")
+    run.write_run_json({"steps": 2})
+    with pytest.raises(RunFolderError, match=r"^--out .*a/b lies inside .*a, another run's folder"):
+        check_run_place(tmp_path / "a" / "b", "trasce generate", holds_runs=False)
+    # From inside the run, "../c" lies beside it, not in it.
+    monkeypatch.chdir(run.path)
+    check_run_place("../c", "trasce generate", holds_runs=False)
+    check_run_place(Path("..") / "bench", "trasce benchmark", holds_runs=True)
+    # Other tools name their files run.json and manifest.jsonl too: only trasce's count.
+    other = tmp_path / "dataset"
+    other.mkdir()
+    (other / "manifest.jsonl").write_text('{"audio_filepath": "a.wav", "duration": 1.0}\n')
+    (other / "run.json").write_text('{"settings": {}}\n')
+    check_run_place(other / "runs" / "x", "trasce generate", holds_runs=False)
+    (other / "manifest.jsonl").write_text('{"file": "images/1.png", "case": "1", "prompt": "a"}\n')
+    with pytest.raises(RunFolderError, match="lies inside"):
+        check_run_place(other / "runs" / "x", "trasce generate", holds_runs=False)

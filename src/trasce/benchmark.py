@@ -403,8 +403,18 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
 
     def run_trasce(prompts: list[str], latents: torch.Tensor, generators: list[torch.Generator], scales: list[float],
                    steps: int):
-        out = variant(prompts, num_inference_steps=steps, guidance_scale=scales, latents=latents, generator=generators,
-                      height=height, width=width, output_type="pil")
+        with warnings.catch_warnings():  # an image that overflowed is refused below
+            warnings.filterwarnings("ignore", "image.* came out with NaN or inf", RuntimeWarning)
+            warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+            out = variant(prompts, num_inference_steps=steps, guidance_scale=scales, latents=latents,
+                          generator=generators, height=height, width=width, output_type="pil")
+        overflowed = [i for i, finite in enumerate(out.finite.tolist()) if not finite]
+        if overflowed:  # a black image would count as erased
+            i = overflowed[0]
+            half = " (or --dtype fp32 or bf16 in place of fp16)" if variant.adapter.dtype == torch.float16 else ""
+            raise ValueError(f"{method}: the image of {prompts[i]!r} (CFG {scales[i]:g}) came out with NaN or inf in "
+                             "its final latent, so it would be black; nothing of its batch was saved (the images "
+                             f"made before it are kept). An overflow: give a usual --guidance-scale{half}")
         return out.images, [out.stats(i) for i in range(len(prompts))]
 
     return run_trasce

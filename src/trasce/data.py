@@ -104,9 +104,9 @@ class PromptRow:
     row: int
     extra: dict[str, str] = field(default_factory=dict)
     prompt_column: str = "prompt"
-    #: ``"seed"`` and/or ``"guidance_scale"`` where the file has a column for it whose cells are all empty in this
-    #: row, which then took the default (see :func:`defaulted_cells`)
-    defaulted: tuple[str, ...] = ()
+    #: ``"seed"`` and/or ``"guidance_scale"`` where the row has no value for it (no column or key, or empty cells),
+    #: so that it took the default (see :func:`defaulted_cells`)
+    defaulted: tuple[str, ...] = field(default=(), compare=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,22 +407,21 @@ def _rows_from_records(
             # Other prompt-like columns (e.g. 'adv_prompt' next to 'prompt') are data, so keep them.
             extra.update({k: _cell_text(record[k]) for k in PROMPT_COLUMNS if k in record and k != prompt_key})
             defaulted = tuple(name for name, columns in (("seed", SEED_COLUMNS), ("guidance_scale", GUIDANCE_COLUMNS))
-                              if any(c in record for c in columns)
-                              and all(_is_empty(record[c]) for c in columns if c in record))
+                              if all(_is_empty(record.get(c)) for c in columns))
             rows.append(PromptRow(case, prompt, seed, guidance, row_number, extra, prompt_key, defaulted))
     return rows
 
 
 def defaulted_cells(rows: Sequence[PromptRow], path: str | Path) -> list[str]:
-    """One line per kind of cell that some rows of ``path`` left empty while others filled it (a gap in a
-    seeded file, not a file without seeds), naming the rows and the value they took instead."""
+    """One line per kind of value (seed, CFG scale) that some rows of ``path`` left out or empty while others
+    gave it (a gap in a seeded file, not a file without seeds), naming the rows and the value they took."""
     lines = []
     for name, shown in (("seed", "seed"), ("guidance_scale", "CFG scale")):
         empty = [row for row in rows if name in row.defaulted]
         if empty and len(empty) < len(rows):
             numbers = ", ".join(str(row.row) for row in empty[:10]) + (", ..." if len(empty) > 10 else "")
             rows_word = "rows" if len(empty) > 1 else "row"
-            lines.append(f"{path}: {len(empty)} of {len(rows)} rows leave the {shown} empty ({rows_word} {numbers}), "
+            lines.append(f"{path}: {len(empty)} of {len(rows)} rows give no {shown} ({rows_word} {numbers}), "
                          f"which take {getattr(empty[0], name):g}, the default, instead")
     return lines
 

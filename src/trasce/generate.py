@@ -390,10 +390,13 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                 bar.update(1)
             if overflowed:
                 row = overflowed[0]
+                half = pipe.adapter.dtype == torch.float16
                 raise ValueError(
                     f"case {row.case!r} ({row.prompt!r}, seed {row.seed}, CFG {row.guidance_scale:g}"
                     f"{f', line {row.row} of {options.prompts}' if options.prompts else ''}): its final latent holds "
-                    "NaN or inf (an overflow: a guidance scale or step size this large, or fp16's range), so its "
-                    "image would be black or garbled; it was not saved (the other images made are kept). Give a "
-                    "usual CFG scale (1 to 20), or --dtype bf16/fp32, and run again to resume")
+                    f"NaN or inf (an overflow: a guidance scale or step size this large{', or fp16' if half else ''}"
+                    "), so its image would be black or garbled; it was not saved (the other images made are kept). "
+                    "Give the row a usual CFG scale (1 to 20) and run again to resume"
+                    + (", or make the run in bf16 or fp32 (--dtype, in a new folder or with --overwrite)" if half
+                       else ""))
     return folder

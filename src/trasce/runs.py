@@ -141,14 +141,20 @@ def check_output_path(path: str | Path, option: str, folder: bool) -> None:
 
 
 def _holds_a_run(folder: Path) -> bool:
-    """Whether ``folder`` is a trasce run folder: a manifest, or a run.json that trasce wrote."""
-    if (folder / MANIFEST_NAME).is_file():
-        return True
+    """Whether ``folder`` is a trasce run folder: a run.json that trasce wrote, or a manifest whose first
+    line is one of trasce's (other tools name their files so too)."""
     try:
         run = json.loads((folder / RUN_JSON_NAME).read_text(encoding="utf-8"))
+        if isinstance(run, dict) and isinstance(run.get("settings"), dict) and "trasce" in (run.get("versions") or {}):
+            return True
     except (OSError, ValueError):
+        pass
+    try:
+        with open(folder / MANIFEST_NAME, "rb") as handle:
+            first = _parse_manifest_line(handle.readline())
+    except OSError:
         return False
-    return isinstance(run, dict) and isinstance(run.get("settings"), dict) and "trasce" in (run.get("versions") or {})
+    return first is not None and {"case", "prompt"} <= first.keys()
 
 
 def check_run_place(path: str | Path, command: str, holds_runs: bool, option: str = "--out") -> None:
@@ -157,7 +163,7 @@ def check_run_place(path: str | Path, command: str, holds_runs: bool, option: st
     benchmark, trasce demo) is one, or for one that writes a single run holds such folders below it."""
     path = Path(path)
     check_output_path(path, option, folder=True)
-    for place in path.absolute().parents:
+    for place in Path(os.path.abspath(path)).parents:  # "a/../b" lies in the folder of a, not in a
         if _holds_a_run(place):
             raise RunFolderError(f"{option} {path} lies inside {place}, another run's folder; give {command} a "
                                  "folder of its own")
@@ -170,8 +176,8 @@ def check_run_place(path: str | Path, command: str, holds_runs: bool, option: st
         below = next((p.parent for pattern in ("*", "*/*") for p in sorted(path.glob(f"{pattern}/{RUN_JSON_NAME}"))
                       if _holds_a_run(p.parent)), None)
         if below is not None:
-            raise RunFolderError(f"{option} {path} holds other runs' folders ({below.relative_to(path)}: a trasce "
-                                 f"benchmark or demo); give {command} a folder of its own")
+            raise RunFolderError(f"{option} {path} holds other runs' folders ({below.relative_to(path)}); give "
+                                 f"{command} a folder of its own")
 
 
 @contextmanager

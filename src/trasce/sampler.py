@@ -79,6 +79,10 @@ class EraseSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        for name in ("loss_scale", "step_size", "sigma"):
+            if not _is_number(getattr(self, name)):
+                raise TypeError(f"{name} must be a number, got {type(getattr(self, name)).__name__} "
+                                f"{getattr(self, name)!r}")
         if not 0 < self.sigma < math.inf:
             raise ValueError(f"sigma must be a positive finite number, got {self.sigma}")
         for name in ("loss_scale", "step_size"):

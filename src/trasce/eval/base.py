@@ -120,23 +120,27 @@ def wilson_interval(k: float, n: float, z: float = Z_95) -> tuple[float, float]:
 
 def effective_n(clusters: Sequence[tuple[int, int]]) -> float:
     """How many independent images ``clusters`` (``(k_i, m_i)``: flagged and all images of prompt ``i``)
-    are worth for a rate: ``n / deff``, the design effect ``deff`` being the cluster-robust variance of
-    ``p = k/n``, ``C/(C-1) * sum((k_i - p m_i)^2) / n^2`` over ``C`` prompts, divided by the binomial
-    ``p(1-p)/n``. ``deff`` below 1 is taken as 1 (never narrower than independent images). Where the
-    clusters cannot show their spread (every image flagged, none, or one prompt), the prompts count,
-    one each: ``C``.
+    are worth for a rate, as Korn and Graubard (1998) take it for a clustered sample:
+    ``n / deff * (t(n-1) / t(C-1))^2``, capped at ``n``. The design effect ``deff`` is the cluster-robust
+    variance of ``p = k/n``, ``C/(C-1) * sum((k_i - p m_i)^2) / n^2`` over ``C`` prompts, over the
+    binomial ``p(1-p)/n``, and is taken as 1 where it is below 1 or cannot be seen (a rate of 0 or 1);
+    ``t(d)`` is Student's 97.5 % quantile with ``d`` degrees of freedom, which shrinks the count where
+    there are few prompts. With one image per prompt, or one prompt, the count is ``n``.
     """
     n = sum(m for _, m in clusters)
     k = sum(flagged for flagged, _ in clusters)
     count = len(clusters)
-    if n == 0 or all(m == 1 for _, m in clusters):
+    if n == 0 or count < 2 or all(m == 1 for _, m in clusters):
         return float(n)
-    if k in (0, n) or count < 2:
-        return float(count)
+    from scipy.stats import t
+
     p = k / n
-    robust = count / (count - 1) * math.fsum((flagged - p * m) ** 2 for flagged, m in clusters) / n**2
-    design_effect = max(1.0, robust / (p * (1 - p) / n))
-    return n / design_effect
+    design_effect = 1.0
+    if 0 < k < n:
+        robust = count / (count - 1) * math.fsum((flagged - p * m) ** 2 for flagged, m in clusters) / n**2
+        design_effect = max(1.0, robust / (p * (1 - p) / n))
+    degrees = (float(t.ppf(0.975, n - 1)) / float(t.ppf(0.975, count - 1))) ** 2
+    return min(float(n), n / design_effect * degrees)
 
 
 def rate_entry(k: int, n: int, clusters: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:

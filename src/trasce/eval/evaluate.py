@@ -260,8 +260,10 @@ def _manifest(folder: Path) -> tuple[RunFolder, list[dict[str, Any]]]:
         inner = sorted(path.parent for pattern in ("*", "*/*") for path in folder.glob(f"{pattern}/{MANIFEST_NAME}"))
         if inner:  # a trasce benchmark's (METHOD/SET) or demo's (METHOD) folder
             more = f", and {len(inner) - 1} more" if len(inner) > 1 else ""
+            judged = " (a trasce benchmark has judged its own: see its results.md)" if (
+                folder / "results.json").is_file() else ""
             raise ValueError(f"{folder} has no {MANIFEST_NAME}, but holds run folders ({inner[0]}{more}): evaluate "
-                             "those, one at a time (trasce benchmark has judged its own: see its results.md)")
+                             f"those, one at a time{judged}")
         raise ValueError(f"{folder} has no {MANIFEST_NAME}; is it a trasce generate output folder?")
     records = run_folder.read_manifest()
     if not records:
@@ -502,7 +504,7 @@ def table_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
             count = f"{row.get('k')}/{row.get('n')}"
             if row.get("effective_n") is not None:  # several images per prompt: the interval's worth
                 prompts = row.get("prompts")
-                count += f" ({prompts} prompt{'' if prompts == 1 else 's'}, effective n {row['effective_n']:.3g})"
+                count += f" ({prompts} prompt{'' if prompts == 1 else 's'}, effective n {row['effective_n']:.1f})"
         else:
             shown = _number(value)
             if row.get("std") is not None:

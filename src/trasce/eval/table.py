@@ -68,8 +68,9 @@ def collect(folders: Sequence[str | Path], label: str, metrics: Sequence[str] = 
         protocols.setdefault(f"{summary.get('judge')}: {summary.get('protocol', '')}", []).append(folder)
     notes = [line if len(protocols) == 1 else f"{line} ({', '.join(shown)})" for line, shown in protocols.items()]
     notes.append("Rates with their 95 % Wilson interval in parentheses. Where a prompt has several images, which are "
-                 "not independent, the interval is taken on the effective number of images that the spread between "
-                 "prompts gives (design effect; the summary's effective_n).")
+                 "not independent, the interval is taken on the effective number of images (Korn and Graubard's: the "
+                 "design effect of the spread between prompts, and the prompts' degrees of freedom; the summary's "
+                 "effective_n).")
     notes += [f"{folder}: {summary['completeness']}" for folder, summary in summaries
               if summary.get("complete") is False and summary.get("completeness")]
     notes += [f"{folder}: {summary['safety_checker']}" for folder, summary in summaries
