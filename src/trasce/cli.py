@@ -348,7 +348,6 @@ def attack(ban: tuple[str, ...], **kwargs) -> None:
                "their target than their source prompt")
 
 
-
 def console() -> None:
     """The ``trasce`` command (and ``python -m trasce``): :func:`main`, with the warnings that trasce's own
     code issues shown as one line each, ``warning: ...``, as its other notices are (Python's format adds
