@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from trasce import attack, data
 from trasce.attack import AttackOptions, AttackSettings
 from trasce.cli import main
+from trasce.data import PromptFileError
 from trasce.runs import RunFolder, RunFolderError
 
 WORDS = ["red", "star", "striped", "blue", "cross", "solid", "on", "a"]
@@ -163,6 +164,19 @@ def test_an_overwrite_stopped_before_its_first_prompt_leaves_no_old_rows_to_resu
     monkeypatch.setattr(attack, "search", lambda *args, **kwargs: searched.append(args[3]) or ("a disc", 0.0))
     attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "generations": 7}))
     assert len(searched) == 3
+
+
+def test_more_prompts_resume_the_searches_made_and_fewer_are_refused(tmp_path, monkeypatch):
+    out = tmp_path / "attack"
+    attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "n_prompts": 2}))
+    first = (out / "prompts.csv").read_text().splitlines()
+    searched = []
+    monkeypatch.setattr(attack, "search", lambda *args, **kwargs: searched.append(args[3]) or ("a disc", 0.0))
+    attack.run(AttackOptions(out=out, concept="circle", **SMALL))  # three prompts: the third is new
+    assert searched == [attack.toy_rows("circle", 3, 42, 1.5)[2].prompt]
+    assert (out / "prompts.csv").read_text().splitlines()[:3] == first
+    with pytest.raises(PromptFileError, match="case '00002': no such case among the prompts attacked; delete its row"):
+        attack.run(AttackOptions(out=out, concept="circle", **{**SMALL, "n_prompts": 2}))
 
 
 def test_overwrite_keeps_what_it_would_replace_until_every_check_passed_and_never_takes_a_generate_folder(tmp_path):

@@ -249,7 +249,8 @@ def render(records: Sequence[dict[str, str]]) -> bytes:
 PROMPTS_FILE = "prompts.csv"
 #: run.json settings that may change between sessions: where the files are, not what they hold (their
 #: rows' checksums are settings), and the default seed, which the toy prompts' checksum covers.
-VOLATILE = ("prompts", "pairs", "seed", "device")
+# prompts_count and prompts_sha256: what folders made before the prompt file could grow recorded.
+VOLATILE = ("prompts", "prompts_count", "prompts_sha256", "pairs", "seed", "device")
 
 
 @dataclass
@@ -359,9 +360,9 @@ def run(options: AttackOptions) -> dict:
         "concept": concept, "banned": list(banned), "strength": options.strength, "length": options.length,
         "population": options.population, "generations": options.generations,
         "dtype": next(name for name, value in DTYPES.items() if value == dtype), "device": str(device),
+        # The prompts attacked are not pinned: the file may move or grow between sessions, as trasce generate's may;
+        # each row already searched is held to its source row instead (_done).
         "prompts": None if options.prompts is None else str(options.prompts), "prompt_column": options.prompt_column,
-        "prompts_count": len(rows),
-        "prompts_sha256": _checksum([(r.case, r.prompt, r.seed, r.guidance_scale, r.extra) for r in rows]),
         "pairs": None if options.pairs is None else str(options.pairs), "pairs_count": len(pairs),
         "pairs_sha256": _checksum(pairs), "seed": options.seed,
     }
