@@ -639,6 +639,12 @@ def test_summary_says_whether_the_run_holds_every_image_it_expects(toy_folder: P
     assert result.exit_code == 0 and result.stdout == ""
     assert result.stderr == f"warning: {toy_folder}: {words}\n"
     assert words in run_cli(toy_folder, "--judge", "toy").output  # and the table says it
+    # An image on disk whose manifest line a crash cut short is not done, and the words say what it is.
+    shutil.copy(toy_folder / "images" / "00000.png", toy_folder / "images" / "00004.png")
+    summary = evaluate_folder(toy_folder, "toy", quiet=True)
+    assert summary["missing_images"] == 2 and ("missing (first: images/00004.png) (1 of them is a file that no whole "
+                                               "manifest line records, as a run stopped part-way leaves them); "
+                                               "the numbers cover the 4 present") in summary["completeness"]
 
 
 def test_each_accelerate_process_puts_its_judge_on_its_own_gpu(toy_folder: Path, monkeypatch) -> None:

@@ -317,9 +317,13 @@ def completeness(run_folder: RunFolder, records: Sequence[Mapping[str, Any]]) ->
     if not missing:
         words = f"complete: all {expected} images the run expects are present"
     else:
+        # A file on disk that no whole manifest line records: a run stopped between writing and recording it.
+        unrecorded = sum((run_folder.path / file).is_file() for file in missing)
+        files = (f" ({unrecorded} of them {'is a file' if unrecorded == 1 else 'are files'} that no whole manifest "
+                 "line records, as a run stopped part-way leaves them)") if unrecorded else ""
         words = (f"not complete: {len(missing)} of the {expected} images the run expects "
-                 f"{'is' if len(missing) == 1 else 'are'} missing (first: {missing[0]}); the numbers cover the "
-                 f"{len(present)} present; rerun the trasce generate or trasce benchmark command that made it "
+                 f"{'is' if len(missing) == 1 else 'are'} missing (first: {missing[0]}){files}; the numbers cover "
+                 f"the {len(present)} present; rerun the trasce generate or trasce benchmark command that made it "
                  "to make the rest")
     return {"expected_images": expected, "missing_images": len(missing), "complete": not missing,
             "completeness": words}
