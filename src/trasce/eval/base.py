@@ -143,20 +143,10 @@ def effective_n(clusters: Sequence[tuple[int, int]]) -> float:
     return min(float(n), n / design_effect * degrees)
 
 
-def rate_entry(k: int, n: int, clusters: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
-    """``{"rate": k/n, "k": k, "n": n, "ci95": [low, high]}``; the rate is ``None`` when ``n`` is 0.
-
-    With ``clusters`` (``(k_i, m_i)`` per prompt) where a prompt has several images, the interval is
-    Wilson's on :func:`effective_n` images at the same rate, and the entry holds ``prompts`` and
-    ``effective_n``.
-    """
-    if clusters is None or all(m == 1 for _, m in clusters):
-        low, high = wilson_interval(k, n)
-        return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high]}
-    worth = effective_n(clusters)
-    low, high = wilson_interval(k / n * worth, worth) if n else (0.0, 1.0)
-    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high], "prompts": len(clusters),
-            "effective_n": round(worth, 3)}
+def rate_entry(k: int, n: int) -> dict[str, Any]:
+    """``{"rate": k/n, "k": k, "n": n, "ci95": [low, high]}``; the rate is ``None`` when ``n`` is 0."""
+    low, high = wilson_interval(k, n)
+    return {"rate": k / n if n else None, "k": k, "n": n, "ci95": [low, high]}
 
 
 def is_flagged(verdict: Mapping[str, Any]) -> bool:
@@ -172,7 +162,9 @@ def is_correct(verdict: Mapping[str, Any]) -> bool | None:
 def rate_over(verdicts: Iterable[Mapping[str, Any]], decide: Callable[[Mapping[str, Any]], bool | None]
               ) -> dict[str, Any]:
     """:func:`rate_entry` of ``decide(verdict)`` over the verdicts where it is not ``None``, their images
-    grouped into prompts by ``case`` (a verdict without one is a prompt of its own)."""
+    grouped into prompts by ``case`` (a verdict without one is a prompt of its own). Where a prompt has
+    several images, the interval is Wilson's on :func:`effective_n` images at the same rate, and the
+    entry also holds ``prompts`` and ``effective_n``."""
     clusters: dict[Any, list[int]] = {}
     for verdict in verdicts:
         decision = decide(verdict)
@@ -183,7 +175,12 @@ def rate_over(verdicts: Iterable[Mapping[str, Any]], decide: Callable[[Mapping[s
         counts[0] += bool(decision)
         counts[1] += 1
     pairs = [(flagged, m) for flagged, m in clusters.values()]
-    return rate_entry(sum(f for f, _ in pairs), sum(m for _, m in pairs), pairs)
+    entry = rate_entry(sum(f for f, _ in pairs), sum(m for _, m in pairs))
+    if all(m == 1 for _, m in pairs):  # (no verdict at all included)
+        return entry
+    worth = effective_n(pairs)
+    entry["ci95"] = list(wilson_interval(entry["rate"] * worth, worth))
+    return {**entry, "prompts": len(pairs), "effective_n": round(worth, 3)}
 
 
 def mean_entry(values: Sequence[float]) -> dict[str, Any]:
