@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import math
-import numbers
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +28,7 @@ import torch
 from trasce import presets
 from trasce.models import Adapter, adapter_class_for, adapter_for
 from trasce.models.base import FALLBACK_CALL_DEFAULTS, compile_module
-from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, sample
+from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, Mode, Step, is_count, sample
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -583,7 +582,7 @@ class TraSCEPipeline:
             guidance_scale = float(self.call_defaults["guidance_scale"])
         for name, count in (("num_images_per_prompt", num_images_per_prompt),
                             ("num_inference_steps", num_inference_steps)):
-            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            if not is_count(count):
                 raise ValueError(f"{name} must be a whole number of at least 1, got {count!r}")
         if output_type not in OUTPUT_TYPES:  # before the denoising, not after it
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")

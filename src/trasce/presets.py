@@ -8,8 +8,9 @@ magnitude smaller, so its presets (``toy-*``) were found by a sweep on its valid
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+
+from trasce.sampler import is_number
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def resolve(preset: str | None, concept: str | None, loss_scale: float | None, s
                          f"--concept {base.example!r})")
     given = {"loss_scale": loss_scale, "step_size": step_size, "sigma": sigma}
     for name, value in given.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        if value is not None and not is_number(value):
             raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return (
         concept,

@@ -46,9 +46,14 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 ONE_CALL_MAX_ELEMENTS = 4 * 4 * 64 * 64
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     """A real number, not a bool or a text (``"1"`` compares with no number)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_count(value) -> bool:
+    """A whole number of at least 1, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class EraseSettings:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
         for name in ("loss_scale", "step_size", "sigma"):
-            if not _is_number(getattr(self, name)):
+            if not is_number(getattr(self, name)):
                 raise TypeError(f"{name} must be a number, got {type(getattr(self, name)).__name__} "
                                 f"{getattr(self, name)!r}")
         if not 0 < self.sigma < math.inf:
@@ -90,11 +95,11 @@ class EraseSettings:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.kernel not in ("exp", "gaussian"):
             raise ValueError(f"unknown kernel {self.kernel!r}; expected 'exp' or 'gaussian'")
-        if self.lazy_tolerance is not None and (not _is_number(self.lazy_tolerance) or not self.lazy_tolerance >= 0):
+        if self.lazy_tolerance is not None and (not is_number(self.lazy_tolerance) or not self.lazy_tolerance >= 0):
             raise ValueError(f"lazy_tolerance must be a number of at least 0 (or None: exact), got "
                              f"{self.lazy_tolerance!r}")
         window = self.steer_window
-        if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(map(_is_number, window))
+        if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(map(is_number, window))
                 or not 0 <= window[0] <= window[1] <= 1):
             shown = tuple(window) if isinstance(window, (tuple, list)) else window
             raise ValueError(f"steer_window must be (start, end) with 0 <= start <= end <= 1, fractions of the "

@@ -8,12 +8,11 @@ initial noise and decodes the final latents. It never copies or modifies the pip
 from __future__ import annotations
 
 import inspect
-import numbers
 import weakref
 
 import torch
 
-from trasce.sampler import Cond, GradientCheck
+from trasce.sampler import Cond, GradientCheck, is_count
 
 #: ``guidance_scale`` and ``steps`` where nothing else states them: SD v1.4's, TraSCE's published setting.
 FALLBACK_CALL_DEFAULTS: dict[str, float | int] = {"guidance_scale": 7.5, "steps": 50}
@@ -193,7 +192,7 @@ class Adapter:
         default = self.default_size()
         height, width = height or default[0], width or default[1]  # 0 as None, as diffusers has it
         for name, size in (("height", height), ("width", width)):
-            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            if not is_count(size):
                 raise ValueError(f"{name} must be a whole number of pixels of at least 1 (or None: the model's "
                                  f"{default[0]}x{default[1]}), got {size!r}")
         multiple = self.size_multiple()
