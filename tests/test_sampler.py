@@ -1,6 +1,7 @@
 """The sampler against the literal released loop and against diffusers' own pipeline."""
 
 import copy
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from conftest import flag_by_position, make_tiny_sd, with_safety_checker
 
 from trasce import TraSCEPipeline
+from trasce.pipeline import NonFiniteImageWarning
 from trasce.reference import released_loop
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, CompiledGradientError, EraseSettings, GradientCheck, sample
 
@@ -1197,3 +1199,8 @@ def test_an_image_that_overflows_is_named_and_marked(tiny_sd):
         out = trasce(["a", "b"], guidance_scale=[7.5, 1e30], num_inference_steps=2, output_type="latent")
     assert out.finite.tolist() == [True, False]
     assert out.images[0].isfinite().all() and not out.images[1].isfinite().all()
+    # Decoded, it is the one warning, of its own category: numpy's cast of the NaNs to 8 bits says nothing more.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trasce(["a", "b"], guidance_scale=[7.5, 1e30], num_inference_steps=2, output_type="pil")
+    assert [type(w.message) for w in caught] == [NonFiniteImageWarning], [str(w.message) for w in caught]

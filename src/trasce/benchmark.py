@@ -62,7 +62,7 @@ from trasce.generate import (
     warn_of_an_unscaled_sigma,
     warn_of_other_prompt_columns,
 )
-from trasce.pipeline import TraSCEPipeline, is_toy_model, model_call_defaults, model_revision
+from trasce.pipeline import NonFiniteImageWarning, TraSCEPipeline, is_toy_model, model_call_defaults, model_revision
 from trasce.runs import (
     RunFolder,
     atomic_save_image,
@@ -404,8 +404,7 @@ def method_runner(method: str, pipe: TraSCEPipeline, concept: str, height: int, 
     def run_trasce(prompts: list[str], latents: torch.Tensor, generators: list[torch.Generator], scales: list[float],
                    steps: int):
         with warnings.catch_warnings():  # an image that overflowed is refused below
-            warnings.filterwarnings("ignore", "image.* came out with NaN or inf", RuntimeWarning)
-            warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+            warnings.simplefilter("ignore", NonFiniteImageWarning)
             out = variant(prompts, num_inference_steps=steps, guidance_scale=scales, latents=latents,
                           generator=generators, height=height, width=width, output_type="pil")
         overflowed = [i for i, finite in enumerate(out.finite.tolist()) if not finite]

@@ -22,7 +22,15 @@ import torch
 
 from trasce import data
 from trasce.data import PromptRow
-from trasce.pipeline import DTYPES, TraSCEPipeline, compile_options, is_toy_model, model_call_defaults, model_revision
+from trasce.pipeline import (
+    DTYPES,
+    NonFiniteImageWarning,
+    TraSCEPipeline,
+    compile_options,
+    is_toy_model,
+    model_call_defaults,
+    model_revision,
+)
 from trasce.runs import RunFolder, atomic_save_image, check_run_place, failing_together
 from trasce.sampler import DEFAULT_LAZY_TOLERANCE, EraseSettings, check_scheduler
 
@@ -366,8 +374,7 @@ def run(options: GenerateOptions, pipe: TraSCEPipeline | None = None) -> RunFold
                 latents.append(noise[k])
                 generators.append(step_generators[k])
             with warnings.catch_warnings():  # an image that overflowed is refused below, with its row
-                warnings.filterwarnings("ignore", "image.* came out with NaN or inf", RuntimeWarning)
-                warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+                warnings.simplefilter("ignore", NonFiniteImageWarning)
                 out = pipe([row.prompt for row, _ in batch], num_inference_steps=steps,
                            guidance_scale=[row.guidance_scale for row, _ in batch], latents=torch.stack(latents),
                            generator=generators, height=height, width=width, output_type="pil")

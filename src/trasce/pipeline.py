@@ -40,6 +40,11 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class NonFiniteImageWarning(RuntimeWarning):
+    """An image's final latent holds NaN or inf (see ``TraSCEOutput.finite``); a caller that refuses such
+    images itself can ignore this category."""
+
+
 @dataclass
 class TraSCEOutput:
     """``images`` as diffusers returns them, and per-image erasure statistics over the steps.
@@ -638,13 +643,16 @@ class TraSCEPipeline:
                           f"({images_prompts[bad[0]]!r}, CFG {scales[bad[0]]:g}, ...) came out with NaN or inf in "
                           f"{'their' if len(bad) > 1 else 'its'} final latent, which decodes to a black or garbled "
                           "image: a guidance scale or step size this large overflows, or the dtype's range is too "
-                          "small (fp16: try bf16 or fp32)", RuntimeWarning, stacklevel=3)
+                          "small (fp16: try bf16 or fp32)", NonFiniteImageWarning, stacklevel=3)
         # Latents are returned in the denoiser's dtype, as diffusers returns them.
         flagged = None
         if output_type == "latent":
             images = x.to(self.adapter.dtype)
         else:
-            images, flagged = self.adapter.decode(x, output_type)
+            with warnings.catch_warnings():
+                # numpy's cast of those NaNs to 8 bits says again, less clearly, what the warning above said
+                warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+                images, flagged = self.adapter.decode(x, output_type)
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self.pipe.maybe_free_model_hooks()  # as diffusers' pipelines end: offloaded models go back to the CPU
         out = TraSCEOutput(images=images, max_kernel=max_kernel, min_distance=min_distance, steered_steps=steered,
